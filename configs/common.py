@@ -1,0 +1,75 @@
+"""Defaults shared by every experiment config."""
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+import dpo_jax
+from dpo_jax.models.config import TINY
+
+PACKAGE_DIR = os.path.dirname(dpo_jax.__file__)
+TINY_PREFS = os.path.join(PACKAGE_DIR, "assets", "tiny_prefs.jsonl")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 200
+  c.batch_size = 16            # preference pairs per step (global)
+  c.eval_batch_size = 0        # 0: same as batch_size
+  c.grad_accum = 1             # micro-batches per step; exact (tests/test_train.py)
+  c.log_every = 10
+  c.eval_every = 50
+  c.ckpt_every = 100
+  c.keep_checkpoints = 3
+  c.logprob_chunk = 256        # sequence positions per chunk of f32 logits
+  c.progress = True
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = config_dict.placeholder(str)   # HF dir or dpo_jax checkpoint; None: built-in
+  # Built-in architecture (used when init is None; otherwise the source's config.json wins).
+  for field in ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                "num_heads", "num_kv_heads", "rope_theta", "max_position_embeddings",
+                "tie_word_embeddings"):
+    c.model[field] = getattr(TINY, field)
+  c.model.dtype = "float32"        # compute dtype
+  c.model.param_dtype = "float32"  # master weights
+  c.model.remat = "full"           # full | dots | none
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = TINY_PREFS        # JSONL path, saved dataset dir, or dataset name
+  c.data.split = "train"
+  c.data.eval = config_dict.placeholder(str)
+  c.data.eval_split = "test"
+  c.data.eval_fraction = 0.1       # held out from train when data.eval is None
+  c.data.max_length = 128
+  c.data.max_prompt_length = 64
+  c.data.truncation_mode = "keep_end"
+  c.data.buckets = ()              # () = powers of two from 32 up to max_length
+  c.data.on_error = "fail"         # fail | skip (bad rows are counted)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "dpo"
+  c.loss.beta = 0.1
+
+  c.reference = ml_collections.ConfigDict()
+  c.reference.mode = "initial"     # initial | checkpoint | none
+  c.reference.path = config_dict.placeholder(str)
+  c.reference.dtype = "float32"    # bfloat16 halves the reference's memory
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.warmup_ratio = 0.1
+  c.optim.final_lr_ratio = 0.0
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.clip = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ml_collections.ConfigDict()   # logical axis -> mesh axes overrides
+  return c

@@ -1,0 +1,253 @@
+"""The loss contract: `PairLogps` in, per-example loss and metrics out.
+
+    fn = losses.get("dpo")
+    loss_B, metrics = fn(logps, **hparams)
+
+A loss is a pure function of summed log-probabilities (never of a model). It returns a per-example
+loss [B] and a dict of metrics; each metric is either per-example [B] or a scalar. The train step
+is the one place that averages. Registration records what the step must provide:
+
+  needs_ref:   the loss reads ref_chosen / ref_rejected (False lets reference='none' skip the
+               reference forward entirely).
+  unpaired:    rows are {prompt, completion, label} (KTO, BCO, NPO) instead of pairs.
+  token_stats: per-token statistics beyond log-probs (e.g. "lse2" for WPO).
+  needs_tokens: the loss reads the per-token fields (policy_chosen_tokens, ...; LD, WPO).
+  extra_keys:  keys of `logps.extra` the loss reads (teacher log-probs, WPO's log Σp², ...).
+  init_state / update_state: loss state carried in the train state (BCO's δ, LCPO's η). The state
+               enters the loss as keyword hyperparameters and `update_state(state, metrics)`
+               computes the next one from the step's averaged metrics.
+
+Names: `get` also accepts weighted sums, "sigmoid:0.8+bco_pair:0.2+sft:1.0" (see combine.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class PairLogps(NamedTuple):
+  """Summed completion log-probs of one batch, [B] each.
+
+  For unpaired losses the `chosen` slots hold the completion and the `rejected` slots hold the
+  mismatched completion (x_i, y_{i+1}) used for KTO's KL reference point; `label` is 1 for
+  desirable rows.
+  """
+  policy_chosen: Array
+  policy_rejected: Array
+  ref_chosen: Optional[Array] = None
+  ref_rejected: Optional[Array] = None
+  chosen_len: Optional[Array] = None
+  rejected_len: Optional[Array] = None
+  label: Optional[Array] = None
+  # Per-token fields [B, T], completion tokens left-aligned, zero beyond the length.
+  policy_chosen_tokens: Optional[Array] = None
+  policy_rejected_tokens: Optional[Array] = None
+  ref_chosen_tokens: Optional[Array] = None
+  ref_rejected_tokens: Optional[Array] = None
+  # Extra per-example or per-token statistics requested by `token_stats` (name -> array).
+  extra: Optional[dict] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  name: str
+  fn: Callable[..., tuple[Array, dict]]
+  needs_ref: bool = True
+  unpaired: bool = False
+  token_stats: tuple[str, ...] = ()
+  init_state: Callable[[], dict] = dict
+  update_state: Callable[[dict, dict], dict] = lambda state, metrics: state
+  aliases: tuple[str, ...] = ()
+  needs_tokens: bool = False
+  extra_keys: tuple[str, ...] = ()
+
+  def __call__(self, logps: PairLogps, **hparams) -> tuple[Array, dict]:
+    return self.fn(logps, **hparams)
+
+  @property
+  def hparams(self) -> dict[str, Any]:
+    """Keyword hyperparameters and their defaults."""
+    sig = inspect.signature(self.fn)
+    return {k: p.default for k, p in sig.parameters.items()
+            if p.kind == p.KEYWORD_ONLY}
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register(name: str, *, aliases: tuple[str, ...] = (), needs_ref: bool = True,
+             unpaired: bool = False, token_stats: tuple[str, ...] = (),
+             init_state: Callable[[], dict] = dict,
+             update_state: Callable[[dict, dict], dict] | None = None,
+             needs_tokens: bool = False, extra_keys: tuple[str, ...] = ()):
+  """Decorator: registers `fn(logps, **hparams) -> (loss_B, metrics)` under `name`."""
+  def deco(fn):
+    spec = LossSpec(name=name, fn=fn, needs_ref=needs_ref, unpaired=unpaired,
+                    token_stats=tuple(token_stats), init_state=init_state,
+                    update_state=update_state or (lambda state, metrics: state),
+                    aliases=tuple(aliases), needs_tokens=needs_tokens,
+                    extra_keys=tuple(extra_keys))
+    for key in (name, *aliases):
+      if key in _REGISTRY and _REGISTRY[key].fn is not fn:
+        raise ValueError(f"loss name {key!r} is already registered")
+      _REGISTRY[key] = spec
+    return spec
+  return deco
+
+
+def get(name: str) -> LossSpec:
+  """The loss registered as `name`, or a weighted sum "a:0.8+b:0.2+c" (see combine.py)."""
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if "+" in name or ":" in name:
+    # The package re-exports the function `combine`, so fetch the module itself.
+    return importlib.import_module("dpo_jax.losses.combine").parse(name)
+  raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(names())}")
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces for loss functions.
+# ---------------------------------------------------------------------------------------------
+
+
+def log_sigmoid(x: Array) -> Array:
+  """log σ(x), stable for large |x| (= −softplus(−x))."""
+  return jax.nn.log_sigmoid(x)
+
+
+def rewards(logps: PairLogps, beta) -> tuple[Array, Array]:
+  """β·(log π − log π_ref) for chosen and rejected."""
+  return (beta * (logps.policy_chosen - logps.ref_chosen),
+          beta * (logps.policy_rejected - logps.ref_rejected))
+
+
+def reward_metrics(chosen_rewards: Array, rejected_rewards: Array, grad_weight: Array) -> dict:
+  """TRL's reward metrics (per example) plus the DPO-style gradient weight λ."""
+  chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
+  rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
+  return {
+      "rewards/chosen": chosen_rewards,
+      "rewards/rejected": rejected_rewards,
+      "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+      "rewards/margins": chosen_rewards - rejected_rewards,
+      "lambda": jax.lax.stop_gradient(grad_weight),
+  }
+
+
+def unpaired_reward_metrics(rewards: Array, label: Array, grad_weight: Array) -> dict:
+  """Reward metrics for unpaired rows: group means over desirable / undesirable rows (scalars)."""
+  rewards = jax.lax.stop_gradient(rewards)
+  label = label.astype(rewards.dtype)
+  n_pos, n_neg = jnp.sum(label), jnp.sum(1.0 - label)
+  chosen = jnp.sum(rewards * label) / jnp.maximum(n_pos, 1.0)
+  rejected = jnp.sum(rewards * (1.0 - label)) / jnp.maximum(n_neg, 1.0)
+  return {
+      "rewards/chosen": chosen,
+      "rewards/rejected": rejected,
+      "rewards/margins": chosen - rejected,
+      "lambda": jax.lax.stop_gradient(grad_weight),
+  }
+
+
+def grad_weight(loss_fn: Callable[..., Array], xs: tuple[Array, ...],
+                scales: tuple[Any, ...]) -> Array:
+  """λ = mean_k |∂ Σ_i loss_i / ∂ x_k| · scale_k, per example, with no gradient flowing back.
+
+  `loss_fn(*xs)` returns the per-example loss [B] as a function of per-example inputs (the policy
+  log-probs); the sum's gradient is per example because each row only touches its own loss
+  (for sorted / batch-level losses it routes through the sort). With xs = (S_θ(y_w), S_θ(y_l)) and
+  scales 1/β this is σ(−βh) for DPO, the gradient weight TRL's papers call λ.
+  """
+  xs = tuple(jax.lax.stop_gradient(x) for x in xs)
+  grads = jax.grad(lambda *a: jnp.sum(loss_fn(*a)), argnums=tuple(range(len(xs))))(*xs)
+  total = sum(jnp.abs(g) * s for g, s in zip(grads, scales))
+  return jax.lax.stop_gradient(total / len(xs))
+
+
+def log1mexp(x: Array) -> Array:
+  """log(1 − e^x) for x < 0, stable at both ends and with finite gradients (Mächler 2012)."""
+  x = jnp.minimum(x, -1e-7)  # log(1 − e^0) = −inf; clamp just below 0
+  near = x > -jnp.log(2.0)
+  # Each branch sees only inputs where it is accurate, so the unused branch stays finite.
+  x_near = jnp.where(near, x, -1.0)
+  x_far = jnp.where(near, -1.0, x)
+  return jnp.where(near, jnp.log(-jnp.expm1(x_near)), jnp.log1p(-jnp.exp(x_far)))
+
+
+def clamped_exp(x: Array, max_exponent: float = 50.0) -> Array:
+  """e^x with the exponent clamped from above, so that products with it stay finite in f32."""
+  return jnp.exp(jnp.minimum(x, max_exponent))
+
+
+def lengths(length: Optional[Array], dtype=jnp.float32) -> Array:
+  """Completion token counts as floats, at least 1 (TRL clamps the same way)."""
+  if length is None:
+    raise ValueError("this loss needs chosen_len / rejected_len")
+  return jnp.maximum(length.astype(dtype), 1.0)
+
+
+def token_mask(tokens: Array, length: Array) -> Array:
+  """[B, T] mask of valid completion tokens: position k is valid iff k < length."""
+  return jnp.arange(tokens.shape[1])[None, :] < length[:, None]
+
+
+def chosen_nll(logps: PairLogps, normalize: str = "batch") -> Array:
+  """Per-example NLL of the chosen completion, token-averaged.
+
+  normalize="batch": −S_i · B / Σ_j |y_j|, whose batch mean is the token-mean cross-entropy over
+  all chosen tokens of the (global) batch, as TRL's sft / RPO / CPO / ORPO terms compute it.
+  normalize="example": −S_i / |y_i|, each example's own token mean.
+  """
+  if normalize == "batch":
+    total = jnp.maximum(jnp.sum(logps.chosen_len.astype(jnp.float32)), 1.0)
+    return -logps.policy_chosen * (logps.policy_chosen.shape[0] / total)
+  if normalize == "example":
+    return -logps.policy_chosen / lengths(logps.chosen_len)
+  raise ValueError(f"normalize must be 'batch' or 'example', got {normalize!r}")
+
+
+def running_mean(values: Array, mean: Array, count: Array) -> tuple[Array, Array]:
+  """Count-weighted running mean of every value seen, including `values`; no gradient."""
+  values = jax.lax.stop_gradient(values).astype(jnp.float32)
+  n = values.size
+  new_count = jnp.asarray(count, jnp.float32) + n
+  new_mean = mean + (jnp.mean(values) - mean) * (n / new_count)
+  return new_mean, new_count
+
+
+def _swap_key(key: str) -> str:
+  return key.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected")
+
+
+def swap_pair(logps: PairLogps) -> PairLogps:
+  """The same batch with chosen and rejected exchanged (extra keys naming them are swapped too)."""
+  extra = None if logps.extra is None else {_swap_key(k): v for k, v in logps.extra.items()}
+  return logps._replace(
+      policy_chosen=logps.policy_rejected, policy_rejected=logps.policy_chosen,
+      ref_chosen=logps.ref_rejected, ref_rejected=logps.ref_chosen,
+      chosen_len=logps.rejected_len, rejected_len=logps.chosen_len,
+      policy_chosen_tokens=logps.policy_rejected_tokens,
+      policy_rejected_tokens=logps.policy_chosen_tokens,
+      ref_chosen_tokens=logps.ref_rejected_tokens, ref_rejected_tokens=logps.ref_chosen_tokens,
+      extra=extra)
+
+
+def accepted_hparams(spec: LossSpec, hparams: dict) -> set[str]:
+  """Names in `hparams` that `spec` accepts (wrappers accept their base loss's names too)."""
+  params = inspect.signature(spec.fn).parameters
+  own = {k for k, p in params.items() if p.kind == p.KEYWORD_ONLY}
+  if any(p.kind == p.VAR_KEYWORD for p in params.values()) and "base" in params:
+    base = get(hparams.get("base", params["base"].default))
+    own |= accepted_hparams(base, hparams)
+  return own & set(hparams)

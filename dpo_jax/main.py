@@ -1,0 +1,31 @@
+"""Training entry point.
+
+    python -m dpo_jax.main --config configs/dpo.py[:args] --workdir W [--config.key=value ...]
+
+Re-running the same command on W resumes from W's latest checkpoint.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events, checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # Orbax logs every file operation at INFO
+  import jax   # noqa: PLC0415  (after absl parsed flags, so XLA_FLAGS from the env apply)
+  from dpo_jax import distributed, train   # noqa: PLC0415
+
+  distributed.maybe_initialize()
+  workdir = os.path.abspath(flags.FLAGS.workdir)
+  metrics = train.train_and_evaluate(flags.FLAGS.config, workdir)
+  if jax.process_index() == 0:
+    train.print_summary(workdir, metrics)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,168 @@
+"""Model configuration for the Llama / Qwen2 / Mistral decoder family, and its HF mapping."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+FAMILIES = ("llama", "qwen2", "mistral")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  family: str = "llama"
+  vocab_size: int = 259
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: Optional[int] = None          # defaults to hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[tuple] = None     # sorted (key, value) pairs of HF's rope parameters
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False             # Qwen2: bias on q/k/v projections
+  sliding_window: Optional[int] = None     # Mistral (and Qwen2 with use_sliding_window)
+  max_position_embeddings: int = 4096
+  bos_token_id: Optional[int] = None
+  eos_token_id: Optional[int] = None
+  pad_token_id: Optional[int] = None
+  # Numerics and memory (not part of the HF architecture).
+  dtype: str = "float32"                   # compute dtype of activations / matmuls
+  param_dtype: str = "float32"             # master weights
+  remat: str = "full"                      # rematerialisation policy of each layer, see layers.py
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads}")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self, embeddings: bool = True) -> int:
+    d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.dim_per_head
+    attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.attention_bias:
+      attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    n = self.num_layers * per_layer + d
+    if embeddings:
+      n += v * d * (1 if self.tie_word_embeddings else 2)
+    elif not self.tie_word_embeddings:
+      n += v * d   # the unembedding matmul is compute, the embedding lookup is not
+    return n
+
+  # -------------------------------------------------------------------------------------------
+  # Hugging Face config.json <-> ModelConfig
+  # -------------------------------------------------------------------------------------------
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+      raise ValueError(f"unsupported model_type {family!r} in config.json; "
+                       f"dpo_jax supports {FAMILIES}")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' (SwiGLU)")
+    if hf.get("mlp_bias"):
+      raise ValueError("mlp_bias=True is not supported")
+    # transformers v5 folds rope_theta and rope_scaling into rope_parameters; v4 files have both.
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    rope = {**legacy, **rope}
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+      raise ValueError(f"unsupported rope_type {rope_type!r}; dpo_jax implements "
+                       "'default' and 'llama3'")
+    scaling = None
+    if rope_type == "llama3":
+      keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+      scaling = tuple(sorted([("rope_type", "llama3")] +
+                             [(k, float(rope[k])) for k in keys]))
+    window = hf.get("sliding_window")
+    if family == "qwen2" and not hf.get("use_sliding_window", False):
+      window = None
+    heads = hf["num_attention_heads"]
+    kw = dict(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim"),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+        sliding_window=window,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        bos_token_id=_first(hf.get("bos_token_id")),
+        eos_token_id=_first(hf.get("eos_token_id")),
+        pad_token_id=_first(hf.get("pad_token_id")),
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    rope = {"rope_theta": self.rope_theta, "rope_type": "default"}
+    if self.rope_scaling:
+      rope.update(dict(self.rope_scaling))
+    hf = {
+        "model_type": self.family,
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "mistral": "MistralForCausalLM"}[self.family]],
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.dim_per_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": self.max_position_embeddings,
+        "rms_norm_eps": self.rms_norm_eps,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": rope,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
+    }
+    if self.family == "llama":
+      hf["attention_bias"] = self.attention_bias
+      hf["mlp_bias"] = False
+    if self.family == "qwen2":
+      hf["use_sliding_window"] = self.sliding_window is not None
+      hf["sliding_window"] = self.sliding_window
+    if self.family == "mistral":
+      hf["sliding_window"] = self.sliding_window
+    return hf
+
+  @classmethod
+  def from_hf_dir(cls, path: str, **overrides) -> "ModelConfig":
+    with open(os.path.join(path, "config.json")) as f:
+      return cls.from_hf_dict(json.load(f), **overrides)
+
+
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+# A tiny built-in model over the byte-level tokenizer (dpo_jax.data.tokenizer), for the embedded
+# default job and tests.
+TINY = ModelConfig(family="llama", vocab_size=264, hidden_size=64, intermediate_size=192,
+                   num_layers=2, num_heads=4, num_kv_heads=2, max_position_embeddings=1024)

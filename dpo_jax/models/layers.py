@@ -1,0 +1,199 @@
+"""Decoder building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Einsum legend: B batch, L query length, S key length, D hidden, H query heads, K kv heads,
+G = H // K query heads per kv head, Dh head dim, F MLP width, V vocab.
+
+Every weight carries logical axis names (`sharding_names`); dpo_jax.sharding maps them to mesh
+axes. Activations are constrained with `sharding.constrain(x, names)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dpo_jax import sharding
+from dpo_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+  """A parameter with logical axis names; placement is decided later by the mesh rules."""
+  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names, eager_sharding=False)
+
+
+def dense_init(std: float = 0.02):
+  return jax.nn.initializers.normal(std)
+
+
+class Weight(nnx.Module):
+  """A module holding one named weight (embed_tokens.embedding, lm_head.kernel)."""
+
+  def __init__(self, name: str, shape, names, cfg: ModelConfig, rngs: nnx.Rngs):
+    setattr(self, name, param(rngs, dense_init(), shape, names, cfg.param_dtype))
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",), cfg.param_dtype)
+    self.eps = eps
+
+  def __call__(self, x: Array) -> Array:
+    # Statistics in f32, as transformers does; the scale multiplies in the input dtype.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (the "rotate half" layout of transformers).
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  dh = cfg.dim_per_head
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if not cfg.rope_scaling:
+    return inv
+  s = dict(cfg.rope_scaling)   # Llama 3: long wavelengths slowed by `factor`, smooth in between.
+  factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+  old_len = s["original_max_position_embeddings"]
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, inv_freq: Array) -> Array:
+  freqs = positions_BxL.astype(jnp.float32)[..., None] * inv_freq          # [B, L, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]             # [B, L, 1, Dh]
+  cos, sin = jnp.cos(emb).astype(x_BxLxNxDh.dtype), jnp.sin(emb).astype(x_BxLxNxDh.dtype)
+  x1, x2 = jnp.split(x_BxLxNxDh, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxLxNxDh * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_mask(q_pos: Array, q_seg: Array, kv_pos: Array, kv_seg: Array,
+                   window: Optional[int]) -> Array:
+  """[B, L, S] boolean mask: same segment, kv not padding, causal by position, optional window.
+
+  Within a segment positions increase by one per token, so a position-based causal mask is the
+  index-based one; it also serves packed rows (positions restart per segment) and the KV cache.
+  """
+  mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+  delta = q_pos[:, :, None] - kv_pos[:, None, :]
+  mask &= delta >= 0
+  if window is not None:
+    mask &= delta < window
+  return mask
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS) -> Array:
+  b, l, h, dh = q_BxLxHxDh.shape
+  k_heads = k_BxSxKxDh.shape[2]
+  q = q_BxLxHxDh.reshape(b, l, k_heads, h // k_heads, dh)
+  scores = jnp.einsum("blkgd,bskd->bkgls", q, k_BxSxKxDh,
+                      preferred_element_type=jnp.float32) / math.sqrt(dh)
+  scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxDh.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxDh)
+  return out.reshape(b, l, h, dh)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    self.q_proj = Proj((d, h, dh), ("embed", "heads", "head_dim"), cfg.attention_bias, cfg, rngs)
+    self.k_proj = Proj((d, k, dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias, cfg,
+                       rngs)
+    self.v_proj = Proj((d, k, dh), ("embed", "kv_heads", "head_dim"), cfg.attention_bias, cfg,
+                       rngs)
+    self.o_proj = Proj((h, dh, d), ("heads", "head_dim", "embed"), False, cfg, rngs)
+    self.cfg = cfg
+
+  def __call__(self, x_BxLxD, positions, segment_ids, inv_freq, cache=None):
+    """Returns the attention output and, when decoding with a cache, the updated cache.
+
+    cache: dict(k=[B,S,K,Dh], v=[B,S,K,Dh], pos=[B,S], seg=[B,S], index=scalar) or None.
+    """
+    cfg = self.cfg
+    q = apply_rope(self.q_proj(x_BxLxD, "bld,dhk->blhk"), positions, inv_freq)
+    k = apply_rope(self.k_proj(x_BxLxD, "bld,dhk->blhk"), positions, inv_freq)
+    v = self.v_proj(x_BxLxD, "bld,dhk->blhk")
+    q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+    if cache is None:
+      kv_pos, kv_seg, new_cache = positions, segment_ids, None
+    else:
+      idx = cache["index"]
+      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), idx, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, 1)
+      kv_pos, kv_seg = cache["pos"], cache["seg"]
+      new_cache = {"k": k, "v": v}
+    mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    return self.o_proj(out, "blhk,hkd->bld"), new_cache
+
+
+class Proj(nnx.Module):
+  """A projection whose kernel keeps head structure, e.g. [D, H, Dh], for tensor parallelism."""
+
+  def __init__(self, shape, names, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.kernel = param(rngs, dense_init(), shape, names, cfg.param_dtype)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, shape[1:], names[1:], cfg.param_dtype)
+                 if use_bias else None)
+    self.dtype = cfg.dtype
+
+  def __call__(self, x, spec: str):
+    y = jnp.einsum(spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = Proj((d, f), ("embed", "mlp"), False, cfg, rngs)
+    self.up_proj = Proj((d, f), ("embed", "mlp"), False, cfg, rngs)
+    self.down_proj = Proj((f, d), ("mlp", "embed"), False, cfg, rngs)
+
+  def __call__(self, x_BxLxD):
+    h = jax.nn.silu(self.gate_proj(x_BxLxD, "bld,df->blf")) * self.up_proj(x_BxLxD, "bld,df->blf")
+    h = sharding.constrain(h, ("batch", "length", "act_mlp"))
+    return self.down_proj(h, "blf,fd->bld")
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+    self.self_attn = Attention(cfg, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, segment_ids, inv_freq, cache=None):
+    h, new_cache = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq,
+                                  cache)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+REMAT_POLICIES = {
+    # Recompute everything in the backward pass except the layer inputs (least memory).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs without batch dims (weights-stationary dots), recompute the rest.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Save everything: fastest backward, most memory.
+    "none": None,
+}

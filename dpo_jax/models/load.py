@@ -1,0 +1,69 @@
+"""Where a model comes from: a Hugging Face directory, a dpo_jax checkpoint, or scratch.
+
+All three give (ModelConfig, params placed on the mesh) and a tokenizer, so training, the
+reference, scoring and ranking share one loader.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from dpo_jax import checkpoint, sharding
+from dpo_jax.data.tokenizer import byte_tokenizer
+from dpo_jax.models import core, hf_io
+from dpo_jax.models.config import ModelConfig
+
+NUMERICS = ("dtype", "param_dtype", "remat")
+
+
+def source_kind(path: Optional[str]) -> str:
+  if not path:
+    return "scratch"
+  if hf_io.is_hf_dir(path):
+    return "hf"
+  if checkpoint.is_checkpoint(path):
+    return "checkpoint"
+  raise FileNotFoundError(f"{path}: neither a Hugging Face model directory (config.json + "
+                          "*.safetensors) nor a dpo_jax checkpoint")
+
+
+def model_config(path: Optional[str], scratch: ModelConfig, **numerics) -> ModelConfig:
+  """The architecture comes from the source; dtype / param_dtype / remat from the caller."""
+  kind = source_kind(path)
+  if kind == "hf":
+    return ModelConfig.from_hf_dir(path, **numerics)
+  if kind == "checkpoint":
+    cfg, _ = checkpoint.load_model_config(path)
+    return cfg.replace(**numerics)
+  return scratch.replace(**numerics)
+
+
+def param_shardings(cfg: ModelConfig, mesh, rules):
+  return sharding.tree_shardings(core.logical_axes(cfg), core.abstract_params(cfg), mesh, rules)
+
+
+def load_params(path: Optional[str], cfg: ModelConfig, mesh, rules, seed: int = 0):
+  """Params of `cfg` from `path` (or a seeded random init), placed with the mesh rules."""
+  shardings = param_shardings(cfg, mesh, rules)
+  kind = source_kind(path)
+  if kind == "hf":
+    _, params = hf_io.load_hf(path, shardings=shardings,
+                              **{k: getattr(cfg, k) for k in NUMERICS})
+    return params
+  if kind == "checkpoint":
+    abstract = checkpoint.abstract_like(core.abstract_params(cfg), shardings)
+    return checkpoint.restore_params(path, abstract)
+  return core.init_params(cfg, seed, shardings)
+
+
+def load_tokenizer(path: Optional[str]):
+  """The source's tokenizer; a dpo_jax workdir keeps its tokenizer in W/tokenizer."""
+  kind = source_kind(path)
+  if kind == "hf":
+    return hf_io.load_tokenizer(path)
+  if kind == "checkpoint":
+    directory, _ = checkpoint.resolve(path)
+    tok_dir = os.path.join(os.path.dirname(directory), "tokenizer")
+    if os.path.isdir(tok_dir):
+      return hf_io.load_tokenizer(tok_dir)
+  return byte_tokenizer()

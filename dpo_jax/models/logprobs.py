@@ -1,0 +1,110 @@
+"""Per-token log-probs in f32 without materialising full [B, L, V] f32 logits.
+
+The sequence is cut into chunks of `chunk` positions; each chunk's logits [B, chunk, V] are made,
+reduced to per-token statistics and dropped. The chunk body is rematerialised, so the backward
+pass recomputes one chunk's logits at a time instead of keeping all of them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+STATS = ("logsumsq", "entropy")
+
+
+def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
+                chunk: int = 256, stats: tuple[str, ...] = ()) -> dict[str, Array]:
+  """Statistics of predicting tokens[t] from position t-1, aligned with tokens ([B, L], f32).
+
+  Always: "logp" = log p(tokens[t] | tokens[<t]) and "logit_mean" = mean logit over the vocab.
+  Optional (`stats`): "logsumsq" = log Σ_v p_v² (WPO), "entropy" = −Σ_v p_v log p_v.
+  Position 0 (no predecessor) is 0.
+  """
+  unknown = set(stats) - set(STATS)
+  if unknown:
+    raise ValueError(f"unknown token statistics {sorted(unknown)}; known: {STATS}")
+  b, length, d = hidden_BxLxD.shape
+  c = max(1, min(chunk, length))
+  n = -(-length // c)
+  pad = n * c - length
+  targets = jnp.roll(tokens_BxL, -1, axis=1)            # position t predicts token t+1
+  h = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
+  t = jnp.pad(targets, ((0, 0), (0, pad)))
+  h = h.reshape(b, n, c, d).swapaxes(0, 1)              # [n, B, c, D]
+  t = t.reshape(b, n, c).swapaxes(0, 1)
+  w = unembed_DxV.astype(hidden_BxLxD.dtype)
+
+  @jax.checkpoint
+  def body(_, xs):
+    h_c, t_c = xs
+    logits = jnp.einsum("bcd,dv->bcv", h_c, w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    out = {"logp": jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - lse}
+    if "logsumsq" in stats:
+      out["logsumsq"] = jax.nn.logsumexp(2 * logits, axis=-1) - 2 * lse
+    if "entropy" in stats:
+      out["entropy"] = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    return None, out
+
+  _, out = jax.lax.scan(body, None, (h, t))
+  out = {k: v.swapaxes(0, 1).reshape(b, n * c)[:, :length] for k, v in out.items()}
+  # The mean logit is linear in h: no need for the logits themselves. Metric only.
+  out["logit_mean"] = jax.lax.stop_gradient(
+      jnp.einsum("bld,d->bl", hidden_BxLxD, w.sum(-1), preferred_element_type=jnp.float32)
+      / w.shape[-1])
+  # Shift right by one so that statistics line up with the predicted token.
+  return {k: jnp.pad(v[:, :-1], ((0, 0), (1, 0))) for k, v in out.items()}
+
+
+def sequence_logps(model, batch: dict, *, chunk: int = 256,
+                   stats: tuple[str, ...] = ()) -> dict[str, Array]:
+  """Per-sequence sums over completion tokens, [S] each (S = 2 × batch["valid"].size).
+
+  Rows may hold one sequence each or several packed ones: tokens are assigned to sequences by
+  batch["seq_index"], so one reduction serves both layouts. Returns
+    logps: Σ log p over completion tokens    lens: completion token count
+    logit_sum: Σ over completion tokens of the mean logit (for TRL's logits/* metrics)
+    <stat>: Σ of each requested statistic, and with any stats requested, "tokens": the
+            per-token log-probs [S, L] left-aligned (token k of each completion at column k).
+  """
+  hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats)
+  return reduce_sequences(tok, batch, with_tokens=bool(stats))
+
+
+def reduce_sequences(tok: dict[str, Array], batch: dict, with_tokens: bool = False):
+  n = 2 * batch["valid"].shape[0]
+  mask = batch["loss_mask"].astype(jnp.float32)
+  seq = batch["seq_index"].reshape(-1)
+
+  def ssum(x):
+    return jax.ops.segment_sum((x * mask).reshape(-1), seq, num_segments=n)
+
+  out = {k: ssum(v) for k, v in tok.items() if k not in ("logp", "logit_mean")}
+  out.update(logps=ssum(tok["logp"]), lens=ssum(jnp.ones_like(mask)),
+             logit_sum=ssum(tok["logit_mean"]))
+  if with_tokens:
+    for k, v in tok.items():
+      if k != "logit_mean":
+        out[f"tokens/{k}"] = left_align(v, batch)
+  return out
+
+
+def left_align(x_RxL: Array, batch: dict) -> Array:
+  """Completion-token values per sequence, [S, L]: token k of sequence s at [s, k], else 0.
+
+  The rank of a completion token within its sequence is its running count of completion tokens
+  minus the count at the sequence's first completion token; this holds for packed rows too.
+  """
+  n = 2 * batch["valid"].shape[0]
+  r, length = x_RxL.shape
+  mask = batch["loss_mask"].reshape(-1) > 0
+  seq = batch["seq_index"].reshape(-1)
+  count = jnp.cumsum(mask.astype(jnp.int32))
+  first = jax.ops.segment_min(jnp.where(mask, count, jnp.iinfo(jnp.int32).max), seq,
+                              num_segments=n)
+  rank = jnp.where(mask, count - first[seq], length)   # non-completion tokens fall off the end
+  out = jnp.zeros((n, length), x_RxL.dtype)
+  return out.at[seq, rank].set(x_RxL.reshape(-1), mode="drop")

@@ -1,0 +1,382 @@
+"""The trainer: one jit-compiled preference step, and the loop around it.
+
+The step is a pure function of plain pytrees:
+
+    state, metrics = train_step(state, ref_params, batch)
+
+state = {step, params, opt_state, loss_state, rng}; batch leaves have a leading micro-batch
+axis [k, ...] (k = config.grad_accum), each micro-batch holding 2b rows [chosen; rejected].
+Policy forward+backward and the reference forward (stop_gradient) run in the same program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dpo_jax import checkpoint, losses, reference, sharding, writers
+from dpo_jax.data import preference
+from dpo_jax.models import core, load, logprobs
+from dpo_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+# =============================================================================================
+# Optimizer
+# =============================================================================================
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+  """AdamW with linear warmup + cosine decay and global-norm clipping (TRL/HF defaults)."""
+  warmup = int(round(optim.warmup_ratio * total_steps))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.final_lr_ratio)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.clip) if optim.clip else optax.identity(),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay))
+  return tx, schedule
+
+
+# =============================================================================================
+# The step
+# =============================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  train_step: Callable      # (state, ref_params, batch) -> (state, metrics)
+  eval_step: Callable       # (params, loss_state, ref_params, batch) -> metric sums
+
+
+def pair_logps(pol: dict, ref: dict | None, batch: dict) -> losses.PairLogps:
+  """Splits the 2b per-sequence values into chosen (first half) and rejected (second half)."""
+  b = batch["valid"].shape[0]
+  first, second = (lambda x: x[:b]), (lambda x: x[b:])
+  extra = {}
+  for name, src in (("policy", pol), ("ref", ref or {})):
+    for k, v in src.items():
+      if k not in ("logps", "lens", "logit_sum") and not k.startswith("tokens/"):
+        extra[f"{name}_chosen_{k}"], extra[f"{name}_rejected_{k}"] = first(v), second(v)
+  for k in ("teacher_logps",):
+    if k in batch:
+      extra["teacher_chosen"], extra["teacher_rejected"] = first(batch[k]), second(batch[k])
+  tok = lambda src, h: None if src is None or "tokens/logp" not in src else h(src["tokens/logp"])
+  return losses.PairLogps(
+      policy_chosen=first(pol["logps"]), policy_rejected=second(pol["logps"]),
+      ref_chosen=None if ref is None else first(ref["logps"]),
+      ref_rejected=None if ref is None else second(ref["logps"]),
+      chosen_len=first(pol["lens"]), rejected_len=second(pol["lens"]), label=batch["label"],
+      policy_chosen_tokens=tok(pol, first), policy_rejected_tokens=tok(pol, second),
+      ref_chosen_tokens=tok(ref, first), ref_rejected_tokens=tok(ref, second),
+      extra=extra or None)
+
+
+def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
+              ref_logps_fn: Callable, *, chunk: int, stats: tuple[str, ...] = ()) -> StepFns:
+  """Builds the pure train and eval steps for one loss and one reference mode."""
+
+  def micro_loss(params, loss_state, ref_params, batch):
+    """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
+    pol = logprobs.sequence_logps(core.merge(graphdef, params), batch, chunk=chunk, stats=stats)
+    ref = ref_logps_fn(ref_params, batch)
+    loss_b, metrics = spec(pair_logps(pol, ref, batch), **hparams, **loss_state)
+    w = batch["valid"]
+    b = w.shape[0]
+    n = jnp.sum(w)
+    sums = {k: ((jnp.sum(v * w), n) if jnp.ndim(v) == 1 else (v, jnp.ones(())))
+            for k, v in metrics.items()}
+    sums["logps/chosen"] = (jnp.sum(pol["logps"][:b] * w), n)
+    sums["logps/rejected"] = (jnp.sum(pol["logps"][b:] * w), n)
+    # TRL: mean logit over completion tokens (and vocab) of the whole batch.
+    sums["logits/chosen"] = (jnp.sum(pol["logit_sum"][:b] * w), jnp.sum(pol["lens"][:b] * w))
+    sums["logits/rejected"] = (jnp.sum(pol["logit_sum"][b:] * w), jnp.sum(pol["lens"][b:] * w))
+    sums = jax.tree.map(lambda x: jax.lax.stop_gradient(x).astype(jnp.float32), sums)
+    return jnp.sum(loss_b * w), sums
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def accumulate(fn, batch):
+    """Sums fn(micro-batch) over the leading micro-batch axis with a scan."""
+    first = jax.tree.map(lambda x: x[0], batch)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+
+    def body(acc, mb):
+      return jax.tree.map(jnp.add, acc, fn(mb)), None
+    return jax.lax.scan(body, zeros, batch)[0]
+
+  def finish(loss_sum, sums, n_valid):
+    metrics = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in sums.items()}
+    metrics["loss"] = loss_sum / n_valid
+    return metrics
+
+  def train_step(state, ref_params, batch):
+    n_valid = jnp.sum(batch["valid"])
+    (loss_sum, sums), grads = accumulate(
+        lambda mb: grad_fn(state["params"], state["loss_state"], ref_params, mb), batch)
+    # Exact accumulation: every micro-batch contributed a SUM; divide once by the pair count.
+    grads = jax.tree.map(lambda g: g / n_valid, grads)
+    metrics = finish(loss_sum, sums, n_valid)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state["step"])
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "loss_state": spec.update_state(state["loss_state"], metrics),
+        "rng": state["rng"],
+    }
+    return new_state, metrics
+
+  def eval_step(params, loss_state, ref_params, batch):
+    return accumulate(lambda mb: micro_loss(params, loss_state, ref_params, mb), batch)
+
+  return StepFns(train_step, eval_step)
+
+
+def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+  """[2B, ...] rows and [B] examples -> [k, 2B/k, ...] and [k, B/k], keeping pairs together."""
+  b = batch["valid"].shape[0]
+  if b % k:
+    raise ValueError(f"config.batch_size={b} is not divisible by config.grad_accum={k}")
+  out = {}
+  for name, x in batch.items():
+    if x.shape[0] == 2 * b:   # [chosen; rejected] rows
+      x = x.reshape(2, k, b // k, *x.shape[1:]).swapaxes(0, 1).reshape(k, 2 * b // k,
+                                                                        *x.shape[1:])
+    else:
+      x = x.reshape(k, b // k, *x.shape[1:])
+    out[name] = x
+  return out
+
+
+# =============================================================================================
+# Setup: config -> model, data, reference, state, shardings
+# =============================================================================================
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once from the config."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  rules: Any
+  model_cfg: ModelConfig
+  tokenizer: Any
+  spec: losses.LossSpec
+  train_data: preference.Batches
+  eval_examples: list
+  state: dict
+  state_shardings: Any
+  ref_params: Any
+  fns: StepFns
+  batch_sharding: Callable
+
+
+def loss_hparams(loss_cfg: ml_collections.ConfigDict, spec: losses.LossSpec) -> dict:
+  given = {k: v for k, v in loss_cfg.items() if k != "name"}
+  known = spec.hparams
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    raise ValueError(f"config.loss.{unknown[0]} is not a hyperparameter of loss "
+                     f"{spec.name!r}; it takes {sorted(known)}")
+  return {**known, **given}
+
+
+def scratch_model(model_cfg: ml_collections.ConfigDict) -> ModelConfig:
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**{k: v for k, v in model_cfg.items() if k in fields})
+
+
+def load_data(config, tokenizer, pad_id: int):
+  opts = preference.TokenizeOptions(config.data.max_length, config.data.max_prompt_length,
+                                    config.data.truncation_mode)
+  source, rows = preference.load_rows(config.data.train, config.data.split)
+  examples, skipped = preference.tokenize_rows(rows, tokenizer, opts, source,
+                                               config.data.on_error)
+  if config.data.eval:
+    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split)
+    eval_examples, eskipped = preference.tokenize_rows(erows, tokenizer, opts, esource,
+                                                       config.data.on_error)
+    skipped += eskipped
+  else:   # hold out a deterministic fraction of the training rows
+    n_eval = int(len(examples) * config.data.eval_fraction)
+    order = np.random.default_rng(config.seed).permutation(len(examples))
+    eval_examples = [examples[i] for i in order[:n_eval]]
+    examples = [examples[i] for i in sorted(order[n_eval:])]
+  buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
+  train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id)
+  return train, eval_examples, skipped
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  rules = sharding.rules_from_config(config.mesh.rules.to_dict())
+  spec = losses.get(config.loss.name)
+  hparams = loss_hparams(config.loss, spec)
+  numerics = {k: config.model[k] for k in load.NUMERICS}
+  model_cfg = load.model_config(config.model.init, scratch_model(config.model), **numerics)
+  tokenizer = load.load_tokenizer(config.model.init)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+      tokenizer.eos_token_id or 0)
+  train_data, eval_examples, _ = load_data(config, tokenizer, pad_id)
+
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.batch_size // max(config.grad_accum, 1)
+  if micro % n_batch:
+    raise ValueError(f"config.batch_size={config.batch_size} / config.grad_accum="
+                     f"{config.grad_accum} = {micro} pairs per micro-batch is not divisible by "
+                     f"the {n_batch} data×fsdp devices of config.mesh")
+
+  params = load.load_params(config.model.init, model_cfg, mesh, rules, config.seed)
+  stats = spec.token_stats
+  ref_params, ref_fn = reference.build(
+      config.reference.mode, config.reference.path, spec, model_cfg, params, mesh, rules,
+      dtype=config.reference.dtype, chunk=config.logprob_chunk, stats=stats)
+  tx, schedule = make_optimizer(config.optim, config.steps)
+  graphdef = core.split(model_cfg)[0]
+  fns = make_step(graphdef, spec, hparams, tx, schedule, ref_fn, chunk=config.logprob_chunk,
+                  stats=stats)
+
+  rep = sharding.replicated(mesh)
+  opt_state = jax.jit(tx.init)(params)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
+           "loss_state": jax.tree.map(jnp.asarray, spec.init_state()),
+           "rng": jax.random.key_data(jax.random.key(config.seed))}
+  state = jax.device_put(state, jax.tree.map(lambda x: getattr(x, "sharding", rep), state))
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+  def batch_sharding(x):
+    spec_ = sharding.logical_to_spec((None, "batch") + (None,) * (x.ndim - 2), x.shape, mesh,
+                                     rules)
+    return jax.sharding.NamedSharding(mesh, spec_)
+
+  return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples, state,
+             state_shardings, ref_params, fns, batch_sharding)
+
+
+def to_device(batch: dict[str, np.ndarray], run: Run) -> dict[str, Array]:
+  return {k: sharding.host_local_array(v, run.batch_sharding(v)) for k, v in batch.items()}
+
+
+# =============================================================================================
+# Evaluation on held-out pairs
+# =============================================================================================
+
+
+def evaluate(run: Run, eval_jit, state) -> dict:
+  if not run.eval_examples:
+    return {}
+  bs = run.config.eval_batch_size or run.config.batch_size
+  totals = None
+  for batch in preference.eval_batches(run.eval_examples, bs, run.train_data.buckets,
+                                       run.train_data.pad_id):
+    out = eval_jit(state["params"], state["loss_state"], run.ref_params,
+                   to_device(microbatches(batch, 1), run))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  loss_sum, sums = jax.device_get(totals)
+  n = len(run.eval_examples)
+  metrics = {k: float(num) / max(float(den), 1e-9) for k, (num, den) in sums.items()}
+  metrics["loss"] = float(loss_sum) / n
+  return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+# =============================================================================================
+# The loop
+# =============================================================================================
+
+
+def checkpoint_meta(run: Run, step: int) -> dict:
+  return {"model": run.model_cfg.to_hf_dict(),
+          "model_numerics": {k: getattr(run.model_cfg, k) for k in load.NUMERICS},
+          "step": step, "epoch": run.train_data.epoch(step),
+          "config": run.config.to_json_best_effort()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last logged and eval metrics."""
+  from tqdm import tqdm   # noqa: PLC0415
+  run = setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  run.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+  mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
+  state = run.state
+  start = mgr.latest_step() or 0
+  if start:   # initialisation precedence: resume workdir > init_from > scratch
+    params, train, _ = checkpoint.restore(
+        mgr, start,
+        checkpoint.abstract_like(state["params"], run.state_shardings["params"]),
+        checkpoint.abstract_like({k: v for k, v in state.items() if k != "params"},
+                                 {k: v for k, v in run.state_shardings.items()
+                                  if k != "params"}))
+    state = {**train, "params": params}
+
+  step_jit = jax.jit(run.fns.train_step, in_shardings=(run.state_shardings, None, None),
+                     out_shardings=(run.state_shardings, None), donate_argnums=0)
+  eval_jit = jax.jit(run.fns.eval_step)
+  writer = writers.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
+  last, history = {}, []
+  bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="dpo",
+             disable=not config.progress or jax.process_index() != 0)
+  t0, timed_steps = None, 0
+  for step in bar:
+    batch = to_device(microbatches(run.train_data(step), config.grad_accum), run)
+    state, metrics = step_jit(state, run.ref_params, batch)
+    done = step + 1
+    if t0 is None:
+      jax.block_until_ready(state["step"])   # the first step includes compilation
+      t0 = time.perf_counter()
+    else:
+      timed_steps += 1
+    is_last = done == config.steps
+    if done % config.log_every == 0 or is_last:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics["epoch"] = run.train_data.epoch(done)
+      if timed_steps:
+        metrics["step_s"] = (time.perf_counter() - t0) / timed_steps
+      if config.eval_every and (done % config.eval_every == 0 or is_last):
+        metrics.update(evaluate(run, eval_jit, state))
+      writer.write(done, metrics)
+      last = metrics
+      history.append(metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                      acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"step {done}: loss is {metrics['loss']}; stopping, the last "
+                                 f"good checkpoint is kept in {mgr.directory}")
+    if done % config.ckpt_every == 0 or is_last:
+      checkpoint.save(mgr, done, state["params"],
+                      {k: v for k, v in state.items() if k != "params"},
+                      checkpoint_meta(run, done))
+  writer.close()
+  mgr.close()
+  return last
+
+
+def print_summary(workdir: str, last: dict):
+  rows = writers.read_metrics(workdir)
+  evals = [r for r in rows if "eval/rewards/accuracies" in r]
+  print(f"\nmetrics:      {os.path.join(workdir, 'metrics.jsonl')} ({len(rows)} rows)")
+  print(f"tensorboard:  {os.path.join(workdir, 'tensorboard')}")
+  print(f"checkpoints:  {os.path.join(workdir, 'checkpoints')}")
+  if last:
+    print(f"last step:    loss {last['loss']:.4f}, train accuracy "
+          f"{last.get('rewards/accuracies', float('nan')):.3f}, margin "
+          f"{last.get('rewards/margins', float('nan')):.3f}"
+          + (f", {last['step_s'] * 1e3:.0f} ms/step" if "step_s" in last else ""))
+  if evals:
+    first, final = evals[0], evals[-1]
+    print(f"held-out:     preference accuracy {first['eval/rewards/accuracies']:.3f} (step "
+          f"{first['step']}) -> {final['eval/rewards/accuracies']:.3f} (step {final['step']}), "
+          f"margin {final['eval/rewards/margins']:.3f}, loss {final['eval/loss']:.4f} "
+          f"(ln 2 = 0.6931 at the start)")

@@ -1,0 +1,62 @@
+"""Metrics to W/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricsWriter:
+  def __init__(self, workdir: str, start_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    truncate_after(self.path, start_step)
+    from tensorboardX import SummaryWriter   # noqa: PLC0415
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: _py(v) for k, v in sorted(metrics.items())}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    for k, v in row.items():
+      if k != "step" and isinstance(v, float) and math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+    self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _py(v):
+  v = np.asarray(v)
+  return v.item() if v.ndim == 0 else v.tolist()
+
+
+def truncate_after(path: str, step: int):
+  """Drops rows logged after `step`: a resumed run re-logs them exactly once."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip()]
+  keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+  if len(keep) != len(rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
