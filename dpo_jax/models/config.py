@@ -88,10 +88,21 @@ class ModelConfig:
     if rope_type == "llama3":
       keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
       scaling = tuple(sorted([("rope_type", "llama3")] +
-                             [(k, float(rope[k])) for k in keys]))
+                             [(k, int(rope[k]) if k.startswith("original") else float(rope[k]))
+                              for k in keys]))
     window = hf.get("sliding_window")
     if family == "qwen2" and not hf.get("use_sliding_window", False):
       window = None
+    if family == "qwen2" and window is not None:
+      # transformers slides the window only in layers i >= max_window_layers (or per layer_types).
+      types = hf.get("layer_types") or [
+          "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+          for i in range(hf["num_hidden_layers"])]
+      if all(t == "full_attention" for t in types):
+        window = None
+      elif not all(t == "sliding_attention" for t in types):
+        raise ValueError(f"qwen2 with a sliding window in only some layers ({types}) "
+                         "is not supported")
     heads = hf["num_attention_heads"]
     kw = dict(
         family=family,
@@ -148,6 +159,7 @@ class ModelConfig:
     if self.family == "qwen2":
       hf["use_sliding_window"] = self.sliding_window is not None
       hf["sliding_window"] = self.sliding_window
+      hf["max_window_layers"] = 0   # the window applies to every layer, as in the Decoder
     if self.family == "mistral":
       hf["sliding_window"] = self.sliding_window
     return hf
