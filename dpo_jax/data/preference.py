@@ -4,23 +4,37 @@ Row formats (TRL's dataset formats):
   paired, strings:          {"prompt": str, "chosen": str, "rejected": str}
   paired, conversational:   {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}
                             (msgs = [{"role": ..., "content": ...}], rendered with the
-                            tokenizer's chat template)
-  implicit prompt:          {"chosen": ..., "rejected": ...}; the prompt is the common prefix
-                            (of messages, or of text cut back to a whitespace boundary)
+                            tokenizer's chat template: the prompt with
+                            add_generation_prompt=True, the completion is the rest of the render
+                            of prompt + completion)
+  implicit prompt:          {"chosen": ..., "rejected": ...} (no prompt, or prompt null); the
+                            prompt is the common prefix (the shared leading messages, or the
+                            shared text cut back to a whitespace boundary)
   unpaired:                 {"prompt": ..., "completion": ..., "label": bool}
+One data set is either paired or unpaired; a row of the other kind is a bad row.
 
-Sources: a JSONL file, a directory written by `datasets.Dataset.save_to_disk`, a
-`datasets.Dataset`, or a dataset name for `datasets.load_dataset`.
+Sources: a JSONL file (.jsonl, or .json holding JSON lines or one JSON array), a .parquet /
+.csv / .arrow file, a directory written by `datasets.Dataset.save_to_disk` or
+`DatasetDict.save_to_disk`, any other directory or name for `datasets.load_dataset`, a
+`datasets.Dataset`, a `datasets.DatasetDict` (the `split` is taken), or a list of dicts.
+
+Row numbers in error messages are 1-based: the line number in a JSONL file (blank lines are
+skipped but counted, so the number is what an editor shows), otherwise the row's index + 1.
+Per-row errors are raised by `tokenize_rows` (so that on_error="skip" can drop them), including
+a JSONL line that is not valid JSON or not an object: `load_rows` keeps such a line as a
+placeholder that fails validation.
 
 Truncation rule (applied per sequence, before batching):
   1. A prompt longer than max_prompt_length keeps its LAST max_prompt_length tokens
      (truncation_mode="keep_end", TRL's default) or its first ones ("keep_start").
   2. The completion is then cut at the end so that prompt + completion <= max_length.
   3. A row whose completion would keep no token is an error naming the row.
-Prompt tokens are never scored: the loss mask covers completion tokens only.
+Prompt tokens are never scored: the loss mask covers completion tokens only (for strings the
+completion ends with the tokenizer's EOS, which is scored).
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -29,6 +43,10 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 ROLES = ("system", "user", "assistant", "tool")
+ON_ERROR = ("fail", "skip")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+_KINDS = {True: "paired (prompt, chosen, rejected)",
+          False: "unpaired (prompt, completion, label)"}
 
 
 class DataError(ValueError):
@@ -49,38 +67,84 @@ class Tokenized:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Rows(list):
+  """A list of rows that remembers each row's number (JSONL line) for error messages."""
+
+  def __init__(self, rows, numbers):
+    super().__init__(rows)
+    self.numbers = list(numbers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BadRow:
+  """A JSONL line that could not be read as an object; fails in normalize()."""
+  message: str
+
+
+def _read_jsonl(path: str) -> _Rows:
+  with open(path, encoding="utf-8-sig") as f:
+    text = f.read()
+  if path.endswith(".json") and text.lstrip().startswith("["):
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError:
+      rows = None
+    if isinstance(rows, list):
+      return _Rows([r if isinstance(r, dict) else _BadRow(
+          f"expected a JSON object, got {type(r).__name__}") for r in rows],
+                   range(1, len(rows) + 1))
+  rows, numbers = [], []
+  for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 is not a newline
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      row = _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+    else:
+      if not isinstance(row, dict):
+        row = _BadRow(f"expected a JSON object, got {type(row).__name__}")
+    rows.append(row)
+    numbers.append(i)
+  return _Rows(rows, numbers)
+
+
+def _dataset_name(ds, default: str) -> str:
+  name = getattr(getattr(ds, "info", None), "dataset_name", None)
+  return str(name) if name else default
+
+
+def _pick_split(name: str, ds, split: str):
+  if split not in ds:
+    raise DataError(f"{name}: no split {split!r}; splits are {list(ds)}")
+  return f"{name}[{split}]", ds[split]
+
+
 def load_rows(source: Any, split: str = "train") -> tuple[str, list[dict]]:
   """Returns (a name for error messages, the rows)."""
   if isinstance(source, (list, tuple)):
     return "<rows>", list(source)
+  if isinstance(source, collections.abc.Mapping):   # a datasets.DatasetDict: one split of it
+    name, ds = _pick_split(_dataset_name(next(iter(source.values()), None), "<dataset>"),
+                           source, split)
+    return name, [dict(r) for r in ds]
   if not isinstance(source, (str, os.PathLike)):   # a datasets.Dataset or similar
-    return getattr(source, "info", None) and str(source.info.dataset_name) or "<dataset>", \
-        [dict(r) for r in source]
+    return _dataset_name(source, "<dataset>"), [dict(r) for r in source]
   source = os.fspath(source)
-  if source.endswith((".jsonl", ".json")):
-    rows = []
-    with open(source) as f:
-      for i, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{source}: row {i}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-          raise DataError(f"{source}: row {i}: expected a JSON object, got "
-                          f"{type(row).__name__}")
-        rows.append(row)
-    return source, rows
+  if source.endswith((".jsonl", ".json")) and not os.path.isdir(source):
+    return source, _read_jsonl(source)
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
-  if os.path.isdir(source):
+  builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+  ext = os.path.splitext(source)[1]
+  if os.path.isfile(source) and ext in builders:
+    ds = datasets.load_dataset(builders[ext], data_files=source, split="train")
+  elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in (
+      "dataset_dict.json", "state.json")):   # written by save_to_disk
     ds = datasets.load_from_disk(source)
-  else:
+  else:   # a hub name, or a directory of data files
     ds = datasets.load_dataset(source, split=split)
   if isinstance(ds, datasets.DatasetDict):
-    if split not in ds:
-      raise DataError(f"{source}: no split {split!r}; splits are {list(ds)}")
-    ds = ds[split]
+    source, ds = _pick_split(source, ds, split)
   return source, [dict(r) for r in ds]
 
 
@@ -93,23 +157,38 @@ def _is_messages(x) -> bool:
   return isinstance(x, list) and all(isinstance(m, dict) for m in x)
 
 
+def _check_text(where: str, what: str, s: str):
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError:
+    raise DataError(f"{where}: {what} is not valid unicode text (lone surrogate)") from None
+
+
 def _check_field(where: str, name: str, value, conversational: Optional[bool]):
   if value is None or (isinstance(value, (str, list)) and not value):
     raise DataError(f"{where}: field {name!r} is missing or empty")
   if conversational is None:
-    conversational = not isinstance(value, str)
+    if not isinstance(value, (str, list)):
+      raise DataError(f"{where}: field {name!r} must be a string or a list of messages "
+                      f"{{role, content}}, got {type(value).__name__}")
+    conversational = isinstance(value, list)
   if conversational:
     if not _is_messages(value):
       raise DataError(f"{where}: field {name!r} must be a list of messages "
                       f"{{role, content}}, got {type(value).__name__}")
     for j, m in enumerate(value):
-      if m.get("role") not in ROLES:
-        raise DataError(f"{where}: field {name!r} message {j}: bad role {m.get('role')!r} "
+      role = m.get("role")
+      if not isinstance(role, str) or role not in ROLES:
+        raise DataError(f"{where}: field {name!r} message {j}: bad role {role!r} "
                         f"(expected one of {ROLES})")
       if not isinstance(m.get("content"), str):
-        raise DataError(f"{where}: field {name!r} message {j}: content must be a string")
+        raise DataError(f"{where}: field {name!r} message {j}: content must be a string, got "
+                        f"{type(m.get('content')).__name__}")
+      _check_text(where, f"field {name!r} message {j} content", m["content"])
   elif not isinstance(value, str):
     raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+  else:
+    _check_text(where, f"field {name!r}", value)
   return conversational
 
 
@@ -125,46 +204,60 @@ def _common_prefix(a, b):
 
 
 def normalize(row: dict, where: str) -> dict:
-  """Checks a row and returns {prompt, chosen, rejected | completion+label, conversational}."""
-  if not isinstance(row, dict):
-    raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+  """Checks a row and returns {prompt, chosen, rejected | completion+label, conversational}.
+
+  Unpaired rows come back with the completion as "chosen" and rejected=None.
+  """
+  if isinstance(row, _BadRow):
+    raise DataError(f"{where}: {row.message}")
+  if not isinstance(row, collections.abc.Mapping):
+    raise DataError(f"{where}: expected an object with fields prompt/chosen/rejected or "
+                    f"prompt/completion/label, got {type(row).__name__}")
   if "completion" in row or "label" in row:
     label = row.get("label")
     if not isinstance(label, (bool, np.bool_)):
       raise DataError(f"{where}: field 'label' must be a boolean, got {label!r}")
     conv = _check_field(where, "prompt", row.get("prompt"), None)
     _check_field(where, "completion", row.get("completion"), conv)
+    if conv:
+      _check_order(where, row["prompt"], {"completion": row["completion"]})
     return {"prompt": row["prompt"], "chosen": row["completion"], "rejected": None,
             "label": float(label), "conversational": conv}
-  if "prompt" not in row and "chosen" in row and "rejected" in row:
-    conv = _check_field(where, "chosen", row["chosen"], None)
-    _check_field(where, "rejected", row["rejected"], conv)
-    n = _common_prefix(row["chosen"], row["rejected"])
-    if conv:   # the prompt is the shared messages; completions are what follows
-      row = {"prompt": row["chosen"][:n], "chosen": row["chosen"][n:],
-             "rejected": row["rejected"][n:]}
-    else:
-      row = {"prompt": row["chosen"][:n], "chosen": row["chosen"][n:],
-             "rejected": row["rejected"][n:]}
-    if not row["prompt"]:
-      raise DataError(f"{where}: implicit-prompt row: 'chosen' and 'rejected' share no prefix")
-  conv = _check_field(where, "prompt", row.get("prompt"), None)
-  _check_field(where, "chosen", row.get("chosen"), conv)
-  _check_field(where, "rejected", row.get("rejected"), conv)
-  if row["chosen"] == row["rejected"]:
+  prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+  if prompt is None and "chosen" in row and "rejected" in row:   # implicit prompt
+    conv = _check_field(where, "chosen", chosen, None)
+    _check_field(where, "rejected", rejected, conv)
+    if chosen == rejected:
+      raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
+    n = _common_prefix(chosen, rejected)
+    if n == 0:
+      raise DataError(f"{where}: field 'prompt' is missing and 'chosen' and 'rejected' share "
+                      f"no common prefix to use as the prompt")
+    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+  conv = _check_field(where, "prompt", prompt, None)
+  _check_field(where, "chosen", chosen, conv)
+  _check_field(where, "rejected", rejected, conv)
+  if chosen == rejected:
     raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical")
   if conv:
-    _check_order(where, row["prompt"])
-  return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+    _check_order(where, prompt, {"chosen": chosen, "rejected": rejected})
+  return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
           "label": 1.0, "conversational": conv}
 
 
-def _check_order(where: str, prompt: list[dict]):
+def _check_order(where: str, prompt: list[dict], completions: dict[str, list[dict]]):
   roles = [m["role"] for m in prompt]
   if "system" in roles[1:]:
     raise DataError(f"{where}: field 'prompt': a system message may only come first")
   if roles[-1] == "assistant":
     raise DataError(f"{where}: field 'prompt': the last prompt message is from the assistant")
+  for name, msgs in completions.items():
+    if any(m["role"] == "system" for m in msgs):
+      raise DataError(f"{where}: field {name!r}: a system message may only come first in the "
+                      f"prompt")
+    if msgs[0]["role"] != "assistant":
+      raise DataError(f"{where}: field {name!r}: the completion must start with an assistant "
+                      f"message, got {msgs[0]['role']!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +274,12 @@ class TokenizeOptions:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-  return tokenizer(text, add_special_tokens=False)["input_ids"]
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _messages(msgs: list[dict]) -> list[dict]:
+  # Rows from `datasets` carry every key of the unified message struct, absent ones as None.
+  return [{k: v for k, v in m.items() if v is not None} for m in msgs]
 
 
 def _render(tokenizer, prompt, completion, conversational: bool, add_bos: bool):
@@ -194,6 +292,7 @@ def _render(tokenizer, prompt, completion, conversational: bool, add_bos: bool):
     if tokenizer.eos_token_id is not None:
       completion_ids = completion_ids + [tokenizer.eos_token_id]
     return prompt_ids, completion_ids
+  prompt, completion = _messages(prompt), _messages(completion)
   prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
   full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
   if not full_text.startswith(prompt_text):
@@ -202,15 +301,28 @@ def _render(tokenizer, prompt, completion, conversational: bool, add_bos: bool):
   return _encode(tokenizer, prompt_text), _encode(tokenizer, full_text[len(prompt_text):])
 
 
+def _check_options(opts: TokenizeOptions):
+  if opts.truncation_mode not in TRUNCATION_MODES:
+    raise ValueError(f"config.data.truncation_mode must be keep_end or keep_start, got "
+                     f"{opts.truncation_mode!r}")
+  if opts.max_prompt_length < 1:
+    raise ValueError(f"config.data.max_prompt_length={opts.max_prompt_length} must be >= 1")
+  if opts.max_prompt_length >= opts.max_length:
+    raise ValueError(f"config.data.max_prompt_length={opts.max_prompt_length} must be smaller "
+                     f"than config.data.max_length={opts.max_length}")
+
+
 def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, field: str):
-  if len(prompt_ids) > opts.max_prompt_length:
+  prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
+  if opts.truncation_mode not in TRUNCATION_MODES:
+    raise ValueError(f"config.data.truncation_mode must be keep_end or keep_start, got "
+                     f"{opts.truncation_mode!r}")
+  keep = max(opts.max_prompt_length, 0)
+  if len(prompt_ids) > keep:
     if opts.truncation_mode == "keep_end":
-      prompt_ids = prompt_ids[-opts.max_prompt_length:]
-    elif opts.truncation_mode == "keep_start":
-      prompt_ids = prompt_ids[:opts.max_prompt_length]
+      prompt_ids = prompt_ids[len(prompt_ids) - keep:]   # not [-keep:]: keep may be 0
     else:
-      raise ValueError(f"config.data.truncation_mode must be keep_end or keep_start, got "
-                       f"{opts.truncation_mode!r}")
+      prompt_ids = prompt_ids[:keep]
   room = opts.max_length - len(prompt_ids)
   if room <= 0 or not completion_ids:
     raise DataError(f"{where}: field {field!r}: no completion token fits in max_length="
@@ -223,18 +335,26 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   """Validates and tokenises every row up front. Returns (examples, number of rows skipped).
 
   on_error="fail" raises on the first bad row; "skip" drops bad rows and counts them.
+  The first good row decides whether the data set is paired or unpaired.
   """
-  if opts.max_prompt_length >= opts.max_length:
-    raise ValueError(f"config.data.max_prompt_length={opts.max_prompt_length} must be smaller "
-                     f"than config.data.max_length={opts.max_length}")
-  out, skipped = [], 0
-  for i, row in enumerate(rows, 1):
+  if on_error not in ON_ERROR:
+    raise ValueError(f"config.data.on_error must be fail or skip, got {on_error!r}")
+  _check_options(opts)
+  numbers = getattr(rows, "numbers", None)
+  if numbers is None or len(numbers) != len(rows):
+    numbers = range(1, len(rows) + 1)
+  out, skipped, paired = [], 0, None
+  for i, row in zip(numbers, rows):
     where = f"{source}: row {i}"
     try:
       r = normalize(row, where)
+      is_paired = r["rejected"] is not None
+      if paired is not None and is_paired != paired:
+        raise DataError(f"{where}: a {_KINDS[is_paired]} row in a data set of "
+                        f"{_KINDS[paired]} rows")
       try:
         p_ids, c_ids = _render(tokenizer, r["prompt"], r["chosen"], r["conversational"],
-                                 opts.add_bos)
+                               opts.add_bos)
         r_ids = None
         if r["rejected"] is not None:
           _, r_ids = _render(tokenizer, r["prompt"], r["rejected"], r["conversational"],
@@ -242,12 +362,14 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
       except DataError:
         raise
       except Exception as e:   # a template or tokenizer failure on this row
-        raise DataError(f"{where}: cannot tokenise: {e}") from None
-      prompt, chosen = truncate(p_ids, c_ids, opts, where, "chosen")
+        raise DataError(f"{where}: cannot tokenise: {type(e).__name__}: {e}") from None
+      prompt, chosen = truncate(p_ids, c_ids, opts, where,
+                                "chosen" if is_paired else "completion")
       rejected = None
       if r_ids is not None:
         _, rejected = truncate(p_ids, r_ids, opts, where, "rejected")
       out.append(Tokenized(prompt, chosen, rejected, r["label"]))
+      paired = is_paired
     except DataError:
       if on_error == "fail":
         raise
@@ -275,10 +397,11 @@ def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
 
 
 def bucket_length(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
+  """The smallest bucket that holds n tokens."""
+  for b in sorted(buckets):
     if n <= b:
       return b
-  raise ValueError(f"sequence of {n} tokens exceeds the largest bucket {buckets[-1]}")
+  raise ValueError(f"sequence of {n} tokens exceeds the largest bucket {max(buckets)}")
 
 
 def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
@@ -286,18 +409,23 @@ def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
   """Stacks B examples into 2B rows: [chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}].
 
   Unpaired examples (rejected is None) use the second half for the mismatched completion
-  (x_i, y_{i+1 mod B}) on which KTO estimates its KL reference point.
+  (x_i, y_{i+1 mod B}) on which KTO estimates its KL reference point; that completion is cut
+  at the end to fit the largest bucket (it was truncated against another prompt).
   Keys (R = 2B rows, L = bucket length):
     tokens, positions, segment_ids (0 = padding), loss_mask (1 on completion tokens),
     seq_index (which of the 2B sequences a token belongs to) : [R, L]
     valid, label : [B]
   """
   b = len(examples)
-  seqs = [(e.prompt, e.chosen) for e in examples]
+  if b == 0:
+    raise ValueError("collate needs at least one example")
+  seqs = [(list(e.prompt), list(e.chosen)) for e in examples]
   if all(e.rejected is not None for e in examples):
-    seqs += [(e.prompt, e.rejected) for e in examples]
+    seqs += [(list(e.prompt), list(e.rejected)) for e in examples]
   else:
-    seqs += [(e.prompt, examples[(i + 1) % b].chosen) for i, e in enumerate(examples)]
+    top = max(buckets)
+    seqs += [(list(e.prompt), list(examples[(i + 1) % b].chosen)[:max(top - len(e.prompt), 1)])
+             for i, e in enumerate(examples)]
   length = bucket_length(max(len(p) + len(c) for p, c in seqs), buckets)
   r = len(seqs)
   tokens = np.full((r, length), pad_id, np.int32)
@@ -310,6 +438,8 @@ def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
     loss_mask[i, len(p):n] = 1.0
     segment_ids[i, :n] = 1
     positions[i, :n] = np.arange(n)
+  if valid is not None and len(valid) != b:
+    raise ValueError(f"valid has {len(valid)} entries for {b} examples")
   return {
       "tokens": tokens, "positions": positions, "segment_ids": segment_ids,
       "loss_mask": loss_mask,
@@ -321,12 +451,20 @@ def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
 
 class Batches:
   """Batch `step` of an endless shuffled stream; a pure function of (seed, step), so a resumed
-  run sees exactly the batches an uninterrupted one would."""
+  run sees exactly the batches an uninterrupted one would. Epoch e is the permutation drawn
+  from (seed, e); batch `step` takes positions [step*B, (step+1)*B) of the concatenated epochs,
+  so every example appears once per epoch and a batch may straddle two epochs."""
 
   def __init__(self, examples: Sequence[Tokenized], batch_size: int, seed: int,
                buckets: Sequence[int], pad_id: int, shuffle: bool = True):
+    if batch_size < 1:
+      raise ValueError(f"config.batch_size={batch_size} must be >= 1")
     if batch_size > len(examples):
       raise ValueError(f"config.batch_size={batch_size} exceeds the {len(examples)} examples")
+    longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected or ())) for e in examples)
+    if longest > max(buckets):
+      raise ValueError(f"an example of {longest} tokens does not fit the largest bucket "
+                       f"{max(buckets)} of config.data.buckets={tuple(buckets)}")
     self.examples, self.batch_size = list(examples), batch_size
     self.seed, self.buckets, self.pad_id, self.shuffle = seed, tuple(buckets), pad_id, shuffle
     self._perms: dict[int, np.ndarray] = {}
@@ -339,7 +477,8 @@ class Batches:
       n = len(self.examples)
       # A batch spans at most two epochs: keep the newest two permutations.
       self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-      self._perms[epoch] = (np.random.default_rng([self.seed, epoch]).permutation(n)
+      seed = int(self.seed) & 0xFFFFFFFFFFFFFFFF   # default_rng rejects negative seeds
+      self._perms[epoch] = (np.random.default_rng([seed, epoch]).permutation(n)
                             if self.shuffle else np.arange(n))
     return self._perms[epoch]
 
@@ -358,6 +497,8 @@ class Batches:
 def eval_batches(examples: Sequence[Tokenized], batch_size: int, buckets: Sequence[int],
                  pad_id: int) -> Iterable[dict[str, np.ndarray]]:
   """Every example once, in order; the last batch is filled with invalid copies."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
     valid = [True] * len(chunk) + [False] * (batch_size - len(chunk))

@@ -1,0 +1,784 @@
+"""The data path (dpo_jax/data/preference.py): rows -> tokens -> masked, truncated, bucketed
+batches.
+
+Token ids are checked against constructions that do not go through preference.py: the byte
+tokenizer's ids are rebuilt from its vocabulary and the GPT-2 byte->unicode map, and a second
+word-level tokenizer (BOS inside its chat template, different specials) from its word list.
+"""
+import dataclasses
+import json
+import os
+import re
+
+import datasets
+import numpy as np
+import pytest
+import transformers
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from dpo_jax.data import preference as P
+from dpo_jax.data.tokenizer import byte_tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers and independent encoders
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ["hi", "hello", "there", "what", "is", "2", "+", "4", "5", "yes", "no", "the", "answer",
+         "be", "nice", "ok", "[", "]", "user", "assistant", "system", "tool", ":", "."]
+WORD_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+WORD_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + ' </s> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[assistant] ' }}{% endif %}")
+
+
+def word_tokenizer(eos=True):
+  vocab = {s: i for i, s in enumerate(WORD_SPECIALS + WORDS)}
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens(WORD_SPECIALS)
+  kw = dict(eos_token="</s>") if eos else {}
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", unk_token="<unk>",
+      chat_template=WORD_TEMPLATE, **kw)
+
+
+def word_ids(text):
+  """WordLevel + Whitespace pre-tokenizer, by hand: \\w+ or runs of other non-space chars."""
+  vocab = {s: i for i, s in enumerate(WORD_SPECIALS + WORDS)}
+  out = []
+  for piece in re.findall(r"<s>|</s>|<pad>|<unk>|\w+|[^\w\s]+", text):
+    out.append(vocab.get(piece, vocab["<unk>"]))
+  return out
+
+
+def _bytes_to_unicode():
+  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) +
+        list(range(ord("®"), ord("ÿ") + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, map(chr, cs)))
+
+
+B2U = _bytes_to_unicode()
+BYTE = byte_tokenizer()
+BYTE_VOCAB = BYTE.get_vocab()
+BOS, EOS, PAD = BYTE.bos_token_id, BYTE.eos_token_id, BYTE.pad_token_id
+
+
+def byte_ids(text):
+  """The byte tokenizer by hand: special tokens by name, every other UTF-8 byte one token."""
+  out = []
+  for piece in re.split(r"(<\|[a-z]+\|>)", text):
+    if piece in BYTE_VOCAB and piece.startswith("<|"):
+      out.append(BYTE_VOCAB[piece])
+    else:
+      out += [BYTE_VOCAB[B2U[b]] for b in piece.encode("utf-8")]
+  return out
+
+
+OPTS = P.TokenizeOptions(max_length=64, max_prompt_length=32)
+
+
+def tok1(row, tokenizer=BYTE, opts=OPTS):
+  (ex,), skipped = P.tokenize_rows([row], tokenizer, opts)
+  assert skipped == 0
+  return ex
+
+
+def write_jsonl(path, lines):
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  return str(path)
+
+
+def good(i=0):
+  return {"prompt": f"q{i} ", "chosen": f"good {i}", "rejected": f"bad {i}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Row formats and token-for-token construction
+# ---------------------------------------------------------------------------------------------
+
+
+def test_independent_encoders_agree_with_tokenizers():
+  for text in ["hello", "héllo wörld ✓ 😀", "a<|eos|>b", ""]:
+    assert byte_ids(text) == BYTE(text, add_special_tokens=False)["input_ids"]
+  tok = word_tokenizer()
+  for text in ["<s>[user] what is 2 + 2 </s> ", "zebra is nice."]:
+    assert word_ids(text) == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_string_row_tokens_and_loss_mask():
+  row = {"prompt": "Say é: ", "chosen": "yes ✓", "rejected": "no"}
+  ex = tok1(row)
+  assert ex.prompt == [BOS] + byte_ids("Say é: ")
+  assert ex.chosen == byte_ids("yes ✓") + [EOS]
+  assert ex.rejected == byte_ids("no") + [EOS]
+  assert ex.label == 1.0
+  batch = P.collate([ex], P.default_buckets(64), PAD)
+  for i, completion in enumerate([ex.chosen, ex.rejected]):
+    n = len(ex.prompt) + len(completion)
+    np.testing.assert_array_equal(batch["tokens"][i, :n], ex.prompt + completion)
+    # the loss mask covers exactly the completion, EOS included
+    np.testing.assert_array_equal(batch["tokens"][i][batch["loss_mask"][i] == 1], completion)
+    assert batch["loss_mask"][i].sum() == len(completion)
+    assert batch["loss_mask"][i, :len(ex.prompt)].sum() == 0
+
+
+def test_add_bos_false_and_no_eos_tokenizer():
+  ex = tok1(good(), opts=P.TokenizeOptions(64, 32, add_bos=False))
+  assert ex.prompt == byte_ids("q0 ")
+  tok = word_tokenizer(eos=False)
+  ex = tok1({"prompt": "what is 2", "chosen": "yes", "rejected": "no"}, tok)
+  assert ex.prompt == [tok.bos_token_id] + word_ids("what is 2")
+  assert ex.chosen == word_ids("yes") and ex.rejected == word_ids("no")
+
+
+def test_conversational_row_byte_template():
+  row = {"prompt": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
+         "chosen": [{"role": "assistant", "content": "hello ✓"}],
+         "rejected": [{"role": "assistant", "content": "no"}]}
+  ex = tok1(row)
+  assert ex.prompt == byte_ids("<|system|>be nice<|eos|><|user|>hi<|eos|><|assistant|>")
+  # the completion is the full render minus the prompt render (which ends with the generation
+  # prompt '<|assistant|>', so the completion starts at the assistant's content)
+  assert ex.chosen == byte_ids("hello ✓<|eos|>")
+  assert ex.rejected == byte_ids("no<|eos|>")
+  full = BYTE.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
+  assert ex.prompt + ex.chosen == BYTE(full, add_special_tokens=False)["input_ids"]
+
+
+def test_conversational_row_template_with_bos():
+  tok = word_tokenizer()
+  row = {"prompt": [{"role": "user", "content": "what is 2 + 2"}],
+         "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]}
+  ex = tok1(row, tok)
+  # the template's BOS, once; add_bos does not add a second one to a chat render
+  assert ex.prompt == word_ids("<s>[user] what is 2 + 2 </s> [assistant] ")
+  assert ex.prompt.count(tok.bos_token_id) == 1
+  assert ex.chosen == word_ids("4 </s> ")
+  assert ex.rejected == word_ids("5 </s> ")
+
+
+def test_conversational_multi_turn_completion():
+  row = {"prompt": [{"role": "user", "content": "hi"}],
+         "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"}],
+         "rejected": [{"role": "assistant", "content": "x"}]}
+  ex = tok1(row)
+  assert ex.chosen == byte_ids("a<|eos|><|user|>b<|eos|><|assistant|>c<|eos|>")
+
+
+def test_implicit_prompt_strings():
+  r = P.normalize({"chosen": "The answer is 4", "rejected": "The answer is 5"}, "w")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("The answer is ", "4", "5")
+  # cut back to a whitespace boundary: no word is split
+  r = P.normalize({"chosen": "I like apples", "rejected": "I like apricots"}, "w")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("I like ", "apples", "apricots")
+  r = P.normalize({"chosen": "Q: hi\nA: yes", "rejected": "Q: hi\nA: yes please"}, "w")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("Q: hi\nA: ", "yes", "yes please")
+  # prompt: null (a datasets column) is the implicit format too
+  r = P.normalize({"prompt": None, "chosen": "a b", "rejected": "a c"}, "w")
+  assert r["prompt"] == "a "
+  with pytest.raises(P.DataError, match=r"w: field 'prompt' is missing.*no common prefix"):
+    P.normalize({"chosen": "abc", "rejected": "abd"}, "w")
+  ex = tok1({"chosen": "The answer is 4", "rejected": "The answer is 5"})
+  assert ex.prompt == [BOS] + byte_ids("The answer is ")
+  assert ex.chosen == byte_ids("4") + [EOS]
+
+
+def test_implicit_prompt_messages():
+  u1, a1 = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+  u2 = {"role": "user", "content": "2+2?"}
+  c, r_ = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
+  r = P.normalize({"chosen": [u1, a1, u2, c], "rejected": [u1, a1, u2, r_]}, "w")
+  assert r["conversational"]
+  assert r["prompt"] == [u1, a1, u2] and r["chosen"] == [c] and r["rejected"] == [r_]
+  ex = tok1({"chosen": [u1, a1, u2, c], "rejected": [u1, a1, u2, r_]})
+  explicit = tok1({"prompt": [u1, a1, u2], "chosen": [c], "rejected": [r_]})
+  assert ex == explicit
+  # the shared messages ending with the assistant is a prompt ending with the assistant
+  with pytest.raises(P.DataError, match="last prompt message is from the assistant"):
+    P.normalize({"chosen": [u1, a1, {"role": "user", "content": "x"}, c],
+                 "rejected": [u1, a1, u2, r_]}, "w")
+
+
+def test_unpaired_rows():
+  rows = [{"prompt": "p0 ", "completion": "yes", "label": True},
+          {"prompt": "p1 ", "completion": "no", "label": False},
+          {"prompt": [{"role": "user", "content": "hi"}],
+           "completion": [{"role": "assistant", "content": "ok"}], "label": np.bool_(True)}]
+  exs, _ = P.tokenize_rows(rows, BYTE, OPTS)
+  assert [e.label for e in exs] == [1.0, 0.0, 1.0]
+  assert all(e.rejected is None for e in exs)
+  assert exs[0].prompt == [BOS] + byte_ids("p0 ") and exs[0].chosen == byte_ids("yes") + [EOS]
+  assert exs[2].chosen == byte_ids("ok<|eos|>")
+
+
+def test_paired_and_unpaired_rows_do_not_mix(tmp_path):
+  rows = [good(0), {"prompt": "p", "completion": "c", "label": True}, good(1)]
+  with pytest.raises(P.DataError, match=r"<rows>: row 2: a unpaired.*data set of paired"):
+    P.tokenize_rows(rows, BYTE, OPTS)
+  exs, skipped = P.tokenize_rows(rows, BYTE, OPTS, on_error="skip")
+  assert skipped == 1 and len(exs) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+ROWS = [good(i) for i in range(5)]
+
+
+def _same(rows):
+  return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == ROWS
+
+
+def test_source_jsonl_and_json(tmp_path):
+  path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in ROWS])
+  name, rows = P.load_rows(path)
+  assert name == path and _same(rows)
+  # .json holding JSON lines, and .json holding one array; a UTF-8 BOM is tolerated
+  path = write_jsonl(tmp_path / "d.json", [json.dumps(r) for r in ROWS])
+  assert _same(P.load_rows(path)[1])
+  (tmp_path / "a.json").write_text("\ufeff" + json.dumps(ROWS, indent=2), encoding="utf-8")
+  assert _same(P.load_rows(str(tmp_path / "a.json"))[1])
+  # unicode is read as UTF-8 whatever the locale
+  path = write_jsonl(tmp_path / "u.jsonl", [json.dumps({"prompt": "ü ", "chosen": "✓",
+                                                         "rejected": "✗"}, ensure_ascii=False)])
+  assert P.load_rows(path)[1][0]["chosen"] == "✓"
+  # only \n ends a line (JSON strings may hold U+2028 and other unicode line breaks raw)
+  path = write_jsonl(tmp_path / "v.jsonl", [json.dumps(good(0)), json.dumps(
+      {"prompt": "a\u2028b\x1c ", "chosen": "c", "rejected": "d"}, ensure_ascii=False), "{"])
+  source, rows = P.load_rows(path)
+  assert rows[1]["prompt"] == "a\u2028b\x1c "
+  with pytest.raises(P.DataError, match=r"row 3: invalid JSON"):
+    P.tokenize_rows(rows, BYTE, OPTS, source)
+
+
+def test_source_dataset_objects(tmp_path):
+  ds = datasets.Dataset.from_list(ROWS)
+  name, rows = P.load_rows(ds)
+  assert name == "<dataset>" and _same(rows)
+  dd = datasets.DatasetDict(train=ds, test=datasets.Dataset.from_list(ROWS[:2]))
+  name, rows = P.load_rows(dd, "test")
+  assert name == "<dataset>[test]" and len(rows) == 2
+  with pytest.raises(P.DataError, match=r"no split 'validation'; splits are \['train', 'test'\]"):
+    P.load_rows(dd, "validation")
+  name, rows = P.load_rows(ROWS)
+  assert name == "<rows>" and rows == ROWS
+
+
+def test_source_save_to_disk(tmp_path):
+  ds = datasets.Dataset.from_list(ROWS)
+  ds.save_to_disk(str(tmp_path / "ds"))
+  assert _same(P.load_rows(tmp_path / "ds")[1])   # os.PathLike too
+  datasets.DatasetDict(train=ds, test=ds.select([0])).save_to_disk(str(tmp_path / "dd"))
+  name, rows = P.load_rows(str(tmp_path / "dd"), "test")
+  assert name.endswith("dd[test]") and len(rows) == 1
+  assert _same(P.load_rows(str(tmp_path / "dd"))[1])
+  with pytest.raises(P.DataError, match="no split 'nope'"):
+    P.load_rows(str(tmp_path / "dd"), "nope")
+
+
+def test_source_load_dataset_directory(tmp_path, monkeypatch):
+  """A directory of data files goes through datasets.load_dataset (offline, local)."""
+  assert os.environ.get("HF_DATASETS_OFFLINE") == "1"
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+  (tmp_path / "data").mkdir()
+  write_jsonl(tmp_path / "data" / "train.jsonl", [json.dumps(r) for r in ROWS])
+  write_jsonl(tmp_path / "data" / "test.jsonl", [json.dumps(r) for r in ROWS[:3]])
+  name, rows = P.load_rows(str(tmp_path / "data"))
+  assert _same(rows)
+  assert len(P.load_rows(str(tmp_path / "data"), "test")[1]) == 3
+  datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+  assert _same(P.load_rows(str(tmp_path / "d.parquet"))[1])
+
+
+def test_dataset_conversational_rows():
+  """datasets unifies message structs (absent keys become None); rendering ignores those."""
+  rows = [{"prompt": [{"role": "user", "content": "hi", "name": "bob"}],
+           "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]},
+          {"prompt": [{"role": "user", "content": "hi"}],
+           "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}]
+  _, loaded = P.load_rows(datasets.Dataset.from_list(rows))
+  assert loaded[1]["prompt"][0]["name"] is None
+  exs, _ = P.tokenize_rows(loaded, BYTE, OPTS)
+  assert exs[0] == exs[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation
+# ---------------------------------------------------------------------------------------------
+
+
+def _lens(prompt_len, completion_len, **kw):
+  """A string row whose prompt has prompt_len tokens (BOS included) and completion
+  completion_len tokens (EOS included) under the byte tokenizer."""
+  return {"prompt": "p" * (prompt_len - 1), "chosen": "c" * (completion_len - 1),
+          "rejected": "r" * (completion_len - 1)}
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_prompt_truncation_boundaries(mode):
+  opts = P.TokenizeOptions(max_length=20, max_prompt_length=8, truncation_mode=mode)
+  full = [BOS] + byte_ids("0123456")   # 8 tokens: exactly the limit, kept whole
+  ex = tok1({"prompt": "0123456", "chosen": "a", "rejected": "b"}, opts=opts)
+  assert ex.prompt == full
+  ex = tok1({"prompt": "01234567", "chosen": "a", "rejected": "b"}, opts=opts)   # one over
+  full = [BOS] + byte_ids("01234567")
+  assert ex.prompt == (full[-8:] if mode == "keep_end" else full[:8])
+  assert ex.prompt == (byte_ids("01234567") if mode == "keep_end" else full[:8])
+  ex = tok1({"prompt": "0123456789" * 3, "chosen": "a", "rejected": "b"}, opts=opts)
+  full = [BOS] + byte_ids("0123456789" * 3)
+  assert ex.prompt == (full[-8:] if mode == "keep_end" else full[:8])
+  assert ex.chosen == byte_ids("a") + [EOS]
+
+
+def test_completion_truncation_boundaries():
+  opts = P.TokenizeOptions(max_length=20, max_prompt_length=8)
+  # prompt 8 tokens -> room 12: a 12-token completion (EOS included) fits exactly
+  ex = tok1(_lens(8, 12), opts=opts)
+  assert len(ex.prompt) + len(ex.chosen) == 20 and ex.chosen[-1] == EOS
+  # one over: cut at the end (the EOS goes)
+  ex = tok1(_lens(8, 13), opts=opts)
+  assert ex.chosen == byte_ids("c" * 12) and ex.rejected == byte_ids("r" * 12)
+  # a truncated prompt leaves room computed from its truncated length
+  ex = tok1(_lens(30, 30), opts=opts)
+  assert len(ex.prompt) == 8 and len(ex.chosen) == 12
+  # chosen and rejected are cut independently
+  ex = tok1({"prompt": "p" * 7, "chosen": "c" * 3, "rejected": "r" * 40}, opts=opts)
+  assert ex.chosen == byte_ids("ccc") + [EOS] and ex.rejected == byte_ids("r" * 12)
+  for e in [ex]:
+    assert len(e.prompt) + max(len(e.chosen), len(e.rejected)) <= opts.max_length
+
+
+def test_truncate_function_and_no_completion_left():
+  opts = P.TokenizeOptions(max_length=6, max_prompt_length=3)
+  assert P.truncate([1, 2, 3, 4], [5, 6, 7, 8], opts, "w", "chosen") == ([2, 3, 4], [5, 6, 7])
+  keep_start = P.TokenizeOptions(6, 3, "keep_start")
+  assert P.truncate([1, 2, 3, 4], [5], keep_start, "w", "chosen") == ([1, 2, 3], [5])
+  with pytest.raises(P.DataError, match=r"w: field 'rejected': no completion token fits"):
+    P.truncate([1, 2], [], opts, "w", "rejected")
+  with pytest.raises(P.DataError, match=r"w: field 'chosen': no completion token fits"):
+    P.truncate([1, 2, 3, 4], [5], P.TokenizeOptions(4, 4), "w", "chosen")
+  # a completion that tokenises to nothing (no EOS to append) is a row error naming the field
+  tok = word_tokenizer(eos=False)
+  rows = [{"prompt": "hi", "chosen": "yes", "rejected": "no"},
+          {"prompt": "hi", "chosen": "yes", "rejected": "   "}]
+  with pytest.raises(P.DataError, match=r"src: row 2: field 'rejected': no completion token"):
+    P.tokenize_rows(rows, tok, OPTS, "src")
+
+
+def test_bad_options():
+  with pytest.raises(ValueError, match="max_prompt_length=64 must be smaller"):
+    P.tokenize_rows([good()], BYTE, P.TokenizeOptions(64, 64))
+  with pytest.raises(ValueError, match="max_prompt_length=0 must be >= 1"):
+    P.tokenize_rows([good()], BYTE, P.TokenizeOptions(64, 0))
+  with pytest.raises(ValueError, match="truncation_mode"):   # even when nothing is truncated
+    P.tokenize_rows([good()], BYTE, P.TokenizeOptions(64, 32, "keep_middle"))
+  with pytest.raises(ValueError, match="on_error"):
+    P.tokenize_rows([good()], BYTE, OPTS, on_error="ignore")
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets and collate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_buckets():
+  assert P.default_buckets(1024) == (32, 64, 128, 256, 512, 1024)
+  assert P.default_buckets(128) == (32, 64, 128)
+  assert P.default_buckets(100) == (32, 64, 100)
+  assert P.default_buckets(32) == (32,)
+  assert P.default_buckets(20) == (20,)
+  assert P.default_buckets(100, smallest=8) == (8, 16, 32, 64, 100)
+  assert P.bucket_length(1, (32, 64)) == 32
+  assert P.bucket_length(32, (32, 64)) == 32
+  assert P.bucket_length(33, (32, 64)) == 64
+  assert P.bucket_length(33, (64, 48, 32)) == 48   # config order does not matter
+  with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
+    P.bucket_length(65, (32, 64))
+
+
+def _ex(p, c, r=None, label=1.0):
+  return P.Tokenized(list(p), list(c), None if r is None else list(r), label)
+
+
+def test_collate_layout():
+  exs = [_ex([1, 2], [3], [4, 5]), _ex([6], [7, 8, 9, 16], [10]), _ex([11, 12, 13], [14], [15])]
+  b = P.collate(exs, (4, 8), pad_id=0, valid=[True, True, False])
+  assert b["tokens"].shape == (6, 8)   # the longest sequence has 5 tokens
+  seqs = [e.prompt + e.chosen for e in exs] + [e.prompt + e.rejected for e in exs]
+  plens = [len(e.prompt) for e in exs] * 2
+  for i, (s, pl) in enumerate(zip(seqs, plens)):
+    n = len(s)
+    np.testing.assert_array_equal(b["tokens"][i, :n], s)
+    np.testing.assert_array_equal(b["tokens"][i, n:], 0)
+    np.testing.assert_array_equal(b["positions"][i, :n], np.arange(n))
+    np.testing.assert_array_equal(b["positions"][i, n:], 0)
+    np.testing.assert_array_equal(b["segment_ids"][i], [1] * n + [0] * (8 - n))
+    np.testing.assert_array_equal(b["loss_mask"][i], [0] * pl + [1] * (n - pl) + [0] * (8 - n))
+    np.testing.assert_array_equal(b["seq_index"][i], i)
+  np.testing.assert_array_equal(b["valid"], [1, 1, 0])
+  np.testing.assert_array_equal(b["label"], [1, 1, 1])
+  assert b["tokens"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
+  assert b["valid"].shape == b["label"].shape == (3,)
+
+
+def test_collate_bucket_choice():
+  assert P.collate([_ex([1] * 4, [2] * 4, [3])], (4, 8, 16), 0)["tokens"].shape == (2, 8)
+  assert P.collate([_ex([1] * 4, [2] * 5, [3])], (4, 8, 16), 0)["tokens"].shape == (2, 16)
+  assert P.collate([_ex([1], [2], [3, 3, 3])], (4, 8, 16), 0)["tokens"].shape == (2, 4)
+
+
+def test_collate_unpaired_mismatched_half():
+  exs = [_ex([1], [10, 11], label=1.0), _ex([2, 2], [20], label=0.0), _ex([3], [30], label=1.0)]
+  b = P.collate(exs, (8,), pad_id=9)
+  for i in range(3):
+    mismatched = exs[i].prompt + exs[(i + 1) % 3].chosen
+    n = len(mismatched)
+    np.testing.assert_array_equal(b["tokens"][3 + i, :n], mismatched)
+    assert b["loss_mask"][3 + i].sum() == len(exs[(i + 1) % 3].chosen)
+  np.testing.assert_array_equal(b["label"], [1, 0, 1])
+
+
+def test_collate_unpaired_mismatched_fits_largest_bucket():
+  """x_i + y_{i+1} can exceed max_length when prompt_i is longer than prompt_{i+1}."""
+  exs = [_ex([1] * 10, [2] * 2), _ex([3] * 2, [4] * 10)]   # each 12 = max_length
+  b = P.collate(exs, (8, 12), pad_id=0)
+  assert b["tokens"].shape == (4, 12)
+  np.testing.assert_array_equal(b["tokens"][2], [1] * 10 + [4] * 2)
+  assert b["loss_mask"][2].sum() == 2
+
+
+def _random_examples(rng, n, max_length=64, max_prompt=24, paired=True):
+  """Lengths spread over the buckets: each example's total is at most one of a few sizes."""
+  exs = []
+  for _ in range(n):
+    total = int(rng.choice([6, 14, 30, max_length]))
+    p = int(rng.integers(1, min(max_prompt, total - 1) + 1))
+    c, r = rng.integers(1, total - p + 1, size=2)
+    exs.append(_ex(rng.integers(3, 200, p), rng.integers(3, 200, c),
+                   rng.integers(3, 200, r) if paired else None,
+                   1.0 if paired else float(rng.integers(0, 2))))
+  return exs
+
+
+def _check_batch(batch, buckets, pad_id, b):
+  r, length = batch["tokens"].shape
+  assert r == 2 * b and length in buckets
+  for key in ("tokens", "positions", "segment_ids", "loss_mask", "seq_index"):
+    assert batch[key].shape == (r, length)
+  pad = batch["segment_ids"] == 0
+  assert (batch["loss_mask"][pad] == 0).all()
+  assert (batch["tokens"][pad] == pad_id).all()
+  assert (batch["loss_mask"] <= batch["segment_ids"]).all()
+  assert (batch["loss_mask"].sum(1) >= 1).all()
+  n = batch["segment_ids"].sum(1)
+  for i in range(r):   # real tokens first, then padding; positions count the real ones
+    assert (batch["segment_ids"][i, :n[i]] == 1).all()
+    np.testing.assert_array_equal(batch["positions"][i, :n[i]], np.arange(n[i]))
+  np.testing.assert_array_equal(batch["seq_index"], np.arange(r)[:, None].repeat(length, 1))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_batches_shapes_are_buckets(paired):
+  rng = np.random.default_rng(0)
+  buckets = P.default_buckets(64, smallest=8)
+  exs = _random_examples(rng, 40, paired=paired)
+  data = P.Batches(exs, 2, seed=1, buckets=buckets, pad_id=PAD)
+  shapes = set()
+  for step in range(150):
+    batch = data(step)
+    _check_batch(batch, buckets, PAD, 2)
+    shapes.add(batch["tokens"].shape)
+  assert {s[1] for s in shapes} <= set(buckets)
+  assert len(shapes) <= len(buckets) and len(shapes) >= 2
+
+
+def test_batches_reject_examples_beyond_largest_bucket():
+  with pytest.raises(ValueError, match="does not fit the largest bucket 8"):
+    P.Batches([_ex([1] * 5, [2] * 5, [3])], 1, 0, (4, 8), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: determinism, epochs; eval batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _tagged(n):
+  """Examples whose first prompt token is their index."""
+  return [_ex([i], [1000 + i], [2000 + i]) for i in range(n)]
+
+
+def test_batches_pure_function_of_seed_and_step():
+  exs = _tagged(10)
+  a = P.Batches(exs, 3, seed=7, buckets=(4,), pad_id=0)
+  b = P.Batches(exs, 3, seed=7, buckets=(4,), pad_id=0)
+  forward = [a(s)["tokens"] for s in range(12)]
+  for s in [11, 3, 0, 7, 7, 5, 11]:   # any access order, e.g. after a resume
+    np.testing.assert_array_equal(b(s)["tokens"], forward[s])
+  assert a.indices(20) == P.Batches(exs, 3, seed=7, buckets=(4,), pad_id=0).indices(20)
+  c = P.Batches(exs, 3, seed=8, buckets=(4,), pad_id=0)
+  assert [a.indices(s) for s in range(4)] != [c.indices(s) for s in range(4)]
+  assert P.Batches(exs, 3, 0, (4,), 0, shuffle=False).indices(3) == [9, 0, 1]
+  # the chosen row of each pair carries the example: tokens[i, 0] is its index
+  np.testing.assert_array_equal(a(2)["tokens"][:3, 0], a.indices(2))
+  np.testing.assert_array_equal(a(2)["tokens"][3:, 1], np.array(a.indices(2)) + 2000)
+
+
+@pytest.mark.parametrize("n,bs", [(10, 3), (7, 7), (9, 4), (5, 1)])
+def test_batches_every_example_once_per_epoch(n, bs):
+  data = P.Batches(_tagged(n), bs, seed=3, buckets=(4,), pad_id=0)
+  n_epochs = 4
+  steps = -(-n * n_epochs // bs) + 1
+  stream = [i for s in range(steps) for i in data.indices(s)]
+  epochs = [stream[e * n:(e + 1) * n] for e in range(n_epochs)]
+  for e in epochs:
+    assert sorted(e) == list(range(n))
+  if n > 2:
+    assert len({tuple(e) for e in epochs}) > 1   # reshuffled each epoch
+  assert data.epoch(steps) == steps * bs / n
+
+
+def test_batches_epoch_boundary_inside_batch():
+  n, bs = 10, 4
+  data = P.Batches(_tagged(n), bs, seed=0, buckets=(4,), pad_id=0)
+  e0 = np.random.default_rng([0, 0]).permutation(n)
+  e1 = np.random.default_rng([0, 1]).permutation(n)
+  assert data.indices(2) == [int(e0[8]), int(e0[9]), int(e1[0]), int(e1[1])]
+  fresh = P.Batches(_tagged(n), bs, seed=0, buckets=(4,), pad_id=0)
+  assert fresh.indices(2) == data.indices(2)   # no history needed
+
+
+def test_batches_errors():
+  with pytest.raises(ValueError, match="batch_size=4 exceeds the 3 examples"):
+    P.Batches(_tagged(3), 4, 0, (4,), 0)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    P.Batches(_tagged(3), 0, 0, (4,), 0)
+
+
+@pytest.mark.parametrize("n,bs", [(7, 3), (6, 3), (1, 4), (5, 8)])
+def test_eval_batches_cover_every_example_once(n, bs):
+  exs = _tagged(n)
+  batches = list(P.eval_batches(exs, bs, (4,), pad_id=0))
+  assert len(batches) == -(-n // bs)
+  seen = []
+  for b in batches:
+    assert b["valid"].shape == (bs,) and b["tokens"].shape == (2 * bs, 4)
+    seen += [int(t) for t, v in zip(b["tokens"][:bs, 0], b["valid"]) if v]
+  assert seen == list(range(n))
+  valid = np.concatenate([b["valid"] for b in batches])
+  np.testing.assert_array_equal(valid, [1] * n + [0] * (len(batches) * bs - n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: source, row number, field
+# ---------------------------------------------------------------------------------------------
+
+MSG = lambda role, content: {"role": role, "content": content}   # noqa: E731
+CHAT_OK = {"prompt": [MSG("user", "hi")], "chosen": [MSG("assistant", "a")],
+           "rejected": [MSG("assistant", "b")]}
+
+BAD_ROWS = {
+    "empty_prompt": ({"chosen": "a", "rejected": "a b", "prompt": ""},
+        r"field 'prompt' is missing or empty"),
+    "missing_prompt": ({"completion": "c", "label": True}, r"field 'prompt' is missing or empty"),
+    "empty_chat_prompt": ({**CHAT_OK, "prompt": []}, r"field 'prompt' is missing or empty"),
+    "missing_chosen": ({"prompt": "p", "rejected": "b"}, r"field 'chosen' is missing or empty"),
+    "empty_rejected": ({"prompt": "p", "chosen": "a", "rejected": ""},
+        r"field 'rejected' is missing or empty"),
+    "null_chosen": ({"prompt": "p", "chosen": None, "rejected": "b"}, r"field 'chosen' is missing"),
+    "int_prompt": ({"prompt": 5, "chosen": "a", "rejected": "b"},
+        r"field 'prompt' must be a string or a list of messages.*got int"),
+    "int_chosen": ({"prompt": "p", "chosen": 5, "rejected": "b"},
+        r"field 'chosen' must be a string, got int"),
+    "list_rejected_for_string_prompt": ({"prompt": "p", "chosen": "a", "rejected": ["b"]},
+        r"field 'rejected' must be a string, got list"),
+    "string_chosen_for_chat_prompt": ({**CHAT_OK, "chosen": "a"},
+        r"field 'chosen' must be a list of messages"),
+    "dict_prompt": ({"prompt": {"a": 1}, "chosen": "a", "rejected": "b"},
+        r"field 'prompt' must be a string or a list"),
+    "bad_role": ({**CHAT_OK, "prompt": [MSG("bot", "hi")]},
+        r"field 'prompt' message 0: bad role 'bot'"),
+    "missing_role": ({**CHAT_OK, "chosen": [{"content": "a"}]},
+        r"field 'chosen' message 0: bad role None"),
+    "content_not_string": ({**CHAT_OK, "rejected": [MSG("assistant", 3)]},
+        r"field 'rejected' message 0: content must be a string"),
+    "message_not_object": ({**CHAT_OK, "prompt": ["hi"]},
+        r"field 'prompt' must be a list of messages"),
+    "system_not_first": ({**CHAT_OK, "prompt": [MSG("user", "hi"), MSG("system", "s"),
+                                                 MSG("user", "x")]},
+        r"field 'prompt': a system message may only come first"),
+    "system_in_completion": ({**CHAT_OK, "chosen": [MSG("system", "s")]},
+        r"field 'chosen': a system message may only come first"),
+    "prompt_ends_with_assistant": ({**CHAT_OK, "prompt": [MSG("user", "hi"),
+                                                           MSG("assistant", "x")]},
+        r"field 'prompt': the last prompt message is from the assistant"),
+    "completion_starts_with_user": ({**CHAT_OK, "rejected": [MSG("user", "b")]},
+        r"field 'rejected': the completion must start with an assistant"),
+    "identical": ({"prompt": "p", "chosen": "same", "rejected": "same"},
+        r"fields 'chosen' and 'rejected' are identical"),
+    "identical_implicit": ({"chosen": "same", "rejected": "same"},
+        r"fields 'chosen' and 'rejected' are identical"),
+    "identical_chat": ({**CHAT_OK, "rejected": CHAT_OK["chosen"]},
+        r"fields 'chosen' and 'rejected' are identical"),
+    "label_not_bool": ({"prompt": "p", "completion": "c", "label": 1},
+        r"field 'label' must be a boolean, got 1"),
+    "label_string": ({"prompt": "p", "completion": "c", "label": "true"},
+        r"field 'label' must be a boolean, got 'true'"),
+    "label_missing": ({"prompt": "p", "completion": "c"},
+        r"field 'label' must be a boolean, got None"),
+    "completion_empty": ({"prompt": "p", "completion": "", "label": True},
+        r"field 'completion' is missing or empty"),
+    "lone_surrogate": ({"prompt": "p", "chosen": "a\ud800", "rejected": "b"},
+        r"field 'chosen' is not valid unicode"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_bad_row_jsonl_line_numbers(tmp_path, case):
+  row, pattern = BAD_ROWS[case]
+  # line 1 good, line 2 blank, line 3 good, line 4 whitespace only, line 5 bad, line 6 good
+  path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(good(0)), "", json.dumps(good(1)), "  ",
+                                            json.dumps(row), json.dumps(good(2))])
+  source, rows = P.load_rows(path)
+  assert len(rows) == 4
+  with pytest.raises(P.DataError) as e:
+    P.tokenize_rows(rows, BYTE, OPTS, source)
+  assert str(e.value).startswith(f"{path}: row 5: "), str(e.value)
+  assert e.value.args[0] == str(e.value)
+  assert re.search(pattern, str(e.value)), str(e.value)
+  exs, skipped = P.tokenize_rows(rows, BYTE, OPTS, source, on_error="skip")
+  assert skipped == 1 and len(exs) == 3
+  # in a list of rows, or a datasets.Dataset-like list, the number is the index + 1
+  with pytest.raises(P.DataError, match=r"^src: row 2: "):
+    P.tokenize_rows([good(0), row], BYTE, OPTS, "src")
+
+
+@pytest.mark.parametrize("line,pattern", [
+    ('{"prompt": "p", "chosen": "a"', r"invalid JSON"),
+    ("{'prompt': 'p'}", r"invalid JSON"),
+    ('["p", "a", "b"]', r"expected a JSON object, got list"),
+    ('"just a string"', r"expected a JSON object, got str"),
+    ("42", r"expected a JSON object, got int"),
+    ("null", r"expected a JSON object, got NoneType"),
+])
+def test_unreadable_jsonl_lines(tmp_path, line, pattern):
+  path = write_jsonl(tmp_path / "d.jsonl", ["", json.dumps(good(0)), line, json.dumps(good(1))])
+  source, rows = P.load_rows(path)   # per-row problems surface in tokenize_rows
+  with pytest.raises(P.DataError, match=rf"^{path}: row 3: {pattern}"):
+    P.tokenize_rows(rows, BYTE, OPTS, source)
+  exs, skipped = P.tokenize_rows(rows, BYTE, OPTS, source, on_error="skip")
+  assert skipped == 1 and len(exs) == 2
+
+
+def test_row_not_an_object_in_list():
+  with pytest.raises(P.DataError, match=r"^<rows>: row 2: expected an object.*got str"):
+    P.tokenize_rows([good(), "not a row"], BYTE, OPTS, "<rows>")
+  with pytest.raises(P.DataError, match=r"^where: expected an object"):
+    P.normalize(["a"], "where")
+
+
+def test_skip_counts_and_all_bad(tmp_path):
+  lines = [json.dumps(good(0)), "{bad", json.dumps(BAD_ROWS["identical"][0]), "",
+           json.dumps(good(1)), json.dumps(BAD_ROWS["label_not_bool"][0]), "[]"]
+  source, rows = P.load_rows(write_jsonl(tmp_path / "d.jsonl", lines))
+  exs, skipped = P.tokenize_rows(rows, BYTE, OPTS, source, on_error="skip")
+  assert skipped == 4 and [e.chosen for e in exs] == [byte_ids("good 0") + [EOS],
+                                                      byte_ids("good 1") + [EOS]]
+  with pytest.raises(P.DataError, match=r"no usable rows \(2 skipped\)"):
+    P.tokenize_rows([{}, []], BYTE, OPTS, on_error="skip")
+  with pytest.raises(P.DataError, match=r"no usable rows \(0 skipped\)"):
+    P.tokenize_rows([], BYTE, OPTS)
+
+
+def test_template_failure_is_a_row_error():
+  tok = word_tokenizer()
+  tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+                       "{{ raise_exception('no tools') }}{% endif %}{{ m['content'] }}"
+                       "{% endfor %}")
+  row = {**CHAT_OK, "prompt": [MSG("user", "hi"), MSG("tool", "x")]}
+  with pytest.raises(P.DataError, match=r"^s: row 1: cannot tokenise: .*no tools"):
+    P.tokenize_rows([row], tok, OPTS, "s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: any JSON-like row is either a valid batch or a DataError
+# ---------------------------------------------------------------------------------------------
+
+_text = st.one_of(st.text(max_size=12), st.sampled_from(["", " ", "hi there", "<|eos|>", "\x00",
+                                                         "😀 é", "\ud800", "answer is 4"]))
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True), _text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.sampled_from(["role", "content", "x"]), inner,
+                                            max_size=3)),
+    max_leaves=6)
+_message = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(P.ROLES), _json), "content": st.one_of(_text, _json)})
+_messages = st.lists(st.one_of(_message, _json), max_size=3)
+_value = st.one_of(_text, _messages, _json)
+_chat = lambda role: st.lists(st.fixed_dictionaries(   # noqa: E731
+    {"role": st.sampled_from([role, role, "user", "system"]), "content": _text}),
+    min_size=1, max_size=2)
+_row = st.one_of(
+    st.fixed_dictionaries({"prompt": _text, "chosen": _text, "rejected": _text}),
+    st.fixed_dictionaries({"prompt": _chat("user"), "chosen": _chat("assistant"),
+                           "rejected": _chat("assistant")}),
+    st.fixed_dictionaries({"prompt": _text, "completion": _text, "label": st.booleans()}),
+    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "completion", "label"]),
+                    st.one_of(_value, st.booleans()), max_size=5),
+    st.fixed_dictionaries({"prompt": _value, "chosen": _value, "rejected": _value}),
+    st.fixed_dictionaries({"chosen": _value, "rejected": _value}),
+    st.fixed_dictionaries({"prompt": _value, "completion": _value,
+                           "label": st.one_of(st.booleans(), _json)}),
+    _json)
+FUZZ_OPTS = P.TokenizeOptions(max_length=24, max_prompt_length=10)
+FUZZ_BUCKETS = P.default_buckets(24, smallest=8)
+WORD = word_tokenizer()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.lists(_row, min_size=1, max_size=3), word=st.booleans(),
+       mode=st.sampled_from(["keep_end", "keep_start"]), skip=st.booleans())
+def test_fuzz_rows_give_a_valid_batch_or_a_data_error(rows, word, mode, skip):
+  tok = WORD if word else BYTE
+  opts = dataclasses.replace(FUZZ_OPTS, truncation_mode=mode)
+  for row in rows:   # normalize alone: a dict or a DataError
+    try:
+      r = P.normalize(row, "fuzz")
+    except P.DataError as e:
+      assert str(e).startswith("fuzz: ")
+    else:
+      assert set(r) == {"prompt", "chosen", "rejected", "label", "conversational"}
+  try:
+    exs, skipped = P.tokenize_rows(rows, tok, opts, "fuzz", "skip" if skip else "fail")
+  except P.DataError as e:
+    assert str(e).startswith("fuzz")
+    event("DataError")
+    return
+  event("batch")
+  assert len(exs) + skipped == len(rows)
+  for e in exs:
+    assert 1 <= len(e.prompt) <= opts.max_prompt_length
+    for c in (e.chosen, e.rejected or [1]):
+      assert 1 <= len(c) and len(e.prompt) + len(c) <= opts.max_length
+    assert all(isinstance(t, int) and 0 <= t < len(tok) for t in e.prompt + e.chosen)
+  batch = P.collate(exs, FUZZ_BUCKETS, tok.pad_token_id)
+  _check_batch(batch, FUZZ_BUCKETS, tok.pad_token_id, len(exs))
+  assert (batch["segment_ids"].sum(1) <= opts.max_length).all()
+  for v in batch.values():
+    assert np.isfinite(v).all()
+  assert set(np.unique(batch["label"])) <= {0.0, 1.0}
