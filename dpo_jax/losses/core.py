@@ -10,18 +10,26 @@ is the one place that averages. Registration records what the step must provide:
   needs_ref:   the loss reads ref_chosen / ref_rejected (False lets reference='none' skip the
                reference forward entirely).
   unpaired:    rows are {prompt, completion, label} (KTO, BCO, NPO) instead of pairs.
-  token_stats: per-token statistics beyond log-probs (e.g. "lse2" for WPO).
+  token_stats: per-token statistics beyond log-probs the step must compute into logps.extra
+               ("logsumsq" for WPO: extra["policy_{chosen,rejected}_logsumsq"] [B, T] =
+               log Σ_v p_v²; "ref_entropy" for Mallows: extra["ref_entropy"] [B]).
   needs_tokens: the loss reads the per-token fields (policy_chosen_tokens, ...; LD, WPO).
   extra_keys:  keys of `logps.extra` the loss reads (teacher log-probs, WPO's log Σp², ...).
   init_state / update_state: loss state carried in the train state (BCO's δ, LCPO's η). The state
                enters the loss as keyword hyperparameters and `update_state(state, metrics)`
                computes the next one from the step's averaged metrics.
 
+Metrics: TRL's names (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins) and
+"lambda", the gradient weight: ½(|∂L/∂S_θ(y_w)| + |∂L/∂S_θ(y_l)|)/β for reference-based pair losses
+(= σ(β(r_l − r_w)) for DPO; |y|/β instead of 1/β for length-normalised ones), |∂L/∂S_θ(y)|/β for
+unpaired ones, σ(−z) of the preference logit z for reference-free ones. Each module says which.
+
 Names: `get` also accepts weighted sums, "sigmoid:0.8+bco_pair:0.2+sft:1.0" (see combine.py).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 from typing import Any, Callable, NamedTuple, Optional
@@ -53,6 +61,9 @@ class PairLogps(NamedTuple):
   ref_rejected_tokens: Optional[Array] = None
   # Extra per-example or per-token statistics requested by `token_stats` (name -> array).
   extra: Optional[dict] = None
+  # [B] 1.0 for real rows, 0.0 for padding rows. Batch-level statistics (AOT's sort, KTO's z0,
+  # BCO's δ, batch token-mean NLL, LCPO's η) skip padding; the step still masks the loss.
+  valid: Optional[Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +84,19 @@ class LossSpec:
 
   @property
   def hparams(self) -> dict[str, Any]:
-    """Keyword hyperparameters and their defaults."""
-    sig = inspect.signature(self.fn)
-    return {k: p.default for k, p in sig.parameters.items()
-            if p.kind == p.KEYWORD_ONLY}
+    """Keyword hyperparameters and their defaults (a wrapper's include its base loss's).
+
+    Loss state (the keys of init_state(), e.g. BCO's delta) is not a hyperparameter: the step
+    passes it separately.
+    """
+    params = inspect.signature(self.fn).parameters
+    out = {}
+    if "base" in params and any(p.kind == p.VAR_KEYWORD for p in params.values()):
+      out.update(get(params["base"].default).hparams)
+    out.update({k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY})
+    for k in self.init_state():
+      out.pop(k, None)
+    return out
 
 
 _REGISTRY: dict[str, LossSpec] = {}
@@ -103,17 +123,58 @@ def register(name: str, *, aliases: tuple[str, ...] = (), needs_ref: bool = True
 
 
 def get(name: str) -> LossSpec:
-  """The loss registered as `name`, or a weighted sum "a:0.8+b:0.2+c" (see combine.py)."""
+  """The loss registered as `name`; a wrapper over a base, "wpo(simpo)" (see `with_base`); or a
+  weighted sum "a:0.8+b:0.2+c" (see combine.py)."""
   if name in _REGISTRY:
     return _REGISTRY[name]
   if "+" in name or ":" in name:
     # The package re-exports the function `combine`, so fetch the module itself.
     return importlib.import_module("dpo_jax.losses.combine").parse(name)
+  if name.endswith(")") and "(" in name:
+    outer, inner = name[:-1].split("(", 1)
+    return _with_base_cached(outer.strip(), inner.strip())
   raise KeyError(f"unknown loss {name!r}; known losses: {', '.join(names())}")
 
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def _is_wrapper(spec: LossSpec) -> bool:
+  params = inspect.signature(spec.fn).parameters
+  return "base" in params and any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def with_base(wrapper: str | LossSpec, base: str) -> LossSpec:
+  """A wrapper loss (wpo, lcpo, ld) bound to `base`: "wpo(simpo)" names the same spec.
+
+  The bound spec reads the base's flags (needs_ref, token_stats, extra_keys) and hparams, and
+  carries the base's loss state unless the wrapper has its own (LCPO's η; it then refuses a
+  stateful base).
+  """
+  spec = get(wrapper) if isinstance(wrapper, str) else wrapper
+  if not _is_wrapper(spec):
+    raise KeyError(f"{spec.name!r} takes no base loss; wrappers: "
+                   f"{', '.join(n for n in names() if _is_wrapper(_REGISTRY[n]))}")
+  b = get(base)
+  if b.unpaired:
+    raise ValueError(f"{base!r} is unpaired; {spec.name} needs a pair loss")
+  own_state = bool(spec.init_state())
+  if own_state and b.init_state():
+    raise ValueError(f"{spec.name} has its own state and cannot wrap the stateful {base!r}")
+  union = lambda a, c: tuple(dict.fromkeys(a + c))
+  return dataclasses.replace(
+      spec, name=f"{spec.name}({b.name})", fn=functools.partial(spec.fn, base=base), aliases=(),
+      needs_ref=b.needs_ref, needs_tokens=spec.needs_tokens or b.needs_tokens,
+      token_stats=union(spec.token_stats, b.token_stats),
+      extra_keys=union(spec.extra_keys, b.extra_keys),
+      init_state=spec.init_state if own_state else b.init_state,
+      update_state=spec.update_state if own_state else b.update_state)
+
+
+@functools.lru_cache(maxsize=None)
+def _with_base_cached(wrapper: str, base: str) -> LossSpec:
+  return with_base(wrapper, base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,13 +206,14 @@ def reward_metrics(chosen_rewards: Array, rejected_rewards: Array, grad_weight: 
   }
 
 
-def unpaired_reward_metrics(rewards: Array, label: Array, grad_weight: Array) -> dict:
+def unpaired_reward_metrics(rewards: Array, label: Array, grad_weight: Array,
+                            weights: Optional[Array] = None) -> dict:
   """Reward metrics for unpaired rows: group means over desirable / undesirable rows (scalars)."""
   rewards = jax.lax.stop_gradient(rewards)
   label = label.astype(rewards.dtype)
-  n_pos, n_neg = jnp.sum(label), jnp.sum(1.0 - label)
-  chosen = jnp.sum(rewards * label) / jnp.maximum(n_pos, 1.0)
-  rejected = jnp.sum(rewards * (1.0 - label)) / jnp.maximum(n_neg, 1.0)
+  weights = jnp.ones_like(rewards) if weights is None else weights
+  chosen = weighted_mean(rewards, label * weights)
+  rejected = weighted_mean(rewards, (1.0 - label) * weights)
   return {
       "rewards/chosen": chosen,
       "rewards/rejected": rejected,
@@ -167,7 +229,7 @@ def grad_weight(loss_fn: Callable[..., Array], xs: tuple[Array, ...],
   `loss_fn(*xs)` returns the per-example loss [B] as a function of per-example inputs (the policy
   log-probs); the sum's gradient is per example because each row only touches its own loss
   (for sorted / batch-level losses it routes through the sort). With xs = (S_θ(y_w), S_θ(y_l)) and
-  scales 1/β this is σ(−βh) for DPO, the gradient weight TRL's papers call λ.
+  scales 1/β this is σ(−βh) for DPO, the weight Pre-DPO (arXiv 2504.15843) calls λ.
   """
   xs = tuple(jax.lax.stop_gradient(x) for x in xs)
   grads = jax.grad(lambda *a: jnp.sum(loss_fn(*a)), argnums=tuple(range(len(xs))))(*xs)
@@ -202,27 +264,43 @@ def token_mask(tokens: Array, length: Array) -> Array:
   return jnp.arange(tokens.shape[1])[None, :] < length[:, None]
 
 
+def row_weights(logps: PairLogps) -> Array:
+  """[B] weights of real rows: logps.valid, or all ones."""
+  if logps.valid is None:
+    return jnp.ones_like(logps.policy_chosen, dtype=jnp.float32)
+  return jax.lax.stop_gradient(logps.valid).astype(jnp.float32)
+
+
+def weighted_mean(x: Array, w: Array) -> Array:
+  return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1e-9)
+
+
 def chosen_nll(logps: PairLogps, normalize: str = "batch") -> Array:
   """Per-example NLL of the chosen completion, token-averaged.
 
-  normalize="batch": −S_i · B / Σ_j |y_j|, whose batch mean is the token-mean cross-entropy over
-  all chosen tokens of the (global) batch, as TRL's sft / RPO / CPO / ORPO terms compute it.
-  normalize="example": −S_i / |y_i|, each example's own token mean.
+  normalize="batch": −S_i · n / Σ_j |y_j| (n real rows), whose mean over the real rows is the
+  token-mean cross-entropy over all chosen tokens of the (global) batch, as TRL's sft / RPO / CPO
+  / ORPO terms compute it. normalize="example": −S_i / |y_i|, each example's own token mean.
   """
   if normalize == "batch":
-    total = jnp.maximum(jnp.sum(logps.chosen_len.astype(jnp.float32)), 1.0)
-    return -logps.policy_chosen * (logps.policy_chosen.shape[0] / total)
+    w = row_weights(logps)
+    total = jnp.maximum(jnp.sum(w * logps.chosen_len.astype(jnp.float32)), 1.0)
+    return -logps.policy_chosen * (jnp.sum(w) / total)
   if normalize == "example":
     return -logps.policy_chosen / lengths(logps.chosen_len)
   raise ValueError(f"normalize must be 'batch' or 'example', got {normalize!r}")
 
 
-def running_mean(values: Array, mean: Array, count: Array) -> tuple[Array, Array]:
-  """Count-weighted running mean of every value seen, including `values`; no gradient."""
+def running_mean(values: Array, mean: Array, count: Array,
+                 weights: Optional[Array] = None) -> tuple[Array, Array]:
+  """Count-weighted running mean of every value seen, `values` included (rows with weight 0,
+  i.e. padding, are not seen); no gradient. Returns (new mean, new count)."""
   values = jax.lax.stop_gradient(values).astype(jnp.float32)
-  n = values.size
+  weights = jnp.ones_like(values) if weights is None else weights.astype(jnp.float32)
+  n = jnp.sum(weights)
   new_count = jnp.asarray(count, jnp.float32) + n
-  new_mean = mean + (jnp.mean(values) - mean) * (n / new_count)
+  batch_mean = jnp.sum(values * weights) / jnp.maximum(n, 1e-9)
+  new_mean = mean + (batch_mean - mean) * (n / jnp.maximum(new_count, 1e-9))
   return new_mean, new_count
 
 

@@ -80,7 +80,10 @@ def ipo(logps: PairLogps, *, beta: float = 0.1):
 
 @register("sigmoid_norm")
 def sigmoid_norm(logps: PairLogps, *, beta: float = 0.1):
-  """Length-normalised DPO (Tülu 3, arXiv 2411.15124): ℓ(βh̄). Matches TRL loss_type="sigmoid_norm"."""
+  """Length-normalised DPO (Tülu 3, arXiv 2411.15124): ℓ(βh̄).
+
+  Matches TRL loss_type="sigmoid_norm".
+  """
   return _margin_loss(logps, beta, lambda z: -log_sigmoid(z), normalise=True)
 
 
