@@ -5,6 +5,7 @@ import ml_collections
 from ml_collections import config_dict
 
 import dpo_jax
+from dpo_jax import losses
 from dpo_jax.models.config import TINY
 
 PACKAGE_DIR = os.path.dirname(dpo_jax.__file__)
@@ -73,3 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   c.mesh.rules = ml_collections.ConfigDict()   # logical axis -> mesh axes overrides
   return c
+
+
+def set_loss(c: ml_collections.ConfigDict, name: str, **hparams):
+  """config.loss = the loss's name and every hyperparameter with its default (then overrides),
+  so that --config.loss.<hparam>=... works for any loss. Reference-free losses get
+  reference.mode = 'none', which skips the reference forward."""
+  spec = losses.get(name)
+  c.loss = ml_collections.ConfigDict({"name": name})
+  for k, v in {**spec.hparams, **hparams}.items():
+    if v is not None:
+      c.loss[k] = v
+  if not spec.needs_ref:
+    c.reference.mode = "none"

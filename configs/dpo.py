@@ -21,7 +21,7 @@ from dpo_jax import configlib  # noqa: E402
 def get_config(arg=None):
   arg = configlib.parse_arg(arg, runlocal=False, loss="dpo")
   c = common.base_config()
-  c.loss.name = arg.loss
+  common.set_loss(c, arg.loss)
   if arg.runlocal:
     c.steps = 4
     c.batch_size = 8

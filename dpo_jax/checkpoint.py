@@ -26,8 +26,10 @@ class CheckpointError(ValueError):
 def manager(directory: str, max_to_keep: Optional[int] = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
+  handlers = {"params": ocp.StandardCheckpointHandler(),
+              "train": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("params", "train", "meta"))
+                               item_handlers=handlers)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, params, train, meta: dict):

@@ -19,7 +19,7 @@ MODES = ("initial", "checkpoint", "none")
 
 
 def build(mode: str, path: str | None, spec, cfg, init_params, mesh, rules, *, dtype: str,
-          chunk: int, stats: tuple[str, ...] = ()):
+          chunk: int, stats: tuple[str, ...] = (), tokens: bool = False):
   """Returns (ref_params, ref_logps_fn)."""
   if mode not in MODES:
     raise ValueError(f"config.reference.mode must be one of {MODES}, got {mode!r}")
@@ -47,7 +47,7 @@ def build(mode: str, path: str | None, spec, cfg, init_params, mesh, rules, *, d
   def ref_logps(ref_params, batch):
     model = core.merge(graphdef, ref_params)
     return jax.lax.stop_gradient(
-        logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats))
+        logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats, tokens=tokens))
 
   return params, ref_logps
 

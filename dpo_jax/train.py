@@ -58,19 +58,33 @@ class StepFns:
   eval_step: Callable       # (params, loss_state, ref_params, batch) -> metric sums
 
 
-def pair_logps(pol: dict, ref: dict | None, batch: dict) -> losses.PairLogps:
+# What a loss's `token_stats` asks for: the model statistic computed on each side.
+POLICY_STATS = {"logsumsq": "logsumsq"}   # WPO: per-token log Σ_v p_v² of the policy
+REF_STATS = {"ref_entropy": "entropy"}     # Mallows: the reference's next-token entropy
+
+
+def side_stats(spec: losses.LossSpec, table: dict) -> tuple[str, ...]:
+  return tuple(sorted({table[s] for s in spec.token_stats if s in table}))
+
+
+def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
+               vocab_size: int) -> losses.PairLogps:
   """Splits the 2b per-sequence values into chosen (first half) and rejected (second half)."""
   b = batch["valid"].shape[0]
   first, second = (lambda x: x[:b]), (lambda x: x[b:])
   extra = {}
-  for name, src in (("policy", pol), ("ref", ref or {})):
-    for k, v in src.items():
-      if k not in ("logps", "lens", "logit_sum") and not k.startswith("tokens/"):
-        extra[f"{name}_chosen_{k}"], extra[f"{name}_rejected_{k}"] = first(v), second(v)
-  for k in ("teacher_logps",):
-    if k in batch:
-      extra["teacher_chosen"], extra["teacher_rejected"] = first(batch[k]), second(batch[k])
-  tok = lambda src, h: None if src is None or "tokens/logp" not in src else h(src["tokens/logp"])
+  if "logsumsq" in spec.token_stats:
+    extra["policy_chosen_logsumsq"] = first(pol["tokens/logsumsq"])
+    extra["policy_rejected_logsumsq"] = second(pol["tokens/logsumsq"])
+  if "ref_entropy" in spec.token_stats:   # mean over both completions, normalised by log V
+    ent, n = ref["entropy"], ref["lens"]
+    extra["ref_entropy"] = ((first(ent) + second(ent)) / jnp.maximum(first(n) + second(n), 1)
+                            / jnp.log(vocab_size))
+  if "teacher_logps" in batch:   # daDPO with precomputed teacher log-probs
+    extra["teacher_chosen"] = first(batch["teacher_logps"])
+    extra["teacher_rejected"] = second(batch["teacher_logps"])
+  tok = lambda src, half: None if src is None or "tokens/logp" not in src else half(
+      src["tokens/logp"])
   return losses.PairLogps(
       policy_chosen=first(pol["logps"]), policy_rejected=second(pol["logps"]),
       ref_chosen=None if ref is None else first(ref["logps"]),
@@ -78,18 +92,22 @@ def pair_logps(pol: dict, ref: dict | None, batch: dict) -> losses.PairLogps:
       chosen_len=first(pol["lens"]), rejected_len=second(pol["lens"]), label=batch["label"],
       policy_chosen_tokens=tok(pol, first), policy_rejected_tokens=tok(pol, second),
       ref_chosen_tokens=tok(ref, first), ref_rejected_tokens=tok(ref, second),
-      extra=extra or None)
+      extra=extra or None, valid=batch["valid"])
 
 
 def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
-              ref_logps_fn: Callable, *, chunk: int, stats: tuple[str, ...] = ()) -> StepFns:
+              ref_logps_fn: Callable, *, chunk: int) -> StepFns:
   """Builds the pure train and eval steps for one loss and one reference mode."""
+  stats = side_stats(spec, POLICY_STATS)
 
   def micro_loss(params, loss_state, ref_params, batch):
     """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
-    pol = logprobs.sequence_logps(core.merge(graphdef, params), batch, chunk=chunk, stats=stats)
+    model = core.merge(graphdef, params)
+    pol = logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats,
+                                  tokens=spec.needs_tokens)
     ref = ref_logps_fn(ref_params, batch)
-    loss_b, metrics = spec(pair_logps(pol, ref, batch), **hparams, **loss_state)
+    logps = pair_logps(spec, pol, ref, batch, model.cfg.vocab_size)
+    loss_b, metrics = spec(logps, **hparams, **loss_state)
     w = batch["valid"]
     b = w.shape[0]
     n = jnp.sum(w)
@@ -151,6 +169,8 @@ def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
     raise ValueError(f"config.batch_size={b} is not divisible by config.grad_accum={k}")
   out = {}
   for name, x in batch.items():
+    if name == "seq_index":   # sequence s = (half h, pair i) -> (h, i mod b/k) in its micro-batch
+      x = (x // b) * (b // k) + (x % b) % (b // k)
     if x.shape[0] == 2 * b:   # [chosen; rejected] rows
       x = x.reshape(2, k, b // k, *x.shape[1:]).swapaxes(0, 1).reshape(k, 2 * b // k,
                                                                         *x.shape[1:])
@@ -181,6 +201,12 @@ class Run:
   ref_params: Any
   fns: StepFns
   batch_sharding: Callable
+
+  def jit_train_step(self):
+    """The step with fixed state shardings in and out (so it compiles once per batch shape)
+    and the state donated."""
+    return jax.jit(self.fns.train_step, in_shardings=(self.state_shardings, None, None),
+                   out_shardings=(self.state_shardings, None), donate_argnums=0)
 
 
 def loss_hparams(loss_cfg: ml_collections.ConfigDict, spec: losses.LossSpec) -> dict:
@@ -219,8 +245,8 @@ def load_data(config, tokenizer, pad_id: int):
   return train, eval_examples, skipped
 
 
-def setup(config: ml_collections.ConfigDict) -> Run:
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   rules = sharding.rules_from_config(config.mesh.rules.to_dict())
   spec = losses.get(config.loss.name)
   hparams = loss_hparams(config.loss, spec)
@@ -239,21 +265,24 @@ def setup(config: ml_collections.ConfigDict) -> Run:
                      f"the {n_batch} data×fsdp devices of config.mesh")
 
   params = load.load_params(config.model.init, model_cfg, mesh, rules, config.seed)
-  stats = spec.token_stats
   ref_params, ref_fn = reference.build(
       config.reference.mode, config.reference.path, spec, model_cfg, params, mesh, rules,
-      dtype=config.reference.dtype, chunk=config.logprob_chunk, stats=stats)
+      dtype=config.reference.dtype, chunk=config.logprob_chunk,
+      stats=side_stats(spec, REF_STATS), tokens=spec.needs_tokens)
   tx, schedule = make_optimizer(config.optim, config.steps)
   graphdef = core.split(model_cfg)[0]
-  fns = make_step(graphdef, spec, hparams, tx, schedule, ref_fn, chunk=config.logprob_chunk,
-                  stats=stats)
+  fns = make_step(graphdef, spec, hparams, tx, schedule, ref_fn, chunk=config.logprob_chunk)
 
   rep = sharding.replicated(mesh)
   opt_state = jax.jit(tx.init)(params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
            "loss_state": jax.tree.map(jnp.asarray, spec.init_state()),
            "rng": jax.random.key_data(jax.random.key(config.seed))}
-  state = jax.device_put(state, jax.tree.map(lambda x: getattr(x, "sharding", rep), state))
+  # Optimizer moments inherit their param's sharding; scalars (counts, step) are replicated.
+  on_mesh = lambda x: (x.sharding if isinstance(getattr(x, "sharding", None),
+                                                jax.sharding.NamedSharding)
+                       and x.sharding.mesh == mesh else rep)
+  state = jax.device_put(state, jax.tree.map(on_mesh, state))
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   def batch_sharding(x):
@@ -303,10 +332,10 @@ def checkpoint_meta(run: Run, step: int) -> dict:
           "config": run.config.to_json_best_effort()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns the last logged and eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) in `workdir`; returns the last logged metrics."""
   from tqdm import tqdm   # noqa: PLC0415
-  run = setup(config)
+  run = setup(config, devices)
   os.makedirs(workdir, exist_ok=True)
   run.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -321,34 +350,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   if k != "params"}))
     state = {**train, "params": params}
 
-  step_jit = jax.jit(run.fns.train_step, in_shardings=(run.state_shardings, None, None),
-                     out_shardings=(run.state_shardings, None), donate_argnums=0)
+  step_jit = run.jit_train_step()
   eval_jit = jax.jit(run.fns.eval_step)
   writer = writers.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
-  last, history = {}, []
+  last = {}
   bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="dpo",
              disable=not config.progress or jax.process_index() != 0)
-  t0, timed_steps = None, 0
+  # Steady-state step time: synced intervals between log points that compiled, evaluated and
+  # checkpointed nothing (the device_get of the metrics is the sync).
+  step_times, seen_shapes = [], set()
+  t_mark, n_since, clean = time.perf_counter(), 0, False
   for step in bar:
-    batch = to_device(microbatches(run.train_data(step), config.grad_accum), run)
-    state, metrics = step_jit(state, run.ref_params, batch)
-    done = step + 1
-    if t0 is None:
-      jax.block_until_ready(state["step"])   # the first step includes compilation
-      t0 = time.perf_counter()
-    else:
-      timed_steps += 1
+    batch_np = microbatches(run.train_data(step), config.grad_accum)
+    if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
+      seen_shapes.add(batch_np["tokens"].shape)
+      clean = False
+    state, metrics = step_jit(state, run.ref_params, to_device(batch_np, run))
+    done, n_since = step + 1, n_since + 1
     is_last = done == config.steps
     if done % config.log_every == 0 or is_last:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if clean:
+        step_times.append((time.perf_counter() - t_mark) / n_since)
       metrics["epoch"] = run.train_data.epoch(done)
-      if timed_steps:
-        metrics["step_s"] = (time.perf_counter() - t0) / timed_steps
       if config.eval_every and (done % config.eval_every == 0 or is_last):
         metrics.update(evaluate(run, eval_jit, state))
-      writer.write(done, metrics)
-      last = metrics
-      history.append(metrics)
+      timing = {"perf/step_s": float(np.median(step_times))} if step_times else {}
+      writer.write(done, metrics, timing)
+      last = {**metrics, **timing}
       bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                       acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
       if not np.isfinite(metrics["loss"]):
@@ -358,6 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint.save(mgr, done, state["params"],
                       {k: v for k, v in state.items() if k != "params"},
                       checkpoint_meta(run, done))
+    if done % config.log_every == 0:
+      jax.block_until_ready(state["step"])
+      t_mark, n_since, clean = time.perf_counter(), 0, True
   writer.close()
   mgr.close()
   return last
@@ -373,7 +405,8 @@ def print_summary(workdir: str, last: dict):
     print(f"last step:    loss {last['loss']:.4f}, train accuracy "
           f"{last.get('rewards/accuracies', float('nan')):.3f}, margin "
           f"{last.get('rewards/margins', float('nan')):.3f}"
-          + (f", {last['step_s'] * 1e3:.0f} ms/step" if "step_s" in last else ""))
+          + (f", {last['perf/step_s'] * 1e3:.1f} ms/step (median, steady state)"
+             if "perf/step_s" in last else ""))
   if evals:
     first, final = evals[0], evals[-1]
     print(f"held-out:     preference accuracy {first['eval/rewards/accuracies']:.3f} (step "

@@ -20,7 +20,9 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter   # noqa: PLC0415
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
-  def write(self, step: int, metrics: dict):
+  def write(self, step: int, metrics: dict, timing: dict | None = None):
+    """metrics go to metrics.jsonl and TensorBoard; timing (wall-clock, not reproducible)
+    only to TensorBoard, so that a resumed run's metrics.jsonl equals an uninterrupted one's."""
     if not self.enabled:
       return
     row = {"step": int(step), **{k: _py(v) for k, v in sorted(metrics.items())}}
@@ -28,7 +30,7 @@ class MetricsWriter:
       f.write(json.dumps(row) + "\n")
       f.flush()
       os.fsync(f.fileno())
-    for k, v in row.items():
+    for k, v in {**row, **(timing or {})}.items():
       if k != "step" and isinstance(v, float) and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
     self._tb.flush()

@@ -34,9 +34,20 @@ def logical_axes(cfg: ModelConfig):
 
 def init_params(cfg: ModelConfig, seed: int, shardings=None):
   """Random init (std 0.02 as transformers), created directly with the given shardings."""
-  def init():
-    return nnx.to_pure_dict(nnx.state(Decoder(cfg, nnx.Rngs(seed))))
-  return jax.jit(init, out_shardings=shardings)()
+  leaves, treedef = jax.tree.flatten(shardings) if shardings is not None else (None, None)
+  init = _init_fn(cfg, None if leaves is None else (tuple(leaves), treedef))
+  return init(jax.numpy.asarray(seed, jax.numpy.int32))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg: ModelConfig, flat_shardings):
+  """One compiled init per (config, shardings); the seed is an argument, not a constant."""
+  shardings = None if flat_shardings is None else jax.tree.unflatten(flat_shardings[1],
+                                                                      flat_shardings[0])
+
+  def init(seed):
+    return nnx.to_pure_dict(nnx.state(Decoder(cfg, nnx.Rngs(jax.random.key(seed)))))
+  return jax.jit(init, out_shardings=shardings)
 
 
 def merge(graphdef, params) -> Decoder:

@@ -58,20 +58,21 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
   return {k: jnp.pad(v[:, :-1], ((0, 0), (1, 0))) for k, v in out.items()}
 
 
-def sequence_logps(model, batch: dict, *, chunk: int = 256,
-                   stats: tuple[str, ...] = ()) -> dict[str, Array]:
+def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ...] = (),
+                   tokens: bool = False) -> dict[str, Array]:
   """Per-sequence sums over completion tokens, [S] each (S = 2 × batch["valid"].size).
 
   Rows may hold one sequence each or several packed ones: tokens are assigned to sequences by
   batch["seq_index"], so one reduction serves both layouts. Returns
     logps: Σ log p over completion tokens    lens: completion token count
     logit_sum: Σ over completion tokens of the mean logit (for TRL's logits/* metrics)
-    <stat>: Σ of each requested statistic, and with any stats requested, "tokens": the
-            per-token log-probs [S, L] left-aligned (token k of each completion at column k).
+    <stat>: Σ of each requested statistic (see token_stats)
+    with tokens=True also "tokens/logp" and "tokens/<stat>": per-token values [S, L],
+            left-aligned (token k of each completion at column k, zero beyond its length).
   """
   hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats)
-  return reduce_sequences(tok, batch, with_tokens=bool(stats))
+  return reduce_sequences(tok, batch, with_tokens=tokens)
 
 
 def reduce_sequences(tok: dict[str, Array], batch: dict, with_tokens: bool = False):

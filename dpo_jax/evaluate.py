@@ -1,0 +1,60 @@
+"""Evaluation on preference pairs: summed log-probs, implicit rewards, preference accuracy.
+
+`score_pairs` is the one scoring path behind `dpo_jax.score`, checkpoint ranking and the
+trainer's held-out metrics share the same log-prob reduction (models/logprobs.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from dpo_jax import sharding
+from dpo_jax.data import preference
+from dpo_jax.models import core, logprobs
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(graphdef, chunk: int):
+  @jax.jit
+  def score(params, batch):
+    out = logprobs.sequence_logps(core.merge(graphdef, params), batch, chunk=chunk)
+    return {k: out[k] for k in ("logps", "lens")}
+  return score
+
+
+def score_pairs(cfg, params, examples: Sequence[preference.Tokenized], *, mesh, rules,
+                batch_size: int, buckets: Sequence[int], pad_id: int,
+                chunk: int = 256) -> dict[str, np.ndarray]:
+  """Summed completion log-probs and token counts of every example, in order.
+
+  Returns chosen_logps, rejected_logps, chosen_len, rejected_len: [N] each (for unpaired
+  examples the rejected fields describe the mismatched completion).
+  """
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = max(n_batch, -(-batch_size // n_batch) * n_batch)
+  score = _scorer(core.split(cfg)[0], chunk)
+  cols = {"chosen_logps": [], "rejected_logps": [], "chosen_len": [], "rejected_len": []}
+  for batch in preference.eval_batches(examples, batch_size, buckets, pad_id):
+    valid = batch["valid"] > 0
+    dev = {k: sharding.host_local_array(
+        v, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+            ("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, rules)))
+        for k, v in batch.items()}
+    out = jax.device_get(score(params, dev))
+    b = valid.shape[0]
+    cols["chosen_logps"].append(out["logps"][:b][valid])
+    cols["rejected_logps"].append(out["logps"][b:][valid])
+    cols["chosen_len"].append(out["lens"][:b][valid])
+    cols["rejected_len"].append(out["lens"][b:][valid])
+  return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def implicit_rewards(policy: dict, ref: dict, beta: float) -> dict[str, np.ndarray]:
+  """β·(log π − log π_ref) for chosen and rejected, and per-pair preference correctness."""
+  chosen = beta * (policy["chosen_logps"] - ref["chosen_logps"])
+  rejected = beta * (policy["rejected_logps"] - ref["rejected_logps"])
+  return {"chosen_reward": chosen, "rejected_reward": rejected,
+          "correct": (chosen > rejected).astype(np.float64)}

@@ -1,0 +1,80 @@
+"""Scores preference pairs with a model: summed log-probs, and implicit rewards with --ref.
+
+    python -m dpo_jax.score --model DIR --data pairs.jsonl --out scores.jsonl [--ref DIR]
+
+DIR is a Hugging Face model directory (config.json + *.safetensors + tokenizer files) or a
+dpo_jax checkpoint (a workdir, W/checkpoints, or W/checkpoints/<step>). Each input row
+{prompt, chosen, rejected} (strings or chat messages) gives one output row with chosen_logps,
+rejected_logps (summed over completion tokens), chosen_len, rejected_len, and with --ref also
+chosen_reward, rejected_reward = β·(log π − log π_ref). Prompt handling, chat templates and
+truncation are exactly the trainer's (dpo_jax/data/preference.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m dpo_jax.score", description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="HF model directory or dpo_jax checkpoint")
+  p.add_argument("--data", required=True, help="JSONL of preference rows (or a dataset)")
+  p.add_argument("--out", required=True, help="output JSONL, one row per input row")
+  p.add_argument("--ref", default=None, help="reference model for implicit rewards")
+  p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
+  p.add_argument("--batch_size", type=int, default=16)
+  p.add_argument("--max_length", type=int, default=1024)
+  p.add_argument("--max_prompt_length", type=int, default=512)
+  p.add_argument("--truncation_mode", default="keep_end")
+  p.add_argument("--split", default="train")
+  p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import numpy as np   # noqa: PLC0415
+  from dpo_jax import evaluate, sharding   # noqa: PLC0415
+  from dpo_jax.data import preference   # noqa: PLC0415
+  from dpo_jax.models import TINY, load   # noqa: PLC0415
+
+  mesh = sharding.make_mesh()
+  rules = sharding.DEFAULT_RULES
+  tokenizer = load.load_tokenizer(args.model)
+  opts = preference.TokenizeOptions(args.max_length, args.max_prompt_length,
+                                    args.truncation_mode)
+  source, rows = preference.load_rows(args.data, args.split)
+  examples, _ = preference.tokenize_rows(rows, tokenizer, opts, source, on_error="fail")
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+      tokenizer.eos_token_id or 0)
+  buckets = preference.default_buckets(args.max_length)
+
+  def scores(path):
+    cfg = load.model_config(path, TINY, dtype=args.dtype)
+    params = load.load_params(path, cfg, mesh, rules)
+    return evaluate.score_pairs(cfg, params, examples, mesh=mesh, rules=rules,
+                                batch_size=args.batch_size, buckets=buckets, pad_id=pad_id)
+
+  out = scores(args.model)
+  if args.ref:
+    out.update(evaluate.implicit_rewards(out, scores(args.ref), args.beta))
+    out.pop("correct")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    for i in range(len(examples)):
+      row = {k: (int(v[i]) if k.endswith("_len") else float(v[i])) for k, v in out.items()}
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, args.out)   # never leave a half-written output
+  if "chosen_reward" in out:
+    acc = float(np.mean(out["chosen_reward"] > out["rejected_reward"]))
+    print(f"scored {len(examples)} pairs -> {args.out}; preference accuracy {acc:.3f}",
+          file=sys.stderr)
+  else:
+    print(f"scored {len(examples)} pairs -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,94 @@
+"""`python -m dpo_jax.score` against log-probs computed independently with PyTorch."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from dpo_jax.data.tokenizer import byte_tokenizer
+from helpers import REPO
+from helpers_hf import tiny_hf_model
+
+ROWS = [
+    {"prompt": "Sort ascending: 3 1 2", "chosen": "1 2 3", "rejected": "3 2 1"},
+    {"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "five, I think"},
+    {"prompt": [{"role": "user", "content": "Say hi."}],
+     "chosen": [{"role": "assistant", "content": "hi"}],
+     "rejected": [{"role": "assistant", "content": "no"}]},
+]
+
+
+def torch_logps(model, tokenizer, prompt, completion):
+  """Summed completion log-prob, with prompt/completion split written out independently."""
+  if isinstance(prompt, str):
+    p = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    c = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+  else:
+    p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    p = tokenizer.encode(p_text, add_special_tokens=False)
+    c = tokenizer.encode(full[len(p_text):], add_special_tokens=False)
+  ids = torch.tensor([p + c])
+  with torch.no_grad():
+    logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+  tgt = ids[0, 1:]
+  return float(logp[torch.arange(len(tgt)), tgt][len(p) - 1:].sum()), len(c)
+
+
+def run_score(*args):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, "-m", "dpo_jax.score", *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def test_score_hf_directory_matches_torch(tmp_path):
+  tok = byte_tokenizer()
+  policy = tiny_hf_model("llama", seed=0, std=0.1, vocab_size=len(tok))
+  ref = tiny_hf_model("llama", seed=1, std=0.1, vocab_size=len(tok))
+  for name, m in (("policy", policy), ("ref", ref)):
+    m.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+  out_path = tmp_path / "scores.jsonl"
+  run_score("--model", str(tmp_path / "policy"), "--data", str(data), "--out", str(out_path),
+            "--ref", str(tmp_path / "ref"), "--beta", "0.5")
+  scores = [json.loads(line) for line in out_path.read_text().splitlines()]
+  assert len(scores) == len(ROWS)
+  for row, s in zip(ROWS, scores):
+    for side in ("chosen", "rejected"):
+      lp, n = torch_logps(policy, tok, row["prompt"], row[side])
+      lr, _ = torch_logps(ref, tok, row["prompt"], row[side])
+      assert s[f"{side}_len"] == n
+      np.testing.assert_allclose(s[f"{side}_logps"], lp, rtol=1e-5, atol=1e-4)
+      np.testing.assert_allclose(s[f"{side}_reward"], 0.5 * (lp - lr), rtol=1e-4, atol=1e-4)
+
+
+def test_score_checkpoint_equals_its_hf_export(tmp_path):
+  """A dpo_jax checkpoint scores the same as its export, which transformers reproduces."""
+  from dpo_jax import export, score, train
+  from helpers import config
+  cfg = config(steps=2)
+  cfg.unlock()
+  cfg.progress = False
+  workdir = tmp_path / "w"
+  train.train_and_evaluate(cfg, str(workdir))
+  export.main(["--checkpoint", str(workdir), "--out", str(tmp_path / "hf")])
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+  for name, model in (("ckpt", workdir / "checkpoints" / "2"), ("hf", tmp_path / "hf")):
+    score.main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / f"{name}.jsonl")])
+  a = [json.loads(line) for line in (tmp_path / "ckpt.jsonl").read_text().splitlines()]
+  b = [json.loads(line) for line in (tmp_path / "hf.jsonl").read_text().splitlines()]
+  assert a == b
+  import transformers
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  tok = byte_tokenizer()
+  for row, s in zip(ROWS, a):
+    lp, n = torch_logps(hf, tok, row["prompt"], row["chosen"])
+    assert s["chosen_len"] == n
+    np.testing.assert_allclose(s["chosen_logps"], lp, rtol=1e-5, atol=1e-4)
