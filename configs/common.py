@@ -54,9 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.beta = 0.1
 
   c.reference = ml_collections.ConfigDict()
-  c.reference.mode = "initial"     # initial | checkpoint | none
-  c.reference.path = config_dict.placeholder(str)
+  c.reference.mode = "initial"     # initial | checkpoint | none | precomputed | sync
+  c.reference.path = config_dict.placeholder(str)   # checkpoint (and precomputed) source
   c.reference.dtype = "float32"    # bfloat16 halves the reference's memory
+  c.reference.sync_every = 512     # TR-DPO τ (TRL's ref_model_sync_steps)
+  c.reference.sync_alpha = 0.6     # TR-DPO α (TRL's ref_model_mixup_alpha)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4

@@ -2,7 +2,8 @@
 
 Layout of W/checkpoints/<step>/:
   params/   the policy params (restorable alone, e.g. as the next stage's reference)
-  train/    optimizer state, loss state, step, rng (and the TR-DPO reference copy, if any)
+  train/    optimizer state, loss state, step, rng
+  ref/      the TR-DPO moving reference (reference.mode='sync' only: it is training state)
   meta/     JSON: the model config (HF form plus dtype settings), data position, config
 Orbax writes each step to a temporary directory and renames it when complete, so a kill during a
 save leaves the previous checkpoint usable.
@@ -26,26 +27,31 @@ class CheckpointError(ValueError):
 def manager(directory: str, max_to_keep: Optional[int] = 3) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
-  handlers = {"params": ocp.StandardCheckpointHandler(),
-              "train": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+              "ref": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_handlers=handlers)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, params, train, meta: dict):
-  mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                         train=ocp.args.StandardSave(train),
-                                         meta=ocp.args.JsonSave(meta)), force=True)
+def save(mgr: ocp.CheckpointManager, step: int, params, train, meta: dict, ref=None):
+  items = dict(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(train),
+               meta=ocp.args.JsonSave(meta))
+  if ref is not None:
+    items["ref"] = ocp.args.StandardSave(ref)
+  mgr.save(step, args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
 
 
-def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_train):
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_train,
+            abstract_ref=None):
+  """(params, train, meta, ref); ref is None unless abstract_ref is given."""
   check_params(mgr, step, abstract_params)
-  r = mgr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      train=ocp.args.StandardRestore(abstract_train),
-      meta=ocp.args.JsonRestore()))
-  return r.params, r.train, r.meta
+  items = dict(params=ocp.args.StandardRestore(abstract_params),
+               train=ocp.args.StandardRestore(abstract_train), meta=ocp.args.JsonRestore())
+  if abstract_ref is not None:
+    items["ref"] = ocp.args.StandardRestore(abstract_ref)
+  r = mgr.restore(step, args=ocp.args.Composite(**items))
+  return r.params, r.train, r.meta, (r.ref if abstract_ref is not None else None)
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:

@@ -25,6 +25,31 @@ def _scorer(graphdef, chunk: int):
   return score
 
 
+def map_batches(fn, examples: Sequence[preference.Tokenized], *, mesh, rules, batch_size: int,
+                buckets: Sequence[int], pad_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Applies fn(batch) -> {name: [2b] per-sequence values} to every example once, in order.
+
+  Returns {name: (chosen values [N], rejected values [N])}. The batch size is rounded up to a
+  multiple of the data×fsdp devices; fill-in rows are dropped.
+  """
+  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_size = max(n_batch, -(-batch_size // n_batch) * n_batch)
+  cols: dict[str, tuple[list, list]] = {}
+  for batch in preference.eval_batches(examples, batch_size, buckets, pad_id):
+    valid = batch["valid"] > 0
+    dev = {k: sharding.host_local_array(
+        v, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
+            ("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, rules)))
+        for k, v in batch.items()}
+    out = jax.device_get(fn(dev))
+    b = valid.shape[0]
+    for k, v in out.items():
+      c, r = cols.setdefault(k, ([], []))
+      c.append(np.asarray(v[:b])[valid])
+      r.append(np.asarray(v[b:])[valid])
+  return {k: (np.concatenate(c), np.concatenate(r)) for k, (c, r) in cols.items()}
+
+
 def score_pairs(cfg, params, examples: Sequence[preference.Tokenized], *, mesh, rules,
                 batch_size: int, buckets: Sequence[int], pad_id: int,
                 chunk: int = 256) -> dict[str, np.ndarray]:
@@ -33,23 +58,11 @@ def score_pairs(cfg, params, examples: Sequence[preference.Tokenized], *, mesh, 
   Returns chosen_logps, rejected_logps, chosen_len, rejected_len: [N] each (for unpaired
   examples the rejected fields describe the mismatched completion).
   """
-  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_size = max(n_batch, -(-batch_size // n_batch) * n_batch)
   score = _scorer(core.split(cfg)[0], chunk)
-  cols = {"chosen_logps": [], "rejected_logps": [], "chosen_len": [], "rejected_len": []}
-  for batch in preference.eval_batches(examples, batch_size, buckets, pad_id):
-    valid = batch["valid"] > 0
-    dev = {k: sharding.host_local_array(
-        v, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
-            ("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, rules)))
-        for k, v in batch.items()}
-    out = jax.device_get(score(params, dev))
-    b = valid.shape[0]
-    cols["chosen_logps"].append(out["logps"][:b][valid])
-    cols["rejected_logps"].append(out["logps"][b:][valid])
-    cols["chosen_len"].append(out["lens"][:b][valid])
-    cols["rejected_len"].append(out["lens"][b:][valid])
-  return {k: np.concatenate(v) for k, v in cols.items()}
+  out = map_batches(lambda batch: score(params, batch), examples, mesh=mesh, rules=rules,
+                    batch_size=batch_size, buckets=buckets, pad_id=pad_id)
+  return {"chosen_logps": out["logps"][0], "rejected_logps": out["logps"][1],
+          "chosen_len": out["lens"][0], "rejected_len": out["lens"][1]}
 
 
 def implicit_rewards(policy: dict, ref: dict, beta: float) -> dict[str, np.ndarray]:

@@ -1,56 +1,172 @@
 """Reference modes: where r(y) = log π(y) − log π_ref(y) gets its second term.
 
-Each mode is a (reference params, ref_logps_fn) pair chosen when the step is built; the step
-calls `ref_logps_fn(ref_params, batch)` the same way for every mode, so nothing branches inside
-it. The reference forward runs under stop_gradient: no activations are kept for the backward.
+Each mode is a `Reference` built once: the step calls `ref.logps_fn(ref.params, batch)` the same
+way for every mode, so nothing branches inside the step. A reference forward runs under
+stop_gradient: no activations are kept for the backward pass.
 
-  initial     the starting policy (a frozen copy of the initial params)
-  checkpoint  any dpo_jax Orbax checkpoint or Hugging Face directory (Pre-DPO's guide)
-  none        reference-free losses (SimPO, CPO, ORPO): no reference forward at all
+  initial      the starting policy (a frozen copy of the initial params)
+  checkpoint   any dpo_jax Orbax checkpoint or Hugging Face directory (Pre-DPO's guide)
+  none         reference-free losses (SimPO, CPO, ORPO): no reference forward at all
+  precomputed  one pass writes the reference's summed log-probs of every example to
+               W/ref_cache/<split>-<fingerprint>.npz, keyed by a fingerprint of the tokenised
+               data and of the reference weights; batches then carry them and the step runs no
+               reference forward (the reference params are dropped after the pass). The
+               reference is reference.path if set, else the initial policy.
+  sync         TR-DPO (Gorbatovski et al., 2024): every τ = reference.sync_every steps,
+               ref ← α·θ + (1 − α)·ref with α = reference.sync_alpha. The copy is training
+               state: it is saved with each checkpoint and restored on resume.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable, Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpo_jax.models import core, load, logprobs
 
-MODES = ("initial", "checkpoint", "none")
+MODES = ("initial", "checkpoint", "none", "precomputed", "sync")
 
 
-def build(mode: str, path: str | None, spec, cfg, init_params, mesh, rules, *, dtype: str,
-          chunk: int, stats: tuple[str, ...] = (), tokens: bool = False):
-  """Returns (ref_params, ref_logps_fn)."""
+@dataclasses.dataclass
+class Reference:
+  mode: str
+  params: Any                                   # None when no reference forward runs
+  logps_fn: Callable[[Any, dict], Optional[dict]]
+  # Per-example columns to attach to batches (precomputed): examples, split -> {name: [N, 2]}.
+  columns: Callable[[list, str], dict] = lambda examples, split: {}
+  update: Optional[Callable[[Any, Any], Any]] = None   # sync: (ref, policy) -> new ref
+  every: int = 0
+  saved: bool = False                           # part of the checkpointed training state
+
+
+def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int,
+          stats: tuple[str, ...] = (), tokens: bool = False, workdir: str | None = None,
+          batch_size: int = 16, buckets=(), pad_id: int = 0) -> Reference:
+  """ref_cfg is config.reference (mode, path, dtype, sync_every, sync_alpha)."""
   if mode not in MODES:
     raise ValueError(f"config.reference.mode must be one of {MODES}, got {mode!r}")
   if mode == "none":
     if spec.needs_ref:
       raise ValueError(f"config.loss.name={spec.name!r} needs a reference model but "
                        "config.reference.mode='none'")
-    return None, lambda ref_params, batch: None
-  if mode == "initial":
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), init_params)
-    # A copy even at the same dtype: the policy's buffers are donated to the step.
-    params = jax.tree.map(jnp.copy, params)
-  else:
-    if not path:
-      raise ValueError("config.reference.path is required with config.reference.mode="
-                       "'checkpoint'")
-    ref_cfg = load.model_config(path, cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    if ref_cfg.replace(**_numerics(cfg)) != cfg:
-      raise ValueError(f"config.reference.path={path}: its architecture differs from the "
-                       f"policy's ({ref_cfg} vs {cfg})")
-    params = load.load_params(path, cfg, mesh, rules)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return Reference(mode, None, lambda ref_params, batch: None)
+
   graphdef = core.split(cfg)[0]
 
-  def ref_logps(ref_params, batch):
+  def forward(ref_params, batch):
     model = core.merge(graphdef, ref_params)
     return jax.lax.stop_gradient(
         logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats, tokens=tokens))
 
-  return params, ref_logps
+  path = ref_cfg.path if mode in ("checkpoint", "precomputed") else None
+  if mode == "checkpoint" and not path:
+    raise ValueError("config.reference.path is required with config.reference.mode="
+                     "'checkpoint'")
+  params = _load(path, cfg, init_params, mesh, rules, ref_cfg.dtype)
+  if mode in ("initial", "checkpoint"):
+    return Reference(mode, params, forward)
+  if mode == "sync":
+    if not 0.0 < ref_cfg.sync_alpha <= 1.0 or ref_cfg.sync_every < 1:
+      raise ValueError("config.reference.sync_alpha must be in (0, 1] and "
+                       "config.reference.sync_every >= 1")
+    alpha = ref_cfg.sync_alpha
+
+    def update(ref, policy):
+      return jax.tree.map(lambda r, p: (alpha * p + (1 - alpha) * r).astype(r.dtype), ref,
+                          policy)
+    return Reference(mode, params, forward, update=jax.jit(update, donate_argnums=0),
+                     every=ref_cfg.sync_every, saved=True)
+
+  # precomputed
+  if spec.unpaired:
+    raise ValueError(f"config.reference.mode='precomputed' cannot serve unpaired loss "
+                     f"{spec.name!r}: its mismatched pairs are formed per batch")
+  if tokens:
+    raise ValueError(f"config.reference.mode='precomputed' caches summed log-probs, but loss "
+                     f"{spec.name!r} needs per-token reference values; use 'initial'")
+  if workdir is None:
+    raise ValueError("config.reference.mode='precomputed' needs a workdir for its cache")
+  weights_key = fingerprint_params(params, extra=(cfg.dtype, ref_cfg.dtype, chunk) + stats)
+  scorer = _scorer(graphdef, chunk, stats)
+
+  def columns(examples, split):
+    key = hashlib.sha256((weights_key + fingerprint_examples(examples)).encode()).hexdigest()
+    path_ = os.path.join(workdir, "ref_cache", f"{split}-{key[:20]}.npz")
+    if os.path.exists(path_):
+      with np.load(path_) as f:
+        return {k: f[k] for k in f.files}
+    cols = _precompute(scorer, params, examples, mesh, rules, batch_size, buckets, pad_id,
+                       stats)
+    os.makedirs(os.path.dirname(path_), exist_ok=True)
+    tmp = path_ + ".tmp.npz"
+    np.savez(tmp, **cols)
+    os.replace(tmp, path_)   # a kill mid-write never leaves a cache that looks complete
+    return cols
+
+  def cached(ref_params, batch):
+    del ref_params
+    out = {"logps": batch["ref_logps"], "lens": None}
+    out.update({s: batch[f"ref_{s}"] for s in stats})
+    return out
+
+  return Reference(mode, None, cached, columns=columns)
 
 
-def _numerics(cfg):
-  return {k: getattr(cfg, k) for k in load.NUMERICS}
+def _load(path, cfg, init_params, mesh, rules, dtype):
+  if path:
+    ref_cfg = load.model_config(path, cfg, **{k: getattr(cfg, k) for k in load.NUMERICS})
+    diff = [f"{k}: {a!r} vs {b!r}" for (k, a), (_, b) in zip(ref_cfg.architecture(),
+                                                           cfg.architecture()) if a != b]
+    if diff:
+      raise ValueError(f"config.reference.path={path}: its architecture differs from the "
+                       f"policy's (reference vs policy): {'; '.join(diff)}")
+    params = load.load_params(path, cfg, mesh, rules)
+  else:
+    params = init_params
+  # Always a copy (the policy's buffers are donated to the step), optionally in bf16.
+  return jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), p))(
+      params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The precomputed cache
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint_examples(examples) -> str:
+  h = hashlib.sha256()
+  for e in examples:
+    for part in (e.prompt, e.chosen, e.rejected or [], [int(e.label * 2)]):
+      h.update(np.asarray(part, np.int64).tobytes())
+      h.update(b"|")
+  return h.hexdigest()
+
+
+def fingerprint_params(params, extra=()) -> str:
+  """A hash of every weight (gathered one leaf at a time) and of how they are used."""
+  h = hashlib.sha256(repr(extra).encode())
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.asarray(jax.device_get(x)).tobytes())
+  return h.hexdigest()
+
+
+def _scorer(graphdef, chunk, stats):
+  @jax.jit
+  def score(params, batch):
+    out = logprobs.sequence_logps(core.merge(graphdef, params), batch, chunk=chunk, stats=stats)
+    return {k: out[k] for k in ("logps", *stats)}
+  return score
+
+
+def _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id, stats):
+  from dpo_jax import evaluate   # noqa: PLC0415 (evaluate imports models too)
+  out = evaluate.map_batches(lambda batch: score(params, batch), examples, mesh=mesh,
+                             rules=rules, batch_size=batch_size, buckets=buckets, pad_id=pad_id)
+  return {f"ref_{k}": np.stack([v[0], v[1]], axis=1).astype(np.float32)
+          for k, v in {"logps": out["logps"], **{s: out[s] for s in stats}}.items()}

@@ -77,7 +77,7 @@ def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
     extra["policy_chosen_logsumsq"] = first(pol["tokens/logsumsq"])
     extra["policy_rejected_logsumsq"] = second(pol["tokens/logsumsq"])
   if "ref_entropy" in spec.token_stats:   # mean over both completions, normalised by log V
-    ent, n = ref["entropy"], ref["lens"]
+    ent, n = ref["entropy"], pol["lens"]
     extra["ref_entropy"] = ((first(ent) + second(ent)) / jnp.maximum(first(n) + second(n), 1)
                             / jnp.log(vocab_size))
   if "teacher_logps" in batch:   # daDPO with precomputed teacher log-probs
@@ -196,8 +196,10 @@ class Run:
   spec: losses.LossSpec
   train_data: preference.Batches
   eval_examples: list
+  eval_columns: dict
   state: dict
   state_shardings: Any
+  reference: reference.Reference
   ref_params: Any
   fns: StepFns
   batch_sharding: Callable
@@ -245,7 +247,7 @@ def load_data(config, tokenizer, pad_id: int):
   return train, eval_examples, skipped
 
 
-def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
+def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None = None) -> Run:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   rules = sharding.rules_from_config(config.mesh.rules.to_dict())
   spec = losses.get(config.loss.name)
@@ -265,13 +267,17 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                      f"the {n_batch} data×fsdp devices of config.mesh")
 
   params = load.load_params(config.model.init, model_cfg, mesh, rules, config.seed)
-  ref_params, ref_fn = reference.build(
-      config.reference.mode, config.reference.path, spec, model_cfg, params, mesh, rules,
-      dtype=config.reference.dtype, chunk=config.logprob_chunk,
-      stats=side_stats(spec, REF_STATS), tokens=spec.needs_tokens)
+  ref = reference.build(
+      config.reference.mode, config.reference, spec, model_cfg, params, mesh, rules,
+      chunk=config.logprob_chunk, stats=side_stats(spec, REF_STATS), tokens=spec.needs_tokens,
+      workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
+      buckets=train_data.buckets, pad_id=pad_id)
+  train_data.columns = ref.columns(train_data.examples, "train")
+  eval_columns = ref.columns(eval_examples, "eval") if eval_examples else {}
   tx, schedule = make_optimizer(config.optim, config.steps)
   graphdef = core.split(model_cfg)[0]
-  fns = make_step(graphdef, spec, hparams, tx, schedule, ref_fn, chunk=config.logprob_chunk)
+  fns = make_step(graphdef, spec, hparams, tx, schedule, ref.logps_fn,
+                  chunk=config.logprob_chunk)
 
   rep = sharding.replicated(mesh)
   opt_state = jax.jit(tx.init)(params)
@@ -290,8 +296,8 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Run:
                                      rules)
     return jax.sharding.NamedSharding(mesh, spec_)
 
-  return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples, state,
-             state_shardings, ref_params, fns, batch_sharding)
+  return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples,
+             eval_columns, state, state_shardings, ref, ref.params, fns, batch_sharding)
 
 
 def to_device(batch: dict[str, np.ndarray], run: Run) -> dict[str, Array]:
@@ -309,7 +315,7 @@ def evaluate(run: Run, eval_jit, state) -> dict:
   bs = run.config.eval_batch_size or run.config.batch_size
   totals = None
   for batch in preference.eval_batches(run.eval_examples, bs, run.train_data.buckets,
-                                       run.train_data.pad_id):
+                                       run.train_data.pad_id, run.eval_columns):
     out = eval_jit(state["params"], state["loss_state"], run.ref_params,
                    to_device(microbatches(batch, 1), run))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
@@ -332,23 +338,38 @@ def checkpoint_meta(run: Run, step: int) -> dict:
           "config": run.config.to_json_best_effort()}
 
 
+def save_state(mgr, run: Run, state: dict, step: int):
+  checkpoint.save(mgr, step, state["params"], {k: v for k, v in state.items() if k != "params"},
+                  checkpoint_meta(run, step), ref=run.ref_params if run.reference.saved else None)
+
+
+def restore_state(mgr, run: Run, step: int) -> dict:
+  """Restores the train state (and a TR-DPO reference into `run`) resharded onto run.mesh."""
+  sh = run.state_shardings
+  abstract = checkpoint.abstract_like(run.state, sh)
+  abstract_ref = None
+  if run.reference.saved:
+    abstract_ref = checkpoint.abstract_like(
+        run.ref_params, jax.tree.map(lambda x: x.sharding, run.ref_params))
+  params, train, _, ref = checkpoint.restore(
+      mgr, step, abstract["params"], {k: v for k, v in abstract.items() if k != "params"},
+      abstract_ref)
+  if ref is not None:
+    run.ref_params = ref
+  return {**train, "params": params}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics."""
   from tqdm import tqdm   # noqa: PLC0415
-  run = setup(config, devices)
+  run = setup(config, devices, workdir)
   os.makedirs(workdir, exist_ok=True)
   run.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   state = run.state
   start = mgr.latest_step() or 0
   if start:   # initialisation precedence: resume workdir > init_from > scratch
-    params, train, _ = checkpoint.restore(
-        mgr, start,
-        checkpoint.abstract_like(state["params"], run.state_shardings["params"]),
-        checkpoint.abstract_like({k: v for k, v in state.items() if k != "params"},
-                                 {k: v for k, v in run.state_shardings.items()
-                                  if k != "params"}))
-    state = {**train, "params": params}
+    state = restore_state(mgr, run, start)
 
   step_jit = run.jit_train_step()
   eval_jit = jax.jit(run.fns.eval_step)
@@ -367,6 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       clean = False
     state, metrics = step_jit(state, run.ref_params, to_device(batch_np, run))
     done, n_since = step + 1, n_since + 1
+    if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
+      run.ref_params = run.reference.update(run.ref_params, state["params"])
     is_last = done == config.steps
     if done % config.log_every == 0 or is_last:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -384,9 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         raise FloatingPointError(f"step {done}: loss is {metrics['loss']}; stopping, the last "
                                  f"good checkpoint is kept in {mgr.directory}")
     if done % config.ckpt_every == 0 or is_last:
-      checkpoint.save(mgr, done, state["params"],
-                      {k: v for k, v in state.items() if k != "params"},
-                      checkpoint_meta(run, done))
+      save_state(mgr, run, state, done)
     if done % config.log_every == 0:
       jax.block_until_ready(state["step"])
       t_mark, n_since, clean = time.perf_counter(), 0, True

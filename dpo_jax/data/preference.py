@@ -456,7 +456,8 @@ class Batches:
   so every example appears once per epoch and a batch may straddle two epochs."""
 
   def __init__(self, examples: Sequence[Tokenized], batch_size: int, seed: int,
-               buckets: Sequence[int], pad_id: int, shuffle: bool = True):
+               buckets: Sequence[int], pad_id: int, shuffle: bool = True,
+               columns: Optional[dict[str, np.ndarray]] = None):
     if batch_size < 1:
       raise ValueError(f"config.batch_size={batch_size} must be >= 1")
     if batch_size > len(examples):
@@ -468,6 +469,7 @@ class Batches:
     self.examples, self.batch_size = list(examples), batch_size
     self.seed, self.buckets, self.pad_id, self.shuffle = seed, tuple(buckets), pad_id, shuffle
     self._perms: dict[int, np.ndarray] = {}
+    self.columns = dict(columns or {})   # per-example [N, 2] values, e.g. cached ref log-probs
 
   def __len__(self):
     return len(self.examples)
@@ -491,16 +493,28 @@ class Batches:
     return step * self.batch_size / len(self.examples)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
-    return collate([self.examples[i] for i in self.indices(step)], self.buckets, self.pad_id)
+    idx = self.indices(step)
+    batch = collate([self.examples[i] for i in idx], self.buckets, self.pad_id)
+    return add_columns(batch, self.columns, idx)
+
+
+def add_columns(batch: dict, columns: dict[str, np.ndarray], idx) -> dict:
+  """Per-example [N, 2] (chosen, rejected) columns -> [2B] arrays in the batch's row order."""
+  for name, col in columns.items():
+    col = np.asarray(col)[np.asarray(idx)]
+    batch[name] = np.concatenate([col[:, 0], col[:, 1]])
+  return batch
 
 
 def eval_batches(examples: Sequence[Tokenized], batch_size: int, buckets: Sequence[int],
-                 pad_id: int) -> Iterable[dict[str, np.ndarray]]:
+                 pad_id: int, columns: Optional[dict[str, np.ndarray]] = None
+                 ) -> Iterable[dict[str, np.ndarray]]:
   """Every example once, in order; the last batch is filled with invalid copies."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    valid = [True] * len(chunk) + [False] * (batch_size - len(chunk))
-    chunk += [chunk[0]] * (batch_size - len(chunk))
-    yield collate(chunk, buckets, pad_id, valid)
+    idx = list(range(start, min(start + batch_size, len(examples))))
+    valid = [True] * len(idx) + [False] * (batch_size - len(idx))
+    idx += [idx[0]] * (batch_size - len(idx))
+    batch = collate([examples[i] for i in idx], buckets, pad_id, valid)
+    yield add_columns(batch, columns or {}, idx)

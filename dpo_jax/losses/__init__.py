@@ -7,21 +7,19 @@
 
 Modules: dpo (margin losses), pointwise (per-completion reward losses, bco_pair), fdiv (f-DPO),
 batch_level (AOT), reference_free (sft, simpo, cpo, orpo), unpaired (kto, bco, npo),
-token_level (ld), wrappers (wpo, lcpo), distill (dadpo).
+token_level (ld), wrappers (wpo, lcpo), distill (dadpo), dpo_shift (the README's example).
 """
 from dpo_jax.losses.core import (LossSpec, PairLogps, get, log_sigmoid, names, register,
                                  reward_metrics, rewards, swap_pair, with_base)
 from dpo_jax.losses.combine import combine
 
-# Importing a loss module registers its losses.
-from dpo_jax.losses import dpo  # noqa: F401,E402
-from dpo_jax.losses import pointwise  # noqa: F401,E402
-from dpo_jax.losses import fdiv  # noqa: F401,E402
-from dpo_jax.losses import batch_level  # noqa: F401,E402
-from dpo_jax.losses import reference_free  # noqa: F401,E402
-from dpo_jax.losses import unpaired  # noqa: F401,E402
-from dpo_jax.losses import token_level  # noqa: F401,E402
-from dpo_jax.losses import wrappers  # noqa: F401,E402
-from dpo_jax.losses import distill  # noqa: F401,E402
+# Importing a loss module registers its losses; every module in this package is imported, so a
+# new loss is one new file (README: "Adding a loss").
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+for _m in _pkgutil.iter_modules(__path__):
+  _importlib.import_module(f"{__name__}.{_m.name}")
+
 from dpo_jax.losses.unpaired import udm_weight  # noqa: E402
 from dpo_jax.losses.wrappers import lcpo_spec, wpo_spec  # noqa: E402

@@ -40,6 +40,14 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None:   # explicit, so that configs from any source compare equal
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+
+  def architecture(self) -> tuple:
+    """The fields that decide parameter shapes and the function computed (not token ids)."""
+    skip = {"bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"}
+    return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                 if f.name not in skip)
 
   @property
   def dim_per_head(self) -> int:

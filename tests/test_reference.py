@@ -1,0 +1,123 @@
+"""Reference modes: initial, checkpoint (dpo_jax or HF), none, precomputed (cached), sync."""
+import glob
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax import export, reference, train
+from helpers import config
+
+SMALL = dict(data__max_length=64, data__max_prompt_length=40, optim__lr=1e-2,
+             optim__warmup_ratio=0.0, eval_every=0)
+
+
+def run_steps(cfg, n, workdir=None):
+  run = train.setup(cfg, workdir=None if workdir is None else str(workdir))
+  step = run.jit_train_step()
+  state, history = run.state, []
+  for i in range(n):
+    batch = train.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
+    state, metrics = step(state, run.ref_params, batch)
+    history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    if run.reference.update is not None and (i + 1) % run.reference.every == 0:
+      run.ref_params = run.reference.update(run.ref_params, state["params"])
+  return history, state, run
+
+
+def flops(run):
+  batch = train.to_device(train.microbatches(run.train_data(0), 1), run)
+  compiled = run.jit_train_step().lower(run.state, run.ref_params, batch).compile()
+  return compiled.cost_analysis()["flops"]
+
+
+def test_precomputed_equals_initial_and_skips_reference_forward(tmp_path):
+  initial, s1, run1 = run_steps(config(**SMALL), 3)
+  pre, s2, run2 = run_steps(config(**SMALL, reference__mode="precomputed"), 3, tmp_path)
+  assert run2.ref_params is None
+  for a, b in zip(initial, pre):
+    for k in ("loss", "rewards/margins", "rewards/chosen", "rewards/accuracies", "lambda"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(s1["params"]), jax.device_get(s2["params"]))
+  # No reference forward in the step: the policy forward+backward is ~3 forwards, +1 for ref.
+  ratio = flops(run2) / flops(run1)
+  assert ratio < 0.85, ratio
+
+
+def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
+  cfg = config(**SMALL, reference__mode="precomputed")
+  train.setup(cfg, workdir=str(tmp_path))
+  files = sorted(glob.glob(str(tmp_path / "ref_cache" / "*.npz")))
+  assert [os.path.basename(f).split("-")[0] for f in files] == ["eval", "train"]
+
+  def fail(*a, **k):
+    raise AssertionError("cache should have been reused")
+  with monkeypatch.context() as m:
+    m.setattr(reference, "_precompute", fail)
+    train.setup(cfg, workdir=str(tmp_path))   # same data, same reference: reused
+    with pytest.raises(AssertionError, match="reused"):   # changed data: recomputed
+      train.setup(config(**{**SMALL, "data__eval_fraction": 0.2},
+                         reference__mode="precomputed"), workdir=str(tmp_path))
+    with pytest.raises(AssertionError, match="reused"):   # changed reference weights
+      train.setup(config(**SMALL, reference__mode="precomputed", seed=1),
+                  workdir=str(tmp_path))
+
+
+def test_checkpoint_reference_from_orbax_and_hf(tmp_path):
+  stage1 = config(**SMALL, steps=2, ckpt_every=2)
+  stage1.unlock()
+  stage1.progress = False
+  train.train_and_evaluate(stage1, str(tmp_path / "stage1"))
+  export.main(["--checkpoint", str(tmp_path / "stage1"), "--out", str(tmp_path / "hf")])
+  results = {}
+  for name, path in (("orbax", tmp_path / "stage1"), ("hf", tmp_path / "hf")):
+    history, _, run = run_steps(config(**SMALL, reference__mode="checkpoint",
+                                       reference__path=str(path)), 1)
+    results[name] = history[0]
+  # The reference is the stage-1 model, the policy the initial one: margins are not zero.
+  assert abs(results["orbax"]["rewards/margins"]) > 1e-3
+  for k in ("loss", "rewards/margins", "rewards/chosen", "lambda"):
+    np.testing.assert_allclose(results["orbax"][k], results["hf"][k], rtol=1e-6, err_msg=k)
+
+
+def test_reference_none_rejects_losses_that_need_one():
+  with pytest.raises(ValueError, match="needs a reference model"):
+    train.setup(config(**SMALL, reference__mode="none"))
+  run = train.setup(config("configs/dpo.py:runlocal,loss=simpo", **SMALL))
+  assert run.reference.mode == "none" and run.ref_params is None
+
+
+def test_sync_reference_moves_towards_policy():
+  cfg = config(**SMALL, reference__mode="sync", reference__sync_every=2,
+               reference__sync_alpha=0.6)
+  history, state, run = run_steps(cfg, 3)
+  # Steps 1-2 with ref = θ0; after step 2, ref = 0.6 θ2 + 0.4 θ0. We rebuild θ2 by rerunning.
+  _, state2, run2 = run_steps(cfg, 2)
+  theta0 = jax.device_get(train.setup(cfg).state["params"])
+  expected = jax.tree.map(lambda p, r: 0.6 * p + 0.4 * r, jax.device_get(state2["params"]),
+                          theta0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               jax.device_get(run.ref_params), expected)
+  assert history[0]["rewards/margins"] == 0.0 and history[2]["rewards/margins"] != 0.0
+
+
+@pytest.mark.parametrize("variant", [
+    dict(loss="bco_pair"),                                       # loss state δ
+    dict(loss="dpo", reference__mode="sync", reference__sync_every=1),   # moving reference
+])
+def test_resume_with_loss_state_and_moving_reference(tmp_path, variant):
+  variant = dict(variant)
+  loss = variant.pop("loss")
+  cfg = config(f"configs/dpo.py:runlocal,loss={loss}", steps=4, log_every=1, ckpt_every=2,
+               keep_checkpoints=4, eval_every=0, **variant)
+  cfg.unlock()
+  cfg.progress = False
+  full, resumed = tmp_path / "full", tmp_path / "resumed"
+  train.train_and_evaluate(cfg, str(full))
+  train.train_and_evaluate(cfg, str(resumed))
+  shutil.rmtree(resumed / "checkpoints" / "4")   # as if killed after the step-2 checkpoint
+  train.train_and_evaluate(cfg, str(resumed))
+  assert (full / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
