@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.logprob_chunk = 256        # sequence positions per chunk of f32 logits
   c.progress = True
+  c.log_pair_metrics = 0       # >0: per-pair λ etc. of that many training pairs at step 0
 
   c.model = ml_collections.ConfigDict()
   c.model.init = config_dict.placeholder(str)   # HF dir or dpo_jax checkpoint; None: built-in
@@ -88,4 +89,6 @@ def set_loss(c: ml_collections.ConfigDict, name: str, **hparams):
     if v is not None:
       c.loss[k] = v
   if not spec.needs_ref:
+    if "reference" not in c:   # a partial (stage) config
+      c.reference = ml_collections.ConfigDict()
     c.reference.mode = "none"

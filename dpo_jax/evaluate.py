@@ -26,16 +26,19 @@ def _scorer(graphdef, chunk: int):
 
 
 def map_batches(fn, examples: Sequence[preference.Tokenized], *, mesh, rules, batch_size: int,
-                buckets: Sequence[int], pad_id: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Applies fn(batch) -> {name: [2b] per-sequence values} to every example once, in order.
+                buckets: Sequence[int], pad_id: int, columns: dict | None = None,
+                per_example: bool = False) -> dict:
+  """Applies fn(batch) to every example once, in order, and gathers its outputs on the host.
 
-  Returns {name: (chosen values [N], rejected values [N])}. The batch size is rounded up to a
-  multiple of the data×fsdp devices; fill-in rows are dropped.
+  fn returns per-sequence values [2b] (gathered as {name: (chosen [N], rejected [N])}) or, with
+  per_example=True, per-example values [b] (gathered as {name: [N]}). The batch size is rounded
+  up to a multiple of the data×fsdp devices; fill-in rows are dropped. `columns` are per-example
+  [N, 2] arrays attached to batches (e.g. cached reference log-probs).
   """
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   batch_size = max(n_batch, -(-batch_size // n_batch) * n_batch)
   cols: dict[str, tuple[list, list]] = {}
-  for batch in preference.eval_batches(examples, batch_size, buckets, pad_id):
+  for batch in preference.eval_batches(examples, batch_size, buckets, pad_id, columns):
     valid = batch["valid"] > 0
     dev = {k: sharding.host_local_array(
         v, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
@@ -45,8 +48,13 @@ def map_batches(fn, examples: Sequence[preference.Tokenized], *, mesh, rules, ba
     b = valid.shape[0]
     for k, v in out.items():
       c, r = cols.setdefault(k, ([], []))
-      c.append(np.asarray(v[:b])[valid])
-      r.append(np.asarray(v[b:])[valid])
+      if per_example:
+        c.append(np.asarray(v)[valid])
+      else:
+        c.append(np.asarray(v[:b])[valid])
+        r.append(np.asarray(v[b:])[valid])
+  if per_example:
+    return {k: np.concatenate(c) for k, (c, _) in cols.items()}
   return {k: (np.concatenate(c), np.concatenate(r)) for k, (c, r) in cols.items()}
 
 

@@ -18,11 +18,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # Orbax logs every file operation at INFO
   import jax   # noqa: PLC0415  (after absl parsed flags, so XLA_FLAGS from the env apply)
-  from dpo_jax import distributed, train   # noqa: PLC0415
+  from dpo_jax import distributed, pipeline, train   # noqa: PLC0415
 
   distributed.maybe_initialize()
+  config = flags.FLAGS.config
   workdir = os.path.abspath(flags.FLAGS.workdir)
-  metrics = train.train_and_evaluate(flags.FLAGS.config, workdir)
+  if "stages" in config:   # several stages, each in workdir/<stage>
+    results = pipeline.run(config, workdir)
+    if jax.process_index() == 0:
+      pipeline.print_summary(workdir, results)
+    return
+  metrics = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     train.print_summary(workdir, metrics)
 

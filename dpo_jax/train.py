@@ -56,6 +56,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 class StepFns:
   train_step: Callable      # (state, ref_params, batch) -> (state, metrics)
   eval_step: Callable       # (params, loss_state, ref_params, batch) -> metric sums
+  example_metrics: Callable  # (params, loss_state, ref_params, batch) -> {name: [b]}
 
 
 # What a loss's `token_stats` asks for: the model statistic computed on each side.
@@ -100,14 +101,18 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
   """Builds the pure train and eval steps for one loss and one reference mode."""
   stats = side_stats(spec, POLICY_STATS)
 
-  def micro_loss(params, loss_state, ref_params, batch):
-    """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
+  def forward(params, loss_state, ref_params, batch):
     model = core.merge(graphdef, params)
     pol = logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats,
                                   tokens=spec.needs_tokens)
     ref = ref_logps_fn(ref_params, batch)
     logps = pair_logps(spec, pol, ref, batch, model.cfg.vocab_size)
     loss_b, metrics = spec(logps, **hparams, **loss_state)
+    return pol, loss_b, metrics
+
+  def micro_loss(params, loss_state, ref_params, batch):
+    """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
+    pol, loss_b, metrics = forward(params, loss_state, ref_params, batch)
     w = batch["valid"]
     b = w.shape[0]
     n = jnp.sum(w)
@@ -159,7 +164,12 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
   def eval_step(params, loss_state, ref_params, batch):
     return accumulate(lambda mb: micro_loss(params, loss_state, ref_params, mb), batch)
 
-  return StepFns(train_step, eval_step)
+  def example_metrics(params, loss_state, ref_params, batch):
+    """Per-example loss and metrics ([b] each) of one micro-batch, e.g. λ per pair."""
+    _, loss_b, metrics = forward(params, loss_state, ref_params, batch)
+    return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
+
+  return StepFns(train_step, eval_step, example_metrics)
 
 
 def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -338,6 +348,26 @@ def checkpoint_meta(run: Run, step: int) -> dict:
           "config": run.config.to_json_best_effort()}
 
 
+def log_pair_metrics(run: Run, state: dict, path: str, n: int):
+  """Per-pair loss metrics of the first n training examples (e.g. the gradient weight λ) with
+  the current policy and reference, saved to `path` (.npz). At step 0 this shows how the
+  reference weighs each pair before training: λ = ½ for every pair when ref = policy, and
+  σ(β(m_guide − m_init))-like spreads with a guiding reference (Pre-DPO)."""
+  from dpo_jax import evaluate   # noqa: PLC0415
+  n = min(n, len(run.train_data.examples))
+  fn = jax.jit(lambda p, ls, rp, b: run.fns.example_metrics(p, ls, rp, b))
+  cols = {k: v[:n] for k, v in run.train_data.columns.items()}
+  out = evaluate.map_batches(
+      lambda b: fn(state["params"], state["loss_state"], run.ref_params, b),
+      run.train_data.examples[:n], mesh=run.mesh, rules=run.rules,
+      batch_size=run.config.eval_batch_size or run.config.batch_size,
+      buckets=run.train_data.buckets, pad_id=run.train_data.pad_id, columns=cols,
+      per_example=True)
+  if jax.process_index() == 0:
+    np.savez(path, **{k.replace("/", "_"): v for k, v in out.items()})
+  return out
+
+
 def save_state(mgr, run: Run, state: dict, step: int):
   checkpoint.save(mgr, step, state["params"], {k: v for k, v in state.items() if k != "params"},
                   checkpoint_meta(run, step), ref=run.ref_params if run.reference.saved else None)
@@ -370,6 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   start = mgr.latest_step() or 0
   if start:   # initialisation precedence: resume workdir > init_from > scratch
     state = restore_state(mgr, run, start)
+  elif config.log_pair_metrics:
+    log_pair_metrics(run, state, os.path.join(workdir, "pairs_start.npz"),
+                     config.log_pair_metrics)
 
   step_jit = run.jit_train_step()
   eval_jit = jax.jit(run.fns.eval_step)

@@ -1,0 +1,89 @@
+"""Multi-stage runs from one config: Pre-DPO's two stages, the synthetic task's SFT → pairs →
+preference → evaluation.
+
+A config with `config.stages` (a ConfigDict of stages) and `config.stage_order` (their names, in
+order; ConfigDict itself iterates sorted) runs each stage in W/<stage>/. A stage is
+a partial config: its keys override the base config for that stage only, and `kind` names what
+the stage does (default "train"). Strings may refer to `{workdir}` (the pipeline's W), e.g.
+Pre-DPO's stage 2 sets reference.path="{workdir}/stage1". Each stage resumes or skips on its
+own, so re-running the command continues where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable
+
+import ml_collections
+
+# kind -> fn(stage_config, stage_workdir) -> result dict; other modules add kinds.
+STAGE_KINDS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {}
+
+
+def stage_kind(name: str):
+  def deco(fn):
+    STAGE_KINDS[name] = fn
+    return fn
+  return deco
+
+
+@stage_kind("train")
+def _train(config, workdir):
+  from dpo_jax import train   # noqa: PLC0415
+  return train.train_and_evaluate(config, workdir)
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str,
+                 workdir: str) -> tuple[str, ml_collections.ConfigDict]:
+  """(kind, the full config of stage `name`) with its overrides applied."""
+  stage = config.stages[name]
+  out = copy.deepcopy(config)
+  out.unlock()
+  del out["stages"]
+  del out["stage_order"]
+  kind = stage.get("kind", "train")
+  if kind not in STAGE_KINDS:
+    raise ValueError(f"config.stages.{name}.kind={kind!r}; known kinds: {sorted(STAGE_KINDS)}")
+  _override(out, stage, f"config.stages.{name}", workdir)
+  out.lock()
+  return kind, out
+
+
+def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir: str):
+  for key, value in overrides.items():
+    if key == "kind":
+      continue
+    if key not in target:
+      raise KeyError(f"{where}.{key}: not a key of the base config")
+    if key == "loss":   # a stage's loss replaces the base loss (its hparams differ)
+      target[key] = copy.deepcopy(value)
+      continue
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(
+        target[key], ml_collections.ConfigDict) and key != "stages":
+      _override(target[key], value, f"{where}.{key}", workdir)
+    else:
+      if isinstance(value, str):
+        value = value.format(workdir=workdir)
+      target[key] = value
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  order = tuple(config.stage_order)
+  if sorted(order) != sorted(config.stages):
+    raise ValueError(f"config.stage_order={order} must name each of config.stages "
+                     f"{sorted(config.stages)} once")
+  results = {}
+  for name in order:
+    kind, cfg = stage_config(config, name, workdir)
+    results[name] = STAGE_KINDS[kind](cfg, os.path.join(workdir, name))
+  return results
+
+
+def print_summary(workdir: str, results: dict[str, Any]):
+  from dpo_jax import train   # noqa: PLC0415
+  for name, result in results.items():
+    print(f"\n== stage {name}: {os.path.join(workdir, name)}")
+    if isinstance(result, dict) and os.path.exists(os.path.join(workdir, name, "metrics.jsonl")):
+      train.print_summary(os.path.join(workdir, name), result)
+    elif result:
+      print(result)
