@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.init = config_dict.placeholder(str)   # HF dir or dpo_jax checkpoint; None: built-in
+  c.model.tokenizer = config_dict.placeholder(str)   # None: init's tokenizer (or the byte one)
   # Built-in architecture (used when init is None; otherwise the source's config.json wins).
   for field in ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
                 "num_heads", "num_kv_heads", "rope_theta", "max_position_embeddings",

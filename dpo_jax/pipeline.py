@@ -11,6 +11,7 @@ own, so re-running the command continues where it stopped.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any, Callable
 
@@ -33,6 +34,58 @@ def _train(config, workdir):
   return train.train_and_evaluate(config, workdir)
 
 
+@stage_kind("synthetic_task")
+def _synthetic_task(config, workdir):
+  """Writes the synthetic task's demonstrations, prompts and tokenizer (deterministic)."""
+  from dpo_jax.data import synthetic   # noqa: PLC0415
+  return synthetic.write_task(workdir, n_demos=config.task.n_demos, n_eval=config.task.n_eval,
+                              seed=config.seed)
+
+
+@stage_kind("pairs")
+def _pairs(config, workdir):
+  """Samples from config.pairs.model, scores, pairs; W/<stage>/pairs.jsonl (kept if present)."""
+  from dpo_jax import pairs   # noqa: PLC0415
+  out = os.path.join(workdir, "pairs.jsonl")
+  if os.path.exists(out + ".stats.json"):
+    with open(out + ".stats.json") as f:
+      return json.load(f)
+  p = config.pairs
+  sampling = pairs.Sampling(n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                            max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
+                            seed=config.seed)
+  return pairs.generate_pairs(p.model, p.prompts, out, scorer=p.scorer, sampling=sampling,
+                              rule=p.rule, margin=p.margin, label_noise=p.label_noise,
+                              max_prompts=p.max_prompts)
+
+
+@stage_kind("evaluate")
+def _evaluate(config, workdir):
+  """Ground-truth evaluation of each of config.evaluate.policies against .baseline."""
+  from dpo_jax import evaluate, pairs, sharding   # noqa: PLC0415
+  out = os.path.join(workdir, "results.json")
+  if os.path.exists(out):
+    with open(out) as f:
+      return json.load(f)
+  e = config.evaluate
+  mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
+  reward_fn = pairs.function_scorer(e.reward)
+  fn = lambda prompt, text: reward_fn([prompt], [[(None, text)]])[0][0]
+  prompts = pairs.read_prompts(e.prompts)
+  sampling = pairs.Sampling(n=e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens,
+                            batch_size=e.batch_size, seed=config.seed + 1)
+  baseline = pairs.Model.load(e.baseline, mesh, rules)
+  results = {}
+  for name, path in e.policies.items():
+    policy = pairs.Model.load(path, mesh, rules)
+    results[name] = evaluate.ground_truth(policy, baseline, prompts, fn, sampling, mesh, rules)
+  os.makedirs(workdir, exist_ok=True)
+  with open(out + ".tmp", "w") as f:
+    json.dump(results, f, indent=1)
+  os.replace(out + ".tmp", out)
+  return results
+
+
 def stage_config(config: ml_collections.ConfigDict, name: str,
                  workdir: str) -> tuple[str, ml_collections.ConfigDict]:
   """(kind, the full config of stage `name`) with its overrides applied."""
@@ -45,8 +98,17 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
   if kind not in STAGE_KINDS:
     raise ValueError(f"config.stages.{name}.kind={kind!r}; known kinds: {sorted(STAGE_KINDS)}")
   _override(out, stage, f"config.stages.{name}", workdir)
+  _format_paths(out, workdir)
   out.lock()
   return kind, out
+
+
+def _format_paths(c: ml_collections.ConfigDict, workdir: str):
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      _format_paths(value, workdir)
+    elif isinstance(value, str) and "{workdir}" in value:
+      c[key] = value.replace("{workdir}", workdir)
 
 
 def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir: str):
@@ -62,8 +124,6 @@ def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir:
         target[key], ml_collections.ConfigDict) and key != "stages":
       _override(target[key], value, f"{where}.{key}", workdir)
     else:
-      if isinstance(value, str):
-        value = value.format(workdir=workdir)
       target[key] = value
 
 

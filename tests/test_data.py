@@ -638,7 +638,7 @@ BAD_ROWS = {
         r"field 'label' must be a boolean, got 1"),
     "label_string": ({"prompt": "p", "completion": "c", "label": "true"},
         r"field 'label' must be a boolean, got 'true'"),
-    "label_missing": ({"prompt": "p", "completion": "c"},
+    "label_null": ({"prompt": "p", "completion": "c", "label": None},
         r"field 'label' must be a boolean, got None"),
     "completion_empty": ({"prompt": "p", "completion": "", "label": True},
         r"field 'completion' is missing or empty"),
@@ -782,3 +782,12 @@ def test_fuzz_rows_give_a_valid_batch_or_a_data_error(rows, word, mode, skip):
   for v in batch.values():
     assert np.isfinite(v).all()
   assert set(np.unique(batch["label"])) <= {0.0, 1.0}
+
+
+def test_prompt_completion_rows_are_demonstrations():
+  """TRL's prompt-completion (SFT) rows: no label means a desirable completion."""
+  tok = byte_tokenizer()
+  examples, skipped = P.tokenize_rows(
+      [{"prompt": "Say hi.", "completion": "hi"}], tok, P.TokenizeOptions(64, 32))
+  assert skipped == 0 and examples[0].label == 1.0 and examples[0].rejected is None
+  assert examples[0].chosen == tok.encode("hi", add_special_tokens=False) + [tok.eos_token_id]

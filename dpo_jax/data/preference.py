@@ -11,6 +11,7 @@ Row formats (TRL's dataset formats):
                             prompt is the common prefix (the shared leading messages, or the
                             shared text cut back to a whitespace boundary)
   unpaired:                 {"prompt": ..., "completion": ..., "label": bool}
+  demonstrations (SFT):     {"prompt": ..., "completion": ...} (no label: desirable)
 One data set is either paired or unpaired; a row of the other kind is a bad row.
 
 Sources: a JSONL file (.jsonl, or .json holding JSON lines or one JSON array), a .parquet /
@@ -214,7 +215,7 @@ def normalize(row: dict, where: str) -> dict:
     raise DataError(f"{where}: expected an object with fields prompt/chosen/rejected or "
                     f"prompt/completion/label, got {type(row).__name__}")
   if "completion" in row or "label" in row:
-    label = row.get("label")
+    label = row.get("label", True)   # TRL's prompt-completion (SFT) rows have no label
     if not isinstance(label, (bool, np.bool_)):
       raise DataError(f"{where}: field 'label' must be a boolean, got {label!r}")
     conv = _check_field(where, "prompt", row.get("prompt"), None)
@@ -282,12 +283,22 @@ def _messages(msgs: list[dict]) -> list[dict]:
   return [{k: v for k, v in m.items() if v is not None} for m in msgs]
 
 
+def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
+  """A prompt's token ids exactly as training sees them (for sampling from it)."""
+  if isinstance(prompt, str):
+    ids = _encode(tokenizer, prompt)
+    if add_bos and tokenizer.bos_token_id is not None:
+      ids = [tokenizer.bos_token_id] + ids
+    return ids
+  text = tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True,
+                                       tokenize=False)
+  return _encode(tokenizer, text)
+
+
 def _render(tokenizer, prompt, completion, conversational: bool, add_bos: bool):
   """(prompt_ids, completion_ids) for one sequence."""
   if not conversational:
-    prompt_ids = _encode(tokenizer, prompt)
-    if add_bos and tokenizer.bos_token_id is not None:
-      prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     completion_ids = _encode(tokenizer, completion)
     if tokenizer.eos_token_id is not None:
       completion_ids = completion_ids + [tokenizer.eos_token_id]

@@ -57,7 +57,11 @@ def load_params(path: Optional[str], cfg: ModelConfig, mesh, rules, seed: int = 
 
 
 def load_tokenizer(path: Optional[str]):
-  """The source's tokenizer; a dpo_jax workdir keeps its tokenizer in W/tokenizer."""
+  """The source's tokenizer; a dpo_jax workdir keeps its tokenizer in W/tokenizer. `path` may
+  also be a directory holding only tokenizer files."""
+  if path and not hf_io.is_hf_dir(path) and os.path.exists(
+      os.path.join(path, "tokenizer_config.json")):
+    return hf_io.load_tokenizer(path)
   kind = source_kind(path)
   if kind == "hf":
     return hf_io.load_tokenizer(path)

@@ -1,0 +1,272 @@
+"""Synthetic preference pairs: sample N responses per prompt, score them, pair them, write JSONL.
+
+    python -m dpo_jax.pairs --model DIR --prompts prompts.jsonl --out pairs.jsonl --n 4 \\
+        --scorer fn:dpo_jax.data.synthetic:reward          # a reward function (prompt, response)
+        --scorer implicit --ref DIR --beta 0.1             # β·log(π/π_ref) of a DPO model
+        --scorer rm:DIR                                    # a transformers reward model (PyTorch)
+        [--rule best_worst | --rule margin --margin 0.2] [--label_noise 0.1]
+        [--temperature 1.0 --top_p 1.0 --top_k 0 --max_new_tokens 64 --seed 0]
+
+DIR is a Hugging Face directory or a dpo_jax checkpoint. Each prompt row is {"prompt": str or
+chat messages}. best_worst pairs each prompt's highest- against its lowest-scored response
+(skipped when they tie); empty responses are left out; margin takes every pair whose scores differ by at least --margin. With
+--label_noise ε each pair's labels are swapped with probability ε (seeded), as in the DPO paper's
+noisy-preference ablations. Output rows: {prompt, chosen, rejected, score_chosen,
+score_rejected}, the format training reads.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+
+SCORER_HELP = "fn:module:callable | implicit (with --ref) | rm:<HF reward model dir>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  n: int = 4
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 64
+  batch_size: int = 256
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class Model:
+  """A loaded model: config, params (on the mesh) and tokenizer."""
+  cfg: object
+  params: object
+  tokenizer: object
+
+  @classmethod
+  def load(cls, path: str, mesh, rules, dtype: str = "float32") -> "Model":
+    from dpo_jax.models import TINY, load   # noqa: PLC0415
+    cfg = load.model_config(path, TINY, dtype=dtype)
+    return cls(cfg, load.load_params(path, cfg, mesh, rules), load.load_tokenizer(path))
+
+
+def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
+                     ) -> list[list[tuple[list[int], str]]]:
+  """n responses per prompt: [(completion token ids incl. EOS if emitted, text)] per prompt."""
+  from dpo_jax import generate   # noqa: PLC0415
+  from dpo_jax.data import preference   # noqa: PLC0415
+  tok = model.tokenizer
+  ids = [preference.encode_prompt(tok, p) for p in prompts for _ in range(sampling.n)]
+  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+  tokens = []
+  for start in range(0, len(ids), sampling.batch_size):
+    chunk = ids[start:start + sampling.batch_size]
+    fill = sampling.batch_size - len(chunk)   # a fixed batch shape: one compilation
+    out = generate.sample(model.cfg, model.params, chunk + [chunk[0]] * fill,
+                          max_new_tokens=sampling.max_new_tokens,
+                          temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, eos_id=tok.eos_token_id, pad_id=pad,
+                          seed=sampling.seed * 1_000_003 + start)
+    tokens += [list(t) for t in out["tokens"][:len(chunk)]]
+  texts = [tok.decode([t for t in ts if t != tok.eos_token_id], skip_special_tokens=True)
+           for ts in tokens]
+  per = list(zip(tokens, texts))
+  return [per[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scorers: (prompts, responses per prompt) -> scores per prompt
+# ---------------------------------------------------------------------------------------------
+
+
+def function_scorer(spec: str) -> Callable:
+  """'module:callable' with callable(prompt, response_text) -> float."""
+  module, _, name = spec.partition(":")
+  fn = getattr(importlib.import_module(module), name)
+  return lambda prompts, responses: [[float(fn(p, text)) for _, text in rs]
+                                     for p, rs in zip(prompts, responses)]
+
+
+def implicit_scorer(policy: Model, ref: Model, beta: float, mesh, rules) -> Callable:
+  """β·(log π(y|x) − log π_ref(y|x)) of the sampled token ids."""
+  def score(prompts, responses):
+    lp = sequence_logps(policy, prompts, responses, mesh, rules)
+    lr = sequence_logps(ref, prompts, responses, mesh, rules)
+    return [[beta * (a - b) for a, b in zip(x, y)] for x, y in zip(lp, lr)]
+  return score
+
+
+def reward_model_scorer(path: str) -> Callable:
+  """A transformers AutoModelForSequenceClassification (PyTorch, CPU) on prompt + response."""
+  import torch   # noqa: PLC0415
+  import transformers   # noqa: PLC0415
+  rm = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(path)
+
+  def text_of(prompt, response):
+    if isinstance(prompt, str):
+      return prompt + " " + response
+    return tok.apply_chat_template(list(prompt) + [{"role": "assistant", "content": response}],
+                                   tokenize=False)
+
+  def score(prompts, responses):
+    out = []
+    with torch.no_grad():
+      for p, rs in zip(prompts, responses):
+        enc = tok([text_of(p, text) for _, text in rs], return_tensors="pt", padding=True)
+        out.append(rm(**enc).logits[:, 0].float().tolist())
+    return out
+  return score
+
+
+def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
+  """log π(y|x) summed over each sampled completion's tokens (EOS included when emitted)."""
+  from dpo_jax import evaluate   # noqa: PLC0415
+  from dpo_jax.data import preference   # noqa: PLC0415
+  tok = model.tokenizer
+  examples = [preference.Tokenized(preference.encode_prompt(tok, p), list(ids) or [tok.eos_token_id],
+                                   list(ids) or [tok.eos_token_id])
+              for p, rs in zip(prompts, responses) for ids, _ in rs]
+  longest = max(len(e.prompt) + len(e.chosen) for e in examples)
+  buckets = preference.default_buckets(max(32, longest))
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  out = evaluate.score_pairs(model.cfg, model.params, examples, mesh=mesh, rules=rules,
+                             batch_size=64, buckets=buckets, pad_id=pad)["chosen_logps"]
+  it = iter(out.tolist())
+  return [[next(it) for _ in rs] for rs in responses]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing
+# ---------------------------------------------------------------------------------------------
+
+
+def make_pairs(prompts, responses, scores, *, rule: str = "best_worst", margin: float = 0.0,
+               label_noise: float = 0.0, seed: int = 0) -> list[dict]:
+  if rule not in ("best_worst", "margin"):
+    raise ValueError(f"rule must be best_worst or margin, got {rule!r}")
+  rng = random.Random(seed)
+  rows = []
+  for p, rs, ss in zip(prompts, responses, scores):
+    # An empty response (EOS at once) cannot be a training completion: leave it out.
+    keep = [i for i, (_, text) in enumerate(rs) if text.strip()]
+    rs, ss = [rs[i] for i in keep], [ss[i] for i in keep]
+    if len(rs) < 2:
+      continue
+    candidates = []
+    if rule == "best_worst":
+      hi, lo = int(np.argmax(ss)), int(np.argmin(ss))
+      if ss[hi] > ss[lo]:
+        candidates.append((hi, lo))
+    else:
+      candidates = [(i, j) for i in range(len(rs)) for j in range(len(rs))
+                    if ss[i] - ss[j] >= max(margin, 1e-12)]
+    for i, j in candidates:
+      if rs[i][1] == rs[j][1]:
+        continue   # identical texts are no preference
+      if label_noise and rng.random() < label_noise:
+        i, j = j, i
+      rows.append({"prompt": p, "chosen": rs[i][1], "rejected": rs[j][1],
+                   "score_chosen": ss[i], "score_rejected": ss[j]})
+  return rows
+
+
+def write_jsonl(path: str, rows: Sequence[dict]):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)   # never a half-written dataset
+
+
+def read_prompts(path: str) -> list:
+  from dpo_jax.data import preference   # noqa: PLC0415
+  source, rows = preference.load_rows(path)
+  out = []
+  for i, row in enumerate(rows, 1):
+    if not isinstance(row, dict) or not row.get("prompt"):
+      raise ValueError(f"{source}: row {i}: field 'prompt' is missing or empty")
+    out.append(row["prompt"])
+  return out
+
+
+def build_scorer(spec: str, model: Model, *, ref: str | None, beta: float, mesh, rules):
+  if spec.startswith("fn:"):
+    return function_scorer(spec[3:])
+  if spec.startswith("rm:"):
+    return reward_model_scorer(spec[3:])
+  if spec == "implicit":
+    if not ref:
+      raise ValueError("--scorer implicit needs --ref (the DPO model's reference)")
+    return implicit_scorer(model, Model.load(ref, mesh, rules), beta, mesh, rules)
+  raise ValueError(f"unknown scorer {spec!r}; use {SCORER_HELP}")
+
+
+def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer: str,
+                   sampling: Sampling, rule: str = "best_worst", margin: float = 0.0,
+                   label_noise: float = 0.0, ref: str | None = None, beta: float = 0.1,
+                   scorer_model: str | None = None, max_prompts: int = 0) -> dict:
+  """The whole command; returns statistics (also written next to the output as .stats.json).
+
+  scorer_model: for 'implicit', the DPO model whose implicit reward scores (default: the
+  sampling model itself).
+  """
+  from dpo_jax import sharding   # noqa: PLC0415
+  mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
+  model = Model.load(model_path, mesh, rules)
+  prompts = read_prompts(prompts_path)
+  if max_prompts:
+    prompts = prompts[:max_prompts]
+  responses = sample_responses(model, prompts, sampling)
+  scoring_model = model if not scorer_model else Model.load(scorer_model, mesh, rules)
+  scores = build_scorer(scorer, scoring_model, ref=ref, beta=beta, mesh=mesh,
+                        rules=rules)(prompts, responses)
+  rows = make_pairs(prompts, responses, scores, rule=rule, margin=margin,
+                    label_noise=label_noise, seed=sampling.seed)
+  if not rows:
+    raise ValueError("no pairs: every prompt's responses scored the same")
+  write_jsonl(out_path, rows)
+  flat = [s for ss in scores for s in ss]
+  empty = sum(not text.strip() for rs in responses for _, text in rs)
+  stats = {"prompts": len(prompts), "responses": len(flat), "empty_responses": empty,
+           "pairs": len(rows),
+           "mean_score": float(np.mean(flat)), "mean_chosen": float(np.mean(
+               [r["score_chosen"] for r in rows])),
+           "mean_rejected": float(np.mean([r["score_rejected"] for r in rows])),
+           "label_noise": label_noise, "out": out_path}
+  with open(out_path + ".stats.json", "w") as f:
+    json.dump(stats, f, indent=1)
+  return stats
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m dpo_jax.pairs",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True)
+  p.add_argument("--prompts", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--scorer", required=True, help=SCORER_HELP)
+  p.add_argument("--ref", default=None)
+  p.add_argument("--beta", type=float, default=0.1)
+  p.add_argument("--scorer_model", default=None, help="implicit: the DPO model (default: "
+                 "--model)")
+  p.add_argument("--rule", default="best_worst", choices=("best_worst", "margin"))
+  p.add_argument("--margin", type=float, default=0.0)
+  p.add_argument("--label_noise", type=float, default=0.0)
+  p.add_argument("--max_prompts", type=int, default=0)
+  for f in dataclasses.fields(Sampling):
+    p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+  a = p.parse_args(argv)
+  sampling = Sampling(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Sampling)})
+  stats = generate_pairs(a.model, a.prompts, a.out, scorer=a.scorer, sampling=sampling,
+                         rule=a.rule, margin=a.margin, label_noise=a.label_noise, ref=a.ref,
+                         beta=a.beta, scorer_model=a.scorer_model, max_prompts=a.max_prompts)
+  print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+  main()
