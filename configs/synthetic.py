@@ -42,7 +42,7 @@ def base(arg) -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.ckpt_every = 1000
 
-  c.task = ml_collections.ConfigDict({"n_demos": 4096, "n_eval": 128})
+  c.task = ml_collections.ConfigDict({"n_demos": 4096, "n_eval": 128, "n_val": 128})
   c.pairs = ml_collections.ConfigDict({
       "model": "{workdir}/sft", "prompts": "{workdir}/task/prompts_train.jsonl",
       "scorer": "fn:" + REWARD, "n": 4, "rule": "best_worst", "margin": 0.0,
@@ -79,7 +79,7 @@ def get_config(arg=None):
   c = base(arg)
   sft_steps, pref_steps = (8, 4) if arg.runlocal else (400, 150)
   if arg.runlocal:
-    c.task.n_demos, c.task.n_eval = 256, 16
+    c.task.n_demos, c.task.n_eval, c.task.n_val = 256, 16, 16
     c.pairs.max_prompts, c.evaluate.n, c.batch_size = 64, 2, 8
     c.log_every = c.eval_every = 4
   c.evaluate.policies[arg.method] = "{workdir}/" + arg.method

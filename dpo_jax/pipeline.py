@@ -39,7 +39,7 @@ def _synthetic_task(config, workdir):
   """Writes the synthetic task's demonstrations, prompts and tokenizer (deterministic)."""
   from dpo_jax.data import synthetic   # noqa: PLC0415
   return synthetic.write_task(workdir, n_demos=config.task.n_demos, n_eval=config.task.n_eval,
-                              seed=config.seed)
+                              n_val=config.task.n_val, seed=config.seed)
 
 
 @stage_kind("pairs")
@@ -117,7 +117,10 @@ def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir:
       continue
     if key not in target:
       raise KeyError(f"{where}.{key}: not a key of the base config")
-    if key == "loss":   # a stage's loss replaces the base loss (its hparams differ)
+    if key == "loss" or (isinstance(target[key], ml_collections.ConfigDict)
+                         and not target[key]):
+      # A stage's loss replaces the base loss (its hparams differ); so does a filled-in empty
+      # section such as evaluate.policies.
       target[key] = copy.deepcopy(value)
       continue
     if isinstance(value, ml_collections.ConfigDict) and isinstance(

@@ -109,10 +109,11 @@ def all_prompts() -> list[str]:
   return out   # 4 · C(16, 3) = 2240 prompts
 
 
-def split_prompts(n_eval: int) -> tuple[list[str], list[str]]:
-  """(train prompts, held-out prompts): disjoint, fixed."""
+def split_prompts(n_eval: int, n_val: int = 0) -> tuple[list[str], list[str], list[str]]:
+  """(train, held-out evaluation, validation) prompts: disjoint and fixed. Validation prompts
+  are for choosing hyperparameters, so that the held-out numbers are not selected on."""
   prompts = all_prompts()
-  return prompts[n_eval:], prompts[:n_eval]
+  return (prompts[n_eval + n_val:], prompts[:n_eval], prompts[n_eval:n_eval + n_val])
 
 
 def demonstration(prompt: str, rng: random.Random) -> str:
@@ -125,18 +126,20 @@ def demonstration(prompt: str, rng: random.Random) -> str:
   return " ".join(rng.choice(groups[rng.choices(kinds, probs)[0]]) for _ in range(n))
 
 
-def write_task(outdir: str, *, n_demos: int, n_eval: int, seed: int = 0) -> dict:
+def write_task(outdir: str, *, n_demos: int, n_eval: int, n_val: int = 128,
+               seed: int = 0) -> dict:
   """Writes demos.jsonl {prompt, completion} (SFT data), prompts_train.jsonl,
-  prompts_eval.jsonl {prompt} and tokenizer/ into outdir; returns their paths."""
+  prompts_eval.jsonl, prompts_val.jsonl {prompt} and tokenizer/ into outdir; returns paths."""
   os.makedirs(outdir, exist_ok=True)
-  train_prompts, eval_prompts = split_prompts(n_eval)
+  train_prompts, eval_prompts, val_prompts = split_prompts(n_eval, n_val)
   rng = random.Random(seed)
   paths = {k: os.path.join(outdir, f"{k}.jsonl") for k in ("demos", "prompts_train",
-                                                          "prompts_eval")}
+                                                          "prompts_eval", "prompts_val")}
   rows = {"demos": [{"prompt": p, "completion": demonstration(p, rng)}
                     for p in rng.choices(train_prompts, k=n_demos)],
           "prompts_train": [{"prompt": p} for p in train_prompts],
-          "prompts_eval": [{"prompt": p} for p in eval_prompts]}
+          "prompts_eval": [{"prompt": p} for p in eval_prompts],
+          "prompts_val": [{"prompt": p} for p in val_prompts]}
   for k, path in paths.items():
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
