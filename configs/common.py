@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.truncation_mode = "keep_end"
   c.data.buckets = ()              # () = powers of two from 32 up to max_length
   c.data.on_error = "fail"         # fail | skip (bad rows are counted)
+  c.data.packing = False           # several sequences per row, segment ids (data/packing.py)
+  c.data.row_length = 0            # packed row length; 0: the largest bucket (max_length)
+  c.data.row_buckets = ()          # () = packing.default_row_buckets (4 per octave)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from dpo_jax import checkpoint, losses, reference, sharding, writers
-from dpo_jax.data import preference
+from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import ModelConfig
 
@@ -190,6 +190,13 @@ def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
   return out
 
 
+def train_batch(data, step: int, k: int) -> dict[str, np.ndarray]:
+  """Batch `step` with a leading micro-batch axis; packed data is packed per micro-batch."""
+  if isinstance(data, packing.PackedBatches):
+    return data.microbatches(step, k)
+  return microbatches(data(step), k)
+
+
 # =============================================================================================
 # Setup: config -> model, data, reference, state, shardings
 # =============================================================================================
@@ -253,7 +260,13 @@ def load_data(config, tokenizer, pad_id: int):
     eval_examples = [examples[i] for i in order[:n_eval]]
     examples = [examples[i] for i in sorted(order[n_eval:])]
   buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
-  train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id)
+  if config.data.packing:   # several sequences per row (data/packing.py)
+    train = packing.PackedBatches(
+        examples, config.batch_size, config.seed, buckets, pad_id,
+        row_length=config.data.row_length or max(buckets),
+        row_buckets=tuple(config.data.row_buckets) or None)
+  else:
+    train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id)
   return train, eval_examples, skipped
 
 
@@ -270,6 +283,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
   train_data, eval_examples, _ = load_data(config, tokenizer, pad_id)
 
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+  if isinstance(train_data, packing.PackedBatches):
+    train_data.row_multiple = n_batch   # packed rows shard evenly over data×fsdp
   micro = config.batch_size // max(config.grad_accum, 1)
   if micro % n_batch:
     raise ValueError(f"config.batch_size={config.batch_size} / config.grad_accum="
@@ -415,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   step_times, seen_shapes = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
   for step in bar:
-    batch_np = microbatches(run.train_data(step), config.grad_accum)
+    batch_np = train_batch(run.train_data, step, config.grad_accum)
     if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
       seen_shapes.add(batch_np["tokens"].shape)
       clean = False
