@@ -65,6 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.reference.sync_every = 512     # TR-DPO τ (TRL's ref_model_sync_steps)
   c.reference.sync_alpha = 0.6     # TR-DPO α (TRL's ref_model_mixup_alpha)
 
+  c.teacher = ml_collections.ConfigDict()   # daDPO's teacher (dpo_jax/teacher.py)
+  c.teacher.mode = "none"          # none | step | precomputed
+  c.teacher.path = config_dict.placeholder(str)
+  c.teacher.dtype = "float32"
+
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 5e-4
   c.optim.warmup_ratio = 0.1

@@ -91,22 +91,9 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
                      f"{spec.name!r} needs per-token reference values; use 'initial'")
   if workdir is None:
     raise ValueError("config.reference.mode='precomputed' needs a workdir for its cache")
-  weights_key = fingerprint_params(params, extra=(cfg.dtype, ref_cfg.dtype, chunk) + stats)
-  scorer = _scorer(graphdef, chunk, stats)
-
-  def columns(examples, split):
-    key = hashlib.sha256((weights_key + fingerprint_examples(examples)).encode()).hexdigest()
-    path_ = os.path.join(workdir, "ref_cache", f"{split}-{key[:20]}.npz")
-    if os.path.exists(path_):
-      with np.load(path_) as f:
-        return {k: f[k] for k in f.files}
-    cols = _precompute(scorer, params, examples, mesh, rules, batch_size, buckets, pad_id,
-                       stats)
-    os.makedirs(os.path.dirname(path_), exist_ok=True)
-    tmp = path_ + ".tmp.npz"
-    np.savez(tmp, **cols)
-    os.replace(tmp, path_)   # a kill mid-write never leaves a cache that looks complete
-    return cols
+  columns = cached_columns("ref", graphdef, params, mesh, rules, chunk=chunk, stats=stats,
+                           workdir=workdir, batch_size=batch_size, buckets=buckets,
+                           pad_id=pad_id, extra=(cfg.dtype, ref_cfg.dtype))
 
   def cached(ref_params, batch):
     del ref_params
@@ -156,6 +143,31 @@ def fingerprint_params(params, extra=()) -> str:
   return h.hexdigest()
 
 
+def cached_columns(prefix: str, graphdef, params, mesh, rules, *, chunk: int, stats=(),
+                   workdir: str, batch_size: int, buckets, pad_id: int, extra=()):
+  """A function (examples, split) -> {"<prefix>_logps": [N, 2], "<prefix>_<stat>": [N, 2]}
+  that computes a frozen model's summed log-probs of every example once and keeps them in
+  W/<prefix>_cache/<split>-<fingerprint>.npz, keyed by the tokenised examples and the weights.
+  """
+  weights_key = fingerprint_params(params, extra=(chunk,) + tuple(stats) + tuple(extra))
+  score = _scorer(graphdef, chunk, tuple(stats))
+
+  def columns(examples, split):
+    key = hashlib.sha256((weights_key + fingerprint_examples(examples)).encode()).hexdigest()
+    path = os.path.join(workdir, f"{prefix}_cache", f"{split}-{key[:20]}.npz")
+    if os.path.exists(path):
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+    cols = _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id,
+                       stats, prefix)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **cols)
+    os.replace(tmp, path)   # a kill mid-write never leaves a cache that looks complete
+    return cols
+  return columns
+
+
 def _scorer(graphdef, chunk, stats):
   @jax.jit
   def score(params, batch):
@@ -164,9 +176,10 @@ def _scorer(graphdef, chunk, stats):
   return score
 
 
-def _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id, stats):
+def _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id, stats,
+                prefix):
   from dpo_jax import evaluate   # noqa: PLC0415 (evaluate imports models too)
   out = evaluate.map_batches(lambda batch: score(params, batch), examples, mesh=mesh,
                              rules=rules, batch_size=batch_size, buckets=buckets, pad_id=pad_id)
-  return {f"ref_{k}": np.stack([v[0], v[1]], axis=1).astype(np.float32)
+  return {f"{prefix}_{k}": np.stack([v[0], v[1]], axis=1).astype(np.float32)
           for k, v in {"logps": out["logps"], **{s: out[s] for s in stats}}.items()}

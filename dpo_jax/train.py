@@ -2,11 +2,13 @@
 
 The step is a pure function of plain pytrees:
 
-    state, metrics = train_step(state, ref_params, batch)
+    state, metrics = train_step(state, frozen, batch)
 
-state = {step, params, opt_state, loss_state, rng}; batch leaves have a leading micro-batch
+state = {step, params, opt_state, loss_state, rng}; frozen = {"ref": reference params,
+"teacher": teacher params} (either None when unused); batch leaves have a leading micro-batch
 axis [k, ...] (k = config.grad_accum), each micro-batch holding 2b rows [chosen; rejected].
-Policy forward+backward and the reference forward (stop_gradient) run in the same program.
+Policy forward+backward and the reference (and teacher) forwards under stop_gradient run in
+the same program.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpo_jax import checkpoint, losses, reference, sharding, writers
+from dpo_jax import checkpoint, losses, reference, sharding, teacher, writers
 from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import ModelConfig
@@ -54,9 +56,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 
 @dataclasses.dataclass(frozen=True)
 class StepFns:
-  train_step: Callable      # (state, ref_params, batch) -> (state, metrics)
-  eval_step: Callable       # (params, loss_state, ref_params, batch) -> metric sums
-  example_metrics: Callable  # (params, loss_state, ref_params, batch) -> {name: [b]}
+  train_step: Callable      # (state, frozen, batch) -> (state, metrics)
+  eval_step: Callable       # (params, loss_state, frozen, batch) -> metric sums
+  example_metrics: Callable  # (params, loss_state, frozen, batch) -> {name: [b]}
 
 
 # What a loss's `token_stats` asks for: the model statistic computed on each side.
@@ -69,7 +71,7 @@ def side_stats(spec: losses.LossSpec, table: dict) -> tuple[str, ...]:
 
 
 def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
-               vocab_size: int) -> losses.PairLogps:
+               vocab_size: int, teacher: dict | None = None) -> losses.PairLogps:
   """Splits the 2b per-sequence values into chosen (first half) and rejected (second half)."""
   b = batch["valid"].shape[0]
   first, second = (lambda x: x[:b]), (lambda x: x[b:])
@@ -81,9 +83,12 @@ def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
     ent, n = ref["entropy"], pol["lens"]
     extra["ref_entropy"] = ((first(ent) + second(ent)) / jnp.maximum(first(n) + second(n), 1)
                             / jnp.log(vocab_size))
-  if "teacher_logps" in batch:   # daDPO with precomputed teacher log-probs
-    extra["teacher_chosen"] = first(batch["teacher_logps"])
-    extra["teacher_rejected"] = second(batch["teacher_logps"])
+  if teacher is not None and "logps" in teacher:   # daDPO, sequence level
+    extra["teacher_chosen"] = first(teacher["logps"])
+    extra["teacher_rejected"] = second(teacher["logps"])
+  if "teacher_kl" in pol:   # daDPO, token level: Σ over completion tokens of KL(π_te ‖ π_θ)
+    extra["teacher_kl_chosen"] = first(pol["teacher_kl"])
+    extra["teacher_kl_rejected"] = second(pol["teacher_kl"])
   tok = lambda src, half: None if src is None or "tokens/logp" not in src else half(
       src["tokens/logp"])
   return losses.PairLogps(
@@ -97,22 +102,24 @@ def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
 
 
 def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
-              ref_logps_fn: Callable, *, chunk: int) -> StepFns:
-  """Builds the pure train and eval steps for one loss and one reference mode."""
+              ref_logps_fn: Callable, *, chunk: int,
+              teacher_fn: Callable = lambda params, batch: None) -> StepFns:
+  """Builds the pure train and eval steps for one loss, one reference mode and one teacher."""
   stats = side_stats(spec, POLICY_STATS)
 
-  def forward(params, loss_state, ref_params, batch):
+  def forward(params, loss_state, frozen, batch):
     model = core.merge(graphdef, params)
+    te = teacher_fn(frozen["teacher"], batch)
     pol = logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats,
-                                  tokens=spec.needs_tokens)
-    ref = ref_logps_fn(ref_params, batch)
-    logps = pair_logps(spec, pol, ref, batch, model.cfg.vocab_size)
+                                  tokens=spec.needs_tokens, teacher=teacher.kl_teacher(te))
+    ref = ref_logps_fn(frozen["ref"], batch)
+    logps = pair_logps(spec, pol, ref, batch, model.cfg.vocab_size, te)
     loss_b, metrics = spec(logps, **hparams, **loss_state)
     return pol, loss_b, metrics
 
-  def micro_loss(params, loss_state, ref_params, batch):
+  def micro_loss(params, loss_state, frozen, batch):
     """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
-    pol, loss_b, metrics = forward(params, loss_state, ref_params, batch)
+    pol, loss_b, metrics = forward(params, loss_state, frozen, batch)
     w = batch["valid"]
     b = w.shape[0]
     n = jnp.sum(w)
@@ -142,10 +149,10 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     metrics["loss"] = loss_sum / n_valid
     return metrics
 
-  def train_step(state, ref_params, batch):
+  def train_step(state, frozen, batch):
     n_valid = jnp.sum(batch["valid"])
     (loss_sum, sums), grads = accumulate(
-        lambda mb: grad_fn(state["params"], state["loss_state"], ref_params, mb), batch)
+        lambda mb: grad_fn(state["params"], state["loss_state"], frozen, mb), batch)
     # Exact accumulation: every micro-batch contributed a SUM; divide once by the pair count.
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     metrics = finish(loss_sum, sums, n_valid)
@@ -161,12 +168,12 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     }
     return new_state, metrics
 
-  def eval_step(params, loss_state, ref_params, batch):
-    return accumulate(lambda mb: micro_loss(params, loss_state, ref_params, mb), batch)
+  def eval_step(params, loss_state, frozen, batch):
+    return accumulate(lambda mb: micro_loss(params, loss_state, frozen, mb), batch)
 
-  def example_metrics(params, loss_state, ref_params, batch):
+  def example_metrics(params, loss_state, frozen, batch):
     """Per-example loss and metrics ([b] each) of one micro-batch, e.g. λ per pair."""
-    _, loss_b, metrics = forward(params, loss_state, ref_params, batch)
+    _, loss_b, metrics = forward(params, loss_state, frozen, batch)
     return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
 
   return StepFns(train_step, eval_step, example_metrics)
@@ -218,8 +225,14 @@ class Run:
   state_shardings: Any
   reference: reference.Reference
   ref_params: Any
+  teacher: teacher.Teacher
   fns: StepFns
   batch_sharding: Callable
+
+  @property
+  def frozen(self) -> dict:
+    """The step's frozen models: {"ref": reference params, "teacher": teacher params}."""
+    return {"ref": self.ref_params, "teacher": self.teacher.params}
 
   def jit_train_step(self):
     """The step with fixed state shardings in and out (so it compiles once per batch shape)
@@ -297,12 +310,17 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
       chunk=config.logprob_chunk, stats=side_stats(spec, REF_STATS), tokens=spec.needs_tokens,
       workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
       buckets=train_data.buckets, pad_id=pad_id)
-  train_data.columns = ref.columns(train_data.examples, "train")
-  eval_columns = ref.columns(eval_examples, "eval") if eval_examples else {}
+  te = teacher.build(config.teacher, spec, model_cfg, mesh, rules, chunk=config.logprob_chunk,
+                     workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
+                     buckets=train_data.buckets, pad_id=pad_id)
+  train_data.columns = {**ref.columns(train_data.examples, "train"),
+                        **te.columns(train_data.examples, "train")}
+  eval_columns = ({**ref.columns(eval_examples, "eval"), **te.columns(eval_examples, "eval")}
+                  if eval_examples else {})
   tx, schedule = make_optimizer(config.optim, config.steps)
   graphdef = core.split(model_cfg)[0]
   fns = make_step(graphdef, spec, hparams, tx, schedule, ref.logps_fn,
-                  chunk=config.logprob_chunk)
+                  chunk=config.logprob_chunk, teacher_fn=te.fn)
 
   rep = sharding.replicated(mesh)
   opt_state = jax.jit(tx.init)(params)
@@ -322,7 +340,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
     return jax.sharding.NamedSharding(mesh, spec_)
 
   return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples,
-             eval_columns, state, state_shardings, ref, ref.params, fns, batch_sharding)
+             eval_columns, state, state_shardings, ref, ref.params, te, fns, batch_sharding)
 
 
 def to_device(batch: dict[str, np.ndarray], run: Run) -> dict[str, Array]:
@@ -341,7 +359,7 @@ def evaluate(run: Run, eval_jit, state) -> dict:
   totals = None
   for batch in preference.eval_batches(run.eval_examples, bs, run.train_data.buckets,
                                        run.train_data.pad_id, run.eval_columns):
-    out = eval_jit(state["params"], state["loss_state"], run.ref_params,
+    out = eval_jit(state["params"], state["loss_state"], run.frozen,
                    to_device(microbatches(batch, 1), run))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   loss_sum, sums = jax.device_get(totals)
@@ -373,7 +391,7 @@ def log_pair_metrics(run: Run, state: dict, path: str, n: int):
   fn = jax.jit(lambda p, ls, rp, b: run.fns.example_metrics(p, ls, rp, b))
   cols = {k: v[:n] for k, v in run.train_data.columns.items()}
   out = evaluate.map_batches(
-      lambda b: fn(state["params"], state["loss_state"], run.ref_params, b),
+      lambda b: fn(state["params"], state["loss_state"], run.frozen, b),
       run.train_data.examples[:n], mesh=run.mesh, rules=run.rules,
       batch_size=run.config.eval_batch_size or run.config.batch_size,
       buckets=run.train_data.buckets, pad_id=run.train_data.pad_id, columns=cols,
@@ -434,7 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
       seen_shapes.add(batch_np["tokens"].shape)
       clean = False
-    state, metrics = step_jit(state, run.ref_params, to_device(batch_np, run))
+    state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
     done, n_since = step + 1, n_since + 1
     if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
       run.ref_params = run.reference.update(run.ref_params, state["params"])

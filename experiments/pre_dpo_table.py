@@ -49,12 +49,13 @@ def load_synthetic_config():
 
 SYN = load_synthetic_config()
 
+BETAS = (0.1, 0.3, 1.0, 3.0)
 GRIDS = {   # per method: hyperparameter sets searched on seed 0
-    "dpo": [{"beta": b} for b in (0.05, 0.1, 0.3)],
-    "simpo": [{"beta": b, "gamma": g} for b in (2.0, 2.5) for g in (0.5, 1.0)],
-    "pre_dpo_dpo": [{"beta": b} for b in (0.05, 0.1, 0.3)],
-    "pre_dpo_simpo": [{"beta": b} for b in (0.05, 0.1, 0.3)],
-    "dpo_2ep": [{"beta": b} for b in (0.05, 0.1, 0.3)],
+    "dpo": [{"beta": b} for b in BETAS],
+    "simpo": [{"beta": b, "gamma": g} for b in (2.5, 5.0, 10.0) for g in (0.5, 1.5)],
+    "pre_dpo_dpo": [{"beta": b} for b in BETAS],
+    "pre_dpo_simpo": [{"beta": b} for b in BETAS],
+    "dpo_2ep": [{"beta": b} for b in BETAS],
 }
 ROWS = [("SFT", None), ("DPO", "dpo"), ("SimPO", "simpo"), ("Pre-DPO (DPO)", "pre_dpo_dpo"),
         ("Pre-DPO (SimPO)", "pre_dpo_simpo"), ("DPO 2 epochs", "dpo_2ep")]

@@ -79,3 +79,30 @@ def test_left_align_and_reduce_packed_layout():
   red = logprobs.reduce_sequences({"logp": values, "logit_mean": values}, batch)
   np.testing.assert_array_equal(red["logps"], expected.sum(1))
   np.testing.assert_array_equal(red["lens"], [2, 3, 1, 2])
+
+
+def test_teacher_kl_matches_numpy():
+  rng = np.random.default_rng(3)
+  b, length, d, d_te, v = 2, 10, 8, 12, 23
+  h = rng.normal(size=(b, length, d)).astype(np.float32)
+  w = rng.normal(size=(d, v)).astype(np.float32)
+  h_te = rng.normal(size=(b, length, d_te)).astype(np.float32)
+  w_te = rng.normal(size=(d_te, v)).astype(np.float32)
+  tokens = rng.integers(0, v, size=(b, length))
+  out = logprobs.token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(tokens), chunk=3,
+                             teacher=(jnp.asarray(h_te), jnp.asarray(w_te)))
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  lp = log_softmax(np.einsum("bld,dv->blv", np.float64(h), np.float64(w)))
+  lt = log_softmax(np.einsum("bld,dv->blv", np.float64(h_te), np.float64(w_te)))
+  kl = np.zeros((b, length))
+  kl[:, 1:] = (np.exp(lt) * (lt - lp)).sum(-1)[:, :-1]
+  np.testing.assert_allclose(out["teacher_kl"], kl, rtol=1e-5, atol=1e-5)
+  # The gradient flows to the student only.
+  g = jax.grad(lambda h, h_te: logprobs.token_stats(
+      h, jnp.asarray(w), jnp.asarray(tokens), chunk=4,
+      teacher=(h_te, jnp.asarray(w_te)))["teacher_kl"].sum(), argnums=(0, 1))(
+          jnp.asarray(h), jnp.asarray(h_te))
+  assert float(jnp.abs(g[0]).sum()) > 0 and float(jnp.abs(g[1]).sum()) == 0

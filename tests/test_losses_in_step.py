@@ -11,8 +11,8 @@ from helpers import config
 TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
              "logps/rejected", "logits/chosen", "logits/rejected", "lambda")
 PAIRED_NAMES = ("rewards/accuracies",)
-# daDPO needs teacher log-probs in the batch; tests/test_dadpo.py trains it with a teacher.
-IN_STEP = [n for n in losses.names() if n != "dadpo"] + [
+# daDPO's losses need a teacher model; tests/test_dadpo.py trains them with one.
+IN_STEP = [n for n in losses.names() if not n.startswith("dadpo")] + [
     "wpo(simpo)", "ld(ipo)", "lcpo(hinge)", "sigmoid:0.8+bco_pair:0.2+sft:1.0"]
 
 
@@ -49,7 +49,7 @@ def test_loss_trains_in_step(name, unpaired_jsonl):
   history = []
   for i in range(2):
     batch = train.to_device(train.microbatches(run.train_data(i), 1), run)
-    state, metrics = step(state, run.ref_params, batch)
+    state, metrics = step(state, run.frozen, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   for m in history:
     assert np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0

@@ -241,7 +241,7 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
     assert bp["tokens"].shape == (k, n_rows, 128) and bp["valid"].shape == (k, 8 // k)
     assert bp["segment_ids"].max() >= 3   # rows really hold several sequences
     assert bp["tokens"].size < bu["tokens"].size
-    (state_u, mu), (state_p, mp) = step(state_u, state_p, run.ref_params,
+    (state_u, mu), (state_p, mp) = step(state_u, state_p, run.frozen,
                                         train.to_device(bu, run), train.to_device(bp, run))
     mu, mp = jax.device_get(mu), jax.device_get(mp)
     assert set(mu) == set(mp)

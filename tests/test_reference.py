@@ -20,7 +20,7 @@ def run_steps(cfg, n, workdir=None):
   state, history = run.state, []
   for i in range(n):
     batch = train.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
-    state, metrics = step(state, run.ref_params, batch)
+    state, metrics = step(state, run.frozen, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     if run.reference.update is not None and (i + 1) % run.reference.every == 0:
       run.ref_params = run.reference.update(run.ref_params, state["params"])
@@ -29,7 +29,7 @@ def run_steps(cfg, n, workdir=None):
 
 def flops(run):
   batch = train.to_device(train.microbatches(run.train_data(0), 1), run)
-  compiled = run.jit_train_step().lower(run.state, run.ref_params, batch).compile()
+  compiled = run.jit_train_step().lower(run.state, run.frozen, batch).compile()
   return compiled.cost_analysis()["flops"]
 
 

@@ -234,7 +234,7 @@ def jax_run(path: str, data: str, grad_accum: int, warmup_ratio: float, mesh: di
     batch_np = run.train_data(step)
     batches.append(batch_np)
     batch = train.to_device(train.microbatches(batch_np, grad_accum), run)
-    state, metrics = step_fn(state, run.ref_params, batch)
+    state, metrics = step_fn(state, run.frozen, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["params"] = jax.tree.map(np.asarray, jax.device_get(state["params"]))
     out.append(metrics)

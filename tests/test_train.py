@@ -23,7 +23,7 @@ def run_steps(cfg, n, devices=None):
   state, history = run.state, []
   for i in range(n):
     batch = train.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
-    state, metrics = step(state, run.ref_params, batch)
+    state, metrics = step(state, run.frozen, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return history, jax.device_get(state["params"]), run
 
@@ -118,7 +118,7 @@ def test_step_compiles_once_per_bucket():
   for i in range(12):
     batch_np = train.microbatches(run.train_data(i), 1)
     shapes.add(batch_np["tokens"].shape[-1])
-    state, _ = step(state, run.ref_params, train.to_device(batch_np, run))
+    state, _ = step(state, run.frozen, train.to_device(batch_np, run))
   assert shapes <= {36, 42, 48, 128} and len(shapes) == 3
   assert step._cache_size() == len(shapes)
 

@@ -15,11 +15,16 @@ STATS = ("logsumsq", "entropy")
 
 
 def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
-                chunk: int = 256, stats: tuple[str, ...] = ()) -> dict[str, Array]:
+                chunk: int = 256, stats: tuple[str, ...] = (),
+                teacher: tuple[Array, Array] | None = None) -> dict[str, Array]:
   """Statistics of predicting tokens[t] from position t-1, aligned with tokens ([B, L], f32).
 
   Always: "logp" = log p(tokens[t] | tokens[<t]) and "logit_mean" = mean logit over the vocab.
   Optional (`stats`): "logsumsq" = log Σ_v p_v² (WPO), "entropy" = −Σ_v p_v log p_v.
+  With teacher = (teacher hidden [B, L, D_te], teacher unembedding [D_te, V]) also
+  "teacher_kl" = KL(p_te ‖ p) = Σ_v p_te,v (log p_te,v − log p_v) per position (daDPO's
+  token-level distillation), computed chunk by chunk like the rest; the teacher's side carries
+  no gradient.
   Position 0 (no predecessor) is 0.
   """
   unknown = set(stats) - set(STATS)
@@ -35,10 +40,16 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
   h = h.reshape(b, n, c, d).swapaxes(0, 1)              # [n, B, c, D]
   t = t.reshape(b, n, c).swapaxes(0, 1)
   w = unembed_DxV.astype(hidden_BxLxD.dtype)
+  xs = (h, t)
+  if teacher is not None:
+    h_te, w_te = jax.lax.stop_gradient(teacher[0]), jax.lax.stop_gradient(teacher[1])
+    h_te = jnp.pad(h_te, ((0, 0), (0, pad), (0, 0)))
+    xs = (h, t, h_te.reshape(b, n, c, h_te.shape[-1]).swapaxes(0, 1))
+    w_te = w_te.astype(h_te.dtype)
 
   @jax.checkpoint
   def body(_, xs):
-    h_c, t_c = xs
+    h_c, t_c = xs[:2]
     logits = jnp.einsum("bcd,dv->bcv", h_c, w, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     out = {"logp": jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0] - lse}
@@ -46,9 +57,14 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
       out["logsumsq"] = jax.nn.logsumexp(2 * logits, axis=-1) - 2 * lse
     if "entropy" in stats:
       out["entropy"] = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+    if teacher is not None:
+      logp_te = jax.nn.log_softmax(
+          jnp.einsum("bcd,dv->bcv", xs[2], w_te, preferred_element_type=jnp.float32), axis=-1)
+      out["teacher_kl"] = jnp.sum(jnp.exp(logp_te) * (logp_te - (logits - lse[..., None])),
+                                  axis=-1)
     return None, out
 
-  _, out = jax.lax.scan(body, None, (h, t))
+  _, out = jax.lax.scan(body, None, xs)
   out = {k: v.swapaxes(0, 1).reshape(b, n * c)[:, :length] for k, v in out.items()}
   # The mean logit is linear in h: no need for the logits themselves. Metric only.
   out["logit_mean"] = jax.lax.stop_gradient(
@@ -59,19 +75,20 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
 
 
 def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ...] = (),
-                   tokens: bool = False) -> dict[str, Array]:
+                   tokens: bool = False, teacher=None) -> dict[str, Array]:
   """Per-sequence sums over completion tokens, [S] each (S = 2 × batch["valid"].size).
 
   Rows may hold one sequence each or several packed ones: tokens are assigned to sequences by
   batch["seq_index"], so one reduction serves both layouts. Returns
     logps: Σ log p over completion tokens    lens: completion token count
     logit_sum: Σ over completion tokens of the mean logit (for TRL's logits/* metrics)
-    <stat>: Σ of each requested statistic (see token_stats)
+    <stat>: Σ of each requested statistic (see token_stats; "teacher_kl" with `teacher`)
     with tokens=True also "tokens/logp" and "tokens/<stat>": per-token values [S, L],
             left-aligned (token k of each completion at column k, zero beyond its length).
   """
   hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-  tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats)
+  tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats,
+                    teacher=teacher)
   return reduce_sequences(tok, batch, with_tokens=tokens)
 
 

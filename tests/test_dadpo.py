@@ -1,0 +1,126 @@
+"""daDPO: the teacher's log-probs and token distributions enter the loss inside the step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import evaluate, losses, train
+from dpo_jax.models import core, hf_io
+from helpers import config
+
+SMALL = dict(data__max_length=64, data__max_prompt_length=40, data__eval_fraction=0.0,
+             optim__lr=1e-2, optim__warmup_ratio=0.0, eval_every=0, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A teacher with another architecture than the student (wider, deeper), same vocabulary."""
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  from dpo_jax.models import TINY, init_params
+  cfg = TINY.replace(hidden_size=96, intermediate_size=256, num_layers=3, num_heads=6,
+                     num_kv_heads=3)
+  path = tmp_path_factory.mktemp("teacher") / "hf"
+  hf_io.save_hf(str(path), cfg, init_params(cfg, 7), tokenizer=byte_tokenizer())
+  return str(path), cfg
+
+
+def first_step(cfg):
+  run = train.setup(cfg)
+  batch_np = run.train_data(0)
+  batch = train.to_device(train.microbatches(batch_np, 1), run)
+  per_example = jax.jit(run.fns.example_metrics)(
+      run.state["params"], run.state["loss_state"], run.frozen,
+      jax.tree.map(lambda x: x[0], batch))
+  return run, batch_np, jax.device_get(per_example)
+
+
+def test_dadpo_token_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  b = 16
+  pc, pr, rc, rr = (rng.normal(-40, 10, b) for _ in range(4))
+  lc, lr = rng.integers(1, 30, b), rng.integers(1, 30, b)
+  kc, kr = rng.uniform(0, 20, b), rng.uniform(0, 20, b)
+  logps = losses.PairLogps(pc, pr, rc, rr, lc, lr,
+                           extra={"teacher_kl_chosen": kc, "teacher_kl_rejected": kr})
+  for kl_on, kl in (("both", (kc + kr) / (lc + lr)), ("chosen", kc / lc)):
+    loss, m = losses.get("dadpo_token")(logps, beta=0.2, beta2=0.3, kl_on=kl_on)
+    h = 0.2 * ((pc - rc) - (pr - rr))
+    np.testing.assert_allclose(loss, np.logaddexp(0, -h) + 0.3 * kl, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(m["teacher_kl"], kl, rtol=1e-5)
+
+
+def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):
+  path, te_cfg = teacher_dir
+  cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta=0.1,
+               loss__beta2=0.5, teacher__mode="step", teacher__path=path)
+  run, batch_np, ex = first_step(cfg)
+  # Independent: score the same examples with each model through the scoring path.
+  examples = [run.train_data.examples[i] for i in run.train_data.indices(0)]
+  kw = dict(mesh=run.mesh, rules=run.rules, batch_size=8, buckets=run.train_data.buckets,
+            pad_id=run.train_data.pad_id)
+  pol = evaluate.score_pairs(run.model_cfg, run.state["params"], examples, **kw)
+  te = evaluate.score_pairs(te_cfg, run.teacher.params, examples, **kw)
+  # ref = initial policy, so the DPO part of z is 0 at the first step: z = −β2 Δ_te + β2 Δ_θ.
+  z = 0.5 * ((pol["chosen_logps"] - te["chosen_logps"]) -
+             (pol["rejected_logps"] - te["rejected_logps"]))
+  np.testing.assert_allclose(ex["loss"], np.logaddexp(0, -z), rtol=1e-4, atol=1e-5)
+  assert np.abs(z).max() > 0.1   # the teacher really differs from the student
+
+
+def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):
+  path, _ = teacher_dir
+  out = {}
+  for mode in ("step", "precomputed"):
+    cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, teacher__mode=mode,
+                 teacher__path=path)
+    run = train.setup(cfg, workdir=str(tmp_path))
+    assert (run.teacher.params is None) == (mode == "precomputed")
+    step = run.jit_train_step()
+    state, hist = run.state, []
+    for i in range(2):
+      batch = train.to_device(train.microbatches(run.train_data(i), 1), run)
+      state, m = step(state, run.frozen, batch)
+      hist.append({k: float(v) for k, v in jax.device_get(m).items()})
+    out[mode] = hist
+  for a, b in zip(out["step"], out["precomputed"]):
+    for k in ("loss", "rewards/margins", "lambda"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_token_dadpo_kl_matches_full_logits(teacher_dir):
+  path, te_cfg = teacher_dir
+  cfg = config("configs/dpo.py:runlocal,loss=dadpo_token", **SMALL, loss__beta2=1.0,
+               teacher__mode="step", teacher__path=path)
+  run, batch_np, ex = first_step(cfg)
+  # Independent: full logits of both models, KL per predicted completion token, in float64.
+  def full_logits(model_cfg, params):
+    model = core.merge(core.split(model_cfg)[0], params)
+    h, _ = model(jnp.asarray(batch_np["tokens"]), jnp.asarray(batch_np["positions"]),
+                 jnp.asarray(batch_np["segment_ids"]))
+    return np.float64(jax.device_get(model.logits(h)))
+
+  def log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+  lp = log_softmax(full_logits(run.model_cfg, jax.device_get(run.state["params"])))
+  lt = log_softmax(full_logits(te_cfg, jax.device_get(run.teacher.params)))
+  kl_pos = (np.exp(lt) * (lt - lp)).sum(-1)            # KL at each predicting position
+  mask = batch_np["loss_mask"][:, 1:]                  # token t predicted from position t-1
+  kl_seq = (kl_pos[:, :-1] * mask).sum(1)
+  lens = mask.sum(1)
+  b = len(ex["loss"])
+  kl = (kl_seq[:b] + kl_seq[b:]) / (lens[:b] + lens[b:])
+  np.testing.assert_allclose(ex["teacher_kl"], kl, rtol=1e-4, atol=1e-5)
+  # At the first step ref = policy, so the loss is ln 2 + β2·KL.
+  np.testing.assert_allclose(ex["loss"], np.log(2) + kl, rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_errors_name_the_config_key(teacher_dir):
+  path, _ = teacher_dir
+  with pytest.raises(ValueError, match="config.teacher.path"):
+    train.setup(config("configs/dpo.py:runlocal,loss=dadpo", **SMALL))
+  with pytest.raises(ValueError, match="config.teacher.mode must be 'step'"):
+    train.setup(config("configs/dpo.py:runlocal,loss=dadpo_token", **SMALL,
+                       teacher__mode="precomputed", teacher__path=path))
+  with pytest.raises(ValueError, match="reads no teacher"):
+    train.setup(config(**SMALL, teacher__mode="step", teacher__path=path))
