@@ -243,6 +243,44 @@ def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer:
   return stats
 
 
+def write_samples(model_path: str, prompts_path: str, out_path: str, *, sampling: Sampling,
+                  max_prompts: int = 0) -> dict:
+  """A model's responses as demonstrations {prompt, completion} (e.g. a teacher's, for dSFT)."""
+  from dpo_jax import sharding   # noqa: PLC0415
+  mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
+  model = Model.load(model_path, mesh, rules)
+  prompts = read_prompts(prompts_path)[:max_prompts or None]
+  rows = [{"prompt": p, "completion": text}
+          for p, rs in zip(prompts, sample_responses(model, prompts, sampling))
+          for _, text in rs if text.strip()]
+  write_jsonl(out_path, rows)
+  stats = {"prompts": len(prompts), "rows": len(rows), "out": out_path}
+  with open(out_path + ".stats.json", "w") as f:
+    json.dump(stats, f, indent=1)
+  return stats
+
+
+def distill_pairs(teacher_path: str, student_path: str, prompts_path: str, out_path: str, *,
+                  sampling: Sampling, max_prompts: int = 0) -> dict:
+  """dDPO's pairs: chosen = the teacher's response, rejected = the student's (arXiv 2310.16944,
+  2506.15717); identical or empty responses are left out."""
+  from dpo_jax import sharding   # noqa: PLC0415
+  mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
+  prompts = read_prompts(prompts_path)[:max_prompts or None]
+  one = dataclasses.replace(sampling, n=1)
+  t = sample_responses(Model.load(teacher_path, mesh, rules), prompts, one)
+  s = sample_responses(Model.load(student_path, mesh, rules),
+                       prompts, dataclasses.replace(one, seed=sampling.seed + 1))
+  rows = [{"prompt": p, "chosen": tr[0][1], "rejected": sr[0][1]}
+          for p, tr, sr in zip(prompts, t, s)
+          if tr[0][1].strip() and sr[0][1].strip() and tr[0][1] != sr[0][1]]
+  write_jsonl(out_path, rows)
+  stats = {"prompts": len(prompts), "pairs": len(rows), "out": out_path}
+  with open(out_path + ".stats.json", "w") as f:
+    json.dump(stats, f, indent=1)
+  return stats
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dpo_jax.pairs",
                               description=__doc__.split("\n")[0])

@@ -51,12 +51,42 @@ def _pairs(config, workdir):
     with open(out + ".stats.json") as f:
       return json.load(f)
   p = config.pairs
-  sampling = pairs.Sampling(n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                            max_new_tokens=p.max_new_tokens, batch_size=p.batch_size,
-                            seed=config.seed)
-  return pairs.generate_pairs(p.model, p.prompts, out, scorer=p.scorer, sampling=sampling,
+  return pairs.generate_pairs(p.model, p.prompts, out, scorer=p.scorer,
+                              sampling=_sampling(p, config.seed),
                               rule=p.rule, margin=p.margin, label_noise=p.label_noise,
                               max_prompts=p.max_prompts)
+
+
+def _sampling(p, seed):
+  from dpo_jax import pairs   # noqa: PLC0415
+  return pairs.Sampling(n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                        max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=seed)
+
+
+@stage_kind("samples")
+def _samples(config, workdir):
+  """config.pairs.model's responses to config.pairs.prompts as demonstrations (dSFT data)."""
+  from dpo_jax import pairs   # noqa: PLC0415
+  out = os.path.join(workdir, "samples.jsonl")
+  if os.path.exists(out + ".stats.json"):
+    with open(out + ".stats.json") as f:
+      return json.load(f)
+  return pairs.write_samples(config.pairs.model, config.pairs.prompts, out,
+                             sampling=_sampling(config.pairs, config.seed),
+                             max_prompts=config.pairs.max_prompts)
+
+
+@stage_kind("distill_pairs")
+def _distill_pairs(config, workdir):
+  """Teacher-chosen / student-rejected pairs: config.teacher.path vs config.pairs.model."""
+  from dpo_jax import pairs   # noqa: PLC0415
+  out = os.path.join(workdir, "pairs.jsonl")
+  if os.path.exists(out + ".stats.json"):
+    with open(out + ".stats.json") as f:
+      return json.load(f)
+  return pairs.distill_pairs(config.teacher.path, config.pairs.model, config.pairs.prompts,
+                             out, sampling=_sampling(config.pairs, config.seed),
+                             max_prompts=config.pairs.max_prompts)
 
 
 @stage_kind("evaluate")

@@ -94,6 +94,8 @@ def make_batch(seed: int, scale: str = "normal", unpaired: bool = False, n: int 
   b["lss_r"] = lss(b["tpr"], ll).astype(np.float32)
   b["ent"] = rng.uniform(0.02, 1.0, n).astype(np.float32)
   b["udm"] = rng.uniform(0.5, 10.0, n).astype(np.float32)
+  kl_rng = np.random.default_rng(n)  # separate stream: keeps the draws above and below unchanged
+  b["klc"], b["klr"] = kl_rng.uniform(0.0, 5.0, (2, n)).astype(np.float32)
   label = rng.integers(0, 2, n)
   label[:2] = (0, 1)
   b["label"] = label.astype(np.float32)
@@ -117,7 +119,8 @@ def to_logps(b: dict, ref: bool = True, extra: bool = True) -> losses.PairLogps:
   ex = None
   if extra:
     ex = {"policy_chosen_logsumsq": f("lss_c"), "policy_rejected_logsumsq": f("lss_r"),
-          "ref_entropy": f("ent"), "teacher_chosen": f("tc"), "teacher_rejected": f("tr")}
+          "ref_entropy": f("ent"), "teacher_chosen": f("tc"), "teacher_rejected": f("tr"),
+          "teacher_kl_chosen": f("klc"), "teacher_kl_rejected": f("klr")}
     if b.get("use_udm"):
       ex["udm_weight"] = f("udm")
   return losses.PairLogps(
