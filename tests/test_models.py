@@ -84,6 +84,14 @@ def test_import_logits_match_transformers(case):
   assert diff < TOL
 
 
+def test_unrolled_layers_match_transformers(case):
+  """model.scan_layers=False (a Python-unrolled layer loop) computes the same logits."""
+  cfg, tokens = case["cfg"].replace(scan_layers=False), case["tokens"]
+  ours = our_logits(cfg, case["params"], tokens)
+  diff = _max_diff(ours, torch_logits(case["hf_model"], tokens))
+  assert diff < TOL, diff
+
+
 def test_export_reloads_in_transformers(case):
   cfg, params, tokens = case["cfg"], case["params"], case["tokens"]
   tok = tiny_tokenizer(cfg.vocab_size)

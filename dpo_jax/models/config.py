@@ -33,6 +33,9 @@ class ModelConfig:
   dtype: str = "float32"                   # compute dtype of activations / matmuls
   param_dtype: str = "float32"             # master weights
   remat: str = "full"                      # rematerialisation policy of each layer, see layers.py
+  scan_layers: bool = True                 # lax.scan over the stacked layers (compiles one layer)
+                                           # or a Python loop (unrolled; faster on CPU, longer
+                                           # compile)
 
   def __post_init__(self):
     if self.family not in FAMILIES:

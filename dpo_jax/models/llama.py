@@ -73,7 +73,9 @@ class Decoder(nnx.Module):
     policy = layers.REMAT_POLICIES[cfg.remat]
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    x, new_kv = jax.lax.scan(body, x, (block_state, layer_cache))
+    # The same body either way: scanned (one compiled layer) or unrolled (static weight slices).
+    x, new_kv = jax.lax.scan(body, x, (block_state, layer_cache),
+                             unroll=not cfg.scan_layers)
     x = self.norm(x)
     new_cache = None
     if cache is not None:

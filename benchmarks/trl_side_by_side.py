@@ -1,0 +1,386 @@
+"""dpo_jax vs TRL's DPOTrainer on the same shapes, in the same run; prints the ratio.
+
+    python benchmarks/trl_side_by_side.py                # the issue's shape (below)
+    python benchmarks/trl_side_by_side.py --batch 4 --seq 128 --rounds 2 --json out.json
+
+Default shape: Llama, hidden 256, 4 layers, 4 heads (4 kv heads: plain multi-head attention),
+intermediate 1024, vocab 2048, 8 pairs x 256 tokens (prompt 128 + completion 128, no padding),
+f32 everywhere, 2 CPU threads, random init, DPO (sigmoid, beta 0.1), reference = initial policy
+(a reference forward every step on both sides), AdamW with global-norm clipping 1.0 on both.
+
+dpo_jax: `python -m dpo_jax.bench --json` in a subprocess, with the shape as --config overrides,
+the process pinned to `--threads` CPUs (sched_setaffinity) and
+XLA_FLAGS=--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=<threads>.
+Timed: the median of `--steps` compiled-step calls, each until block_until_ready, after
+compilation and `--warmup` steps.
+
+TRL: in this process after torch.set_num_threads(threads) and the same CPU affinity. Two timings
+of the same DPOTrainer (both reported; the ratio uses the faster, i.e. TRL's best case):
+  trainer  DPOTrainer.train() for warmup+steps optimizer steps; the time of each step is the
+           interval between consecutive on_step_end callbacks (data loading, collation,
+           forward/backward of policy and reference, clipping, AdamW, scheduler, TRL's metric
+           bookkeeping); median of the last `--steps`.
+  loop     the training step without the Trainer loop: trainer.compute_loss(model, batch)
+           (policy forward + reference forward under no_grad, DPO loss, TRL metrics),
+           loss.backward(), clip_grad_norm_(1.0), optimizer.step(), zero_grad(), on one
+           collated batch; median of `--steps` after `--warmup`.
+Rematerialisation is matched: --remat none (default) = dpo_jax model.remat=none and TRL
+gradient_checkpointing=False; --remat full = dpo_jax remat=full and gradient_checkpointing=True.
+
+TRL and its dependency accelerate are optional extras: when `import trl` fails, this installs
+trl==1.16.0 and accelerate==1.15.0 with pip, constrained to the torch and transformers already
+installed (they are never upgraded or downgraded; torch itself is installed as torch==2.13.0
+when missing).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRL_VERSION = "1.16.0"          # verified with transformers 5.23.0 and torch 2.13.0 (CPU)
+ACCELERATE_VERSION = "1.15.0"
+TORCH_VERSION = "2.13.0"
+
+
+def log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional extras
+# ---------------------------------------------------------------------------------------------
+
+
+def _pip(*args):
+  cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+  log("+ " + " ".join(cmd))
+  subprocess.run(cmd, check=True)
+
+
+def ensure_trl():
+  """Imports trl, installing it (and torch) first if needed, never touching the installed
+  torch / transformers."""
+  try:
+    import torch   # noqa: F401, PLC0415
+  except ImportError:
+    _pip(f"torch=={TORCH_VERSION}")
+  import torch   # noqa: PLC0415
+  import transformers   # noqa: PLC0415
+  pinned = (torch.__version__, transformers.__version__)
+  try:
+    import trl   # noqa: PLC0415
+    return trl
+  except ImportError:
+    pass
+  with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+    f.write(f"torch=={torch.__version__}\ntransformers=={transformers.__version__}\n")
+    constraints = f.name
+  try:
+    _pip("-c", constraints, f"trl=={TRL_VERSION}", f"accelerate=={ACCELERATE_VERSION}")
+  finally:
+    os.unlink(constraints)
+  importlib.invalidate_caches()
+  import trl   # noqa: PLC0415
+  now = (torch.__version__, transformers.__version__)
+  if now != pinned:   # the loaded modules are the old ones anyway; say so loudly
+    raise RuntimeError(f"installing trl changed torch/transformers {pinned} -> {now}")
+  return trl
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--hidden", type=int, default=256)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+  p.add_argument("--intermediate", type=int, default=1024)
+  p.add_argument("--vocab", type=int, default=2048)
+  p.add_argument("--batch", type=int, default=8, help="preference pairs per step")
+  p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+  p.add_argument("--prompt-fraction", type=float, default=0.5)
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=3)
+  p.add_argument("--threads", type=int, default=2)
+  p.add_argument("--scan_layers", choices=("True", "False"), default="False",
+                 help="dpo_jax model.scan_layers (False: unrolled layers, faster on CPU; TRL's "
+                      "PyTorch loop over layers is unrolled too)")
+  p.add_argument("--remat", choices=("none", "full"), default="none",
+                 help="none: dpo_jax remat=none, TRL gradient_checkpointing=False; "
+                      "full: remat=full, gradient_checkpointing=True")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="alternate dpo_jax and TRL this many times; the best round of each counts")
+  p.add_argument("--trl-timing", choices=("both", "trainer", "loop"), default="both")
+  p.add_argument("--skip-trl", action="store_true")
+  p.add_argument("--skip-jax", action="store_true")
+  p.add_argument("--jax-flag", action="append", default=[],
+                 help="extra dpo_jax.bench flag, e.g. --jax-flag=--config.logprob_chunk=128")
+  p.add_argument("--json", default=None, help="also write all results to this JSON file")
+  args = p.parse_args(argv)
+  args.kv_heads = args.kv_heads or args.heads
+  args.prompt_len = min(max(int(round(args.seq * args.prompt_fraction)), 1), args.seq - 1)
+  return args
+
+
+def cpu_set(threads: int):
+  try:
+    cpus = sorted(os.sched_getaffinity(0))
+  except AttributeError:
+    return None
+  return set(cpus[:threads])
+
+
+# ---------------------------------------------------------------------------------------------
+# dpo_jax
+# ---------------------------------------------------------------------------------------------
+
+
+def run_dpo_jax(args) -> dict:
+  cmd = [sys.executable, "-m", "dpo_jax.bench", "--json",
+         f"--config.model.hidden_size={args.hidden}", f"--config.model.num_layers={args.layers}",
+         f"--config.model.num_heads={args.heads}", f"--config.model.num_kv_heads={args.kv_heads}",
+         f"--config.model.intermediate_size={args.intermediate}",
+         f"--config.model.vocab_size={args.vocab}", "--config.model.tie_word_embeddings=False",
+         "--config.model.dtype=float32", "--config.model.param_dtype=float32",
+         f"--config.model.remat={args.remat}", f"--config.model.scan_layers={args.scan_layers}",
+         f"--config.batch={args.batch}",
+         f"--config.seq={args.seq}", f"--config.prompt_fraction={args.prompt_len / args.seq}",
+         f"--config.steps={args.steps}", f"--config.warmup={args.warmup}",
+         f"--config.model.max_position_embeddings={max(args.seq, 1024)}",
+         "--config.loss.name=dpo", "--config.loss.beta=0.1", "--config.reference.mode=initial",
+         "--config.mesh.data=1", *args.jax_flag]
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true "
+                      f"intra_op_parallelism_threads={args.threads}")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  cpus = cpu_set(args.threads)
+  log("+ " + " ".join(cmd))
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                       preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+  if out.returncode != 0:
+    raise RuntimeError(f"dpo_jax.bench failed:\n{out.stderr[-4000:]}")
+  lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+  if len(lines) != 1:
+    raise RuntimeError(f"dpo_jax.bench --json printed {len(lines)} lines:\n{out.stdout}")
+  return json.loads(lines[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL
+# ---------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(vocab: int):
+  """A whitespace word-level tokenizer: '<pad>' = 0, '</s>' = 1 and 't2' .. 't{V-1}', so that
+  text 't5 t9' -> [5, 9]."""
+  from tokenizers import Tokenizer, models, pre_tokenizers   # noqa: PLC0415
+  from transformers import PreTrainedTokenizerFast   # noqa: PLC0415
+  words = {"<pad>": 0, "</s>": 1, **{f"t{i}": i for i in range(2, vocab)}}
+  tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<pad>", pad_token="<pad>",
+                                 eos_token="</s>")
+
+
+def synthetic_rows(n: int, vocab: int, prompt_len: int, seq: int, seed: int = 0):
+  """Random-token pairs: prompt of prompt_len tokens, completions of seq - prompt_len tokens
+  (ending in the EOS token, so that TRL adds none)."""
+  import numpy as np   # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  words = lambda ids: " ".join("</s>" if i == 1 else f"t{i}" for i in ids)
+  c = seq - prompt_len
+  rows = {"prompt": [], "chosen": [], "rejected": []}
+  for _ in range(n):
+    rows["prompt"].append(words(rng.integers(2, vocab, prompt_len)) + " ")
+    for key in ("chosen", "rejected"):
+      rows[key].append(words(list(rng.integers(2, vocab, c - 1)) + [1]))
+  return rows
+
+
+def build_trainer(args, tmp: str):
+  import torch   # noqa: PLC0415
+  from datasets import Dataset   # noqa: PLC0415
+  from transformers import LlamaConfig, LlamaForCausalLM   # noqa: PLC0415
+  from trl import DPOConfig, DPOTrainer   # noqa: PLC0415
+
+  torch.manual_seed(0)
+  hf = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                   intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                   max_position_embeddings=max(args.seq, 1024), rms_norm_eps=1e-6,
+                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+  model = LlamaForCausalLM(hf).to(torch.float32)
+  ref = copy.deepcopy(model)
+  rows = synthetic_rows(args.batch * (args.warmup + args.steps), args.vocab, args.prompt_len,
+                        args.seq)
+  cfg = DPOConfig(
+      output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=args.batch,
+      max_steps=args.warmup + args.steps, learning_rate=5e-4, beta=0.1, loss_type=["sigmoid"],
+      max_length=None, bf16=False, fp16=False, use_cpu=True,
+      activation_checkpointing=args.remat != "none",
+      gradient_checkpointing=args.remat != "none", logging_steps=10 ** 6, save_strategy="no",
+      report_to=[], disable_tqdm=True, dataloader_num_workers=0, max_grad_norm=1.0,
+      warmup_steps=0, seed=0, precompute_ref_log_probs=False)
+  trainer = DPOTrainer(model=model, ref_model=ref, args=cfg,
+                       train_dataset=Dataset.from_dict(rows),
+                       processing_class=word_tokenizer(args.vocab))
+  return trainer
+
+
+def check_batch(batch, args):
+  ids = batch["input_ids"]
+  want = (2 * args.batch, args.seq)
+  if tuple(ids.shape) != want:
+    raise RuntimeError(f"TRL batch has shape {tuple(ids.shape)}, expected {want}")
+  n_completion = int(batch["completion_mask"].sum())
+  if n_completion != 2 * args.batch * (args.seq - args.prompt_len):
+    raise RuntimeError(f"TRL batch has {n_completion} completion tokens, expected "
+                       f"{2 * args.batch * (args.seq - args.prompt_len)}")
+
+
+def time_trl_trainer(trainer, args) -> dict:
+  from transformers import TrainerCallback   # noqa: PLC0415
+  marks = []
+
+  class Clock(TrainerCallback):
+    def on_train_begin(self, *a, **k):
+      marks.append(time.perf_counter())
+
+    def on_step_end(self, *a, **k):
+      marks.append(time.perf_counter())
+
+  trainer.add_callback(Clock())
+  trainer.train()
+  times = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
+  return {"step_s": statistics.median(times), "step_s_min": min(times),
+          "step_s_max": max(times), "steps_timed": len(times)}
+
+
+def time_trl_loop(trainer, args) -> dict:
+  import torch   # noqa: PLC0415
+  model = trainer.model
+  model.train()
+  batch = next(iter(trainer.get_train_dataloader()))
+  check_batch(batch, args)
+  opt = trainer.optimizer or trainer.create_optimizer()
+  times = []
+  for i in range(args.warmup + args.steps):
+    t = time.perf_counter()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+  return {"step_s": statistics.median(times), "step_s_min": min(times),
+          "step_s_max": max(times), "steps_timed": len(times), "loss": float(loss.detach())}
+
+
+def run_trl(args) -> dict:
+  trl = ensure_trl()
+  import warnings   # noqa: PLC0415
+  warnings.filterwarnings("ignore", category=FutureWarning)
+  warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+  os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+  import datasets   # noqa: PLC0415
+  datasets.disable_progress_bars()
+  import torch   # noqa: PLC0415
+  import transformers   # noqa: PLC0415
+  torch.set_num_threads(args.threads)
+  cpus = cpu_set(args.threads)
+  if cpus:
+    os.sched_setaffinity(0, cpus)
+  out = {"trl": trl.__version__, "torch": torch.__version__,
+         "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+         "gradient_checkpointing": args.remat != "none"}
+  with tempfile.TemporaryDirectory(prefix="trl_bench_") as tmp:
+    if args.trl_timing in ("both", "loop"):
+      trainer = build_trainer(args, tmp)
+      out["loop"] = time_trl_loop(trainer, args)
+      out["gradient_checkpointing_active"] = bool(trainer.model.is_gradient_checkpointing)
+      log(f"TRL loop:    {out['loop']['step_s'] * 1e3:.1f} ms/step")
+      del trainer
+    if args.trl_timing in ("both", "trainer"):
+      trainer = build_trainer(args, tmp)
+      check_batch(next(iter(trainer.get_train_dataloader())), args)
+      out["trainer"] = time_trl_trainer(trainer, args)
+      log(f"TRL trainer: {out['trainer']['step_s'] * 1e3:.1f} ms/step")
+      del trainer
+  best = min((out[k]["step_s"], k) for k in ("loop", "trainer") if k in out)
+  out["step_s"], out["timing"] = best
+  out["pairs_per_s"] = args.batch / out["step_s"]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  load0 = os.getloadavg()
+  jax_rows, trl_rows = [], []
+  for r in range(args.rounds):
+    if not args.skip_jax:
+      log(f"round {r + 1}/{args.rounds}: dpo_jax (load average {os.getloadavg()[0]:.2f})")
+      jax_rows.append(run_dpo_jax(args))
+      log(f"dpo_jax:     {jax_rows[-1]['step_s'] * 1e3:.1f} ms/step")
+    if not args.skip_trl:
+      log(f"round {r + 1}/{args.rounds}: TRL (load average {os.getloadavg()[0]:.2f})")
+      trl_rows.append(run_trl(args))
+  load1 = os.getloadavg()
+  jx = min(jax_rows, key=lambda x: x["step_s"]) if jax_rows else None
+  tr = min(trl_rows, key=lambda x: x["step_s"]) if trl_rows else None
+
+  shape = (f"Llama d={args.hidden} L={args.layers} H={args.heads}/{args.kv_heads} "
+           f"F={args.intermediate} V={args.vocab}, {args.batch} pairs x {args.seq} tokens "
+           f"(prompt {args.prompt_len}), f32, {args.threads} threads, remat/grad-ckpt "
+           f"{args.remat}")
+  print(f"\n{shape}")
+  print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at end "
+        f"(1-min; {os.cpu_count()} CPUs)")
+  print(f"{'':22s}{'pairs/s':>10s}{'step ms':>10s}{'tokens/s':>11s}")
+  if jx:
+    print(f"{'dpo_jax':22s}{jx['pairs_per_s']:10.3f}{jx['step_s'] * 1e3:10.1f}"
+          f"{jx['tokens_per_s']:11.0f}")
+  if tr:
+    for k in ("trainer", "loop"):
+      if k in tr:
+        print(f"{'TRL DPOTrainer ' + k:22s}{args.batch / tr[k]['step_s']:10.3f}"
+              f"{tr[k]['step_s'] * 1e3:10.1f}"
+              f"{2 * args.batch * args.seq / tr[k]['step_s']:11.0f}")
+  if jx and tr:
+    print(f"ratio dpo_jax / TRL ({tr['timing']}, TRL's faster timing): "
+          f"{jx['pairs_per_s'] / tr['pairs_per_s']:.2f}x")
+  if jx:
+    print(f"dpo_jax MFU: {jx['mfu'] * 100:.1f}% of the measured f32 matmul peak "
+          f"{jx['peak_flops'] / 1e9:.1f} GFLOP/s ({jx['flops_per_step'] / 1e9:.2f} GFLOP/step, "
+          f"{jx['achieved_flops'] / 1e9:.1f} GFLOP/s achieved)")
+    if tr:
+      print(f"TRL at the same FLOP count: "
+            f"{jx['flops_per_step'] / tr['step_s'] / jx['peak_flops'] * 100:.1f}% of that peak")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "dpo_jax": jax_rows, "trl": trl_rows,
+                 "loadavg": [load0, load1]}, f, indent=1)
+  return jx, tr
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,411 @@
+"""Benchmark of the training step: throughput, MFU against a measured matmul peak, memory.
+
+    python -m dpo_jax.bench --json [--config.batch=8 --config.seq=256 --config.model.hidden_size=256 ...]
+
+The step is the trainer's own (train.setup -> Run.jit_train_step, the same optimizer, reference
+and shardings), run on a synthetic batch of exactly `batch` pairs × `seq` tokens: 2·batch rows
+[chosen; rejected] of random token ids, no padding, the first round(seq·prompt_fraction)
+positions of each row are prompt (loss_mask 0), the rest completion. The batch is placed on the
+devices once; the timed interval is one call of the compiled step until its outputs are ready
+(jax.block_until_ready), after `warmup` untimed calls; step_s is the median of `steps` such
+intervals. Compilation is timed separately (compile_s) and never counted.
+
+FLOPs (model FLOPs, not hardware FLOPs: rematerialisation and the log-prob chunks' recomputed
+logits are not counted):
+  N        = matmul params: per layer q,k,v,o projections + gate/up/down, plus the unembedding
+             (lm_head, or the tied embedding matrix) D·V; no norms, biases or embedding lookup
+  A        = layers · seq · heads · head_dim (attention: QKᵀ and PV are 2·A FLOPs each per token
+             forward, every key counted, causal masking not halved)
+  per token = 6N + 12A (policy forward + backward) + [2N + 4A] (reference forward, only when a
+             reference forward runs: reference.mode initial | checkpoint | sync and the loss
+             reads it; none / precomputed have no reference forward)
+  per step = per token · 2 · batch · seq
+MFU = flops_per_step / step_s / peak_flops, where peak_flops is measured here: the best of
+`peak.reps` timed calls of one jitted f32 [size, size] @ [size, size] matmul per device (a batched
+matmul sharded over all devices of the mesh, so n devices do n matmuls at once), warmed up.
+
+peak_bytes = argument + output − aliased (donated) + temporary bytes of the compiled step, from
+XLA's memory_analysis(); device_peak_bytes is the device allocator's peak where the backend
+reports one (GPU/TPU; not CPU).
+
+With --json exactly one JSON line goes to stdout; everything else goes to stderr.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+import ml_collections
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_KEYS = ("batch", "seq", "prompt_fraction", "warmup", "peak")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """configs/dpo.py (the default DPO job) with the bench's shape keys; `batch` replaces
+  batch_size and `steps` counts timed steps."""
+  from dpo_jax import configlib   # noqa: PLC0415
+  path = os.path.join(REPO, "configs", "dpo.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: dpo_jax.bench builds on the repository's configs/dpo.py")
+  c = configlib.load(path)
+  c.unlock()
+  del c["batch_size"]
+  c.batch = 8                 # preference pairs per step (2·batch sequences)
+  c.seq = 256                 # tokens per sequence (prompt + completion), no padding
+  c.prompt_fraction = 0.5     # leading share of each sequence that is prompt
+  c.steps = 10                # timed steps
+  c.warmup = 3                # untimed steps after compilation
+  c.progress = False
+  c.peak = ml_collections.ConfigDict()
+  c.peak.size = 2048          # the peak matmul is [size, size] @ [size, size] per device, f32
+  c.peak.reps = 10            # best of this many timed calls
+  c.lock()
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+
+FLOPS_DEFINITION = (
+    "flops_per_step = flops_per_token * 2*batch*seq; flops_per_token = 6*N + 12*A (policy "
+    "fwd+bwd) + ref*(2*N + 4*A) (reference fwd; ref=1 iff a reference forward runs); "
+    "N = matmul params = layers*(D*Dh*(2*H + 2*K) + 3*D*F) + D*V (q,k,v,o, gate/up/down, "
+    "unembedding; no norms, biases, embedding lookup); A = layers*seq*H*Dh (QK^T and PV, every "
+    "key counted, causal not halved); remat recompute not counted")
+
+
+def matmul_params(cfg) -> int:
+  """N: weights that take part in a matmul per token (see FLOPS_DEFINITION)."""
+  d, f, v, dh = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.dim_per_head
+  per_layer = d * dh * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * f
+  return cfg.num_layers * per_layer + d * v
+
+
+def teacher_shape(params) -> tuple[int, int]:
+  """(N, layers·heads·head_dim) of a teacher from its param tree: every `kernel` leaf (q, k, v,
+  o, MLP, lm_head) is a matmul weight; a tied unembedding is the embedding matrix."""
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): x
+          for path, x in jax_tree_leaves_with_path(params)}
+  n = sum(x.size for name, x in flat.items() if name.endswith("kernel"))
+  if not any("lm_head" in name for name in flat):
+    n += sum(x.size for name, x in flat.items() if "embed_tokens" in name)
+  q = next(x for name, x in flat.items() if "q_proj" in name and name.endswith("kernel"))
+  layers, _, heads, head_dim = q.shape   # [layers, D, H, Dh]
+  return n, layers * heads * head_dim
+
+
+def jax_tree_leaves_with_path(tree):
+  import jax   # noqa: PLC0415
+  return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=None) -> dict:
+  n = matmul_params(cfg)
+  a = cfg.num_layers * seq * cfg.num_heads * cfg.dim_per_head
+  per_token = 6 * n + 12 * a + (2 * n + 4 * a if reference_forward else 0)
+  out = {"n_params_matmul": n, "attention_a": a, "flops_definition": FLOPS_DEFINITION}
+  if teacher_params is not None:   # daDPO's teacher forward in the step
+    n_te, a_te = teacher_shape(teacher_params)
+    per_token += 2 * n_te + 4 * a_te * seq
+    out["n_params_matmul_teacher"] = n_te
+    out["flops_definition"] += ("; + teacher fwd 2*N_te + 4*A_te (teacher.mode=step, from "
+                                "its param tree)")
+  out.update(flops_per_token=per_token, flops_per_step=per_token * 2 * batch * seq)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_peak(devices, size: int = 2048, reps: int = 10) -> dict:
+  """Best f32 matmul throughput of `devices`: one [size]³ matmul per device, all at once."""
+  import jax   # noqa: PLC0415
+  import jax.numpy as jnp   # noqa: PLC0415
+  import numpy as np   # noqa: PLC0415
+  from jax.sharding import NamedSharding, PartitionSpec as P   # noqa: PLC0415
+  n = len(devices)
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  sh = NamedSharding(mesh, P("d"))
+  make = jax.jit(lambda k: jax.random.normal(k, (n, size, size), jnp.float32) / size ** 0.5,
+                 out_shardings=sh)
+  a, b = make(jax.random.key(1)), make(jax.random.key(2))
+  mm = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=sh)
+  for _ in range(2):
+    jax.block_until_ready(mm(a, b))
+  times = []
+  for _ in range(max(reps, 1)):
+    t = time.perf_counter()
+    jax.block_until_ready(mm(a, b))
+    times.append(time.perf_counter() - t)
+  best = min(times)
+  total = 2 * n * size ** 3
+  return {"peak_flops": total / best, "peak_matmul_s": best,
+          "peak_definition": (f"best of {len(times)} timed calls (after 2 warm-up calls) of one "
+                              f"jitted f32 [{size},{size}]@[{size},{size}] matmul on each of the "
+                              f"{n} device(s) at once (batched einsum sharded over devices), "
+                              f"default matmul precision; peak = {n}*2*{size}^3 / best time")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic batch and the run
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_length(seq: int, fraction: float) -> int:
+  return min(max(int(round(seq * fraction)), 1), seq - 1)
+
+
+def synthetic_batch(b: int, seq: int, vocab: int, prompt_len: int, *, unpaired: bool = False,
+                    columns=(), seed: int = 0):
+  """2b rows [chosen; rejected] of random tokens, each a full `seq` long (no padding), with the
+  trainer's batch keys (data/preference.collate) and any per-sequence columns asked for."""
+  import numpy as np   # noqa: PLC0415
+  rng = np.random.default_rng(seed)
+  r = 2 * b
+  loss_mask = np.zeros((r, seq), np.float32)
+  loss_mask[:, prompt_len:] = 1.0
+  batch = {
+      "tokens": rng.integers(0, vocab, (r, seq), dtype=np.int32),
+      "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (r, seq)).copy(),
+      "segment_ids": np.ones((r, seq), np.int32),
+      "loss_mask": loss_mask,
+      "seq_index": np.broadcast_to(np.arange(r, dtype=np.int32)[:, None], (r, seq)).copy(),
+      "valid": np.ones((b,), np.float32),
+      "label": (np.arange(b) % 2 == 0).astype(np.float32) if unpaired else np.ones((b,),
+                                                                                  np.float32),
+  }
+  for name in columns:   # e.g. precomputed reference log-probs, teacher log-probs: [2b]
+    batch[name] = rng.normal(-(seq - prompt_len), 1.0, (r,)).astype(np.float32)
+  return batch
+
+
+def train_config(c: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
+  """The training config setup() takes: batch_size = batch; a tiny synthetic JSONL as the data
+  source (setup tokenises it; the benchmark feeds its own batches)."""
+  t = c.copy_and_resolve_references()
+  t.unlock()
+  for k in BENCH_KEYS:
+    del t[k]
+  t.batch_size = c.batch
+  t.steps = c.warmup + c.steps
+  t.data.train = data_path
+  t.data.eval = None
+  t.data.eval_fraction = 0.0
+  t.lock()
+  return t
+
+
+def write_rows(path: str, n: int, unpaired: bool):
+  with open(path, "w") as f:
+    for i in range(n):
+      row = ({"prompt": "ab", "completion": "cd", "label": i % 2 == 0} if unpaired
+             else {"prompt": "ab", "chosen": "cd", "rejected": "ef"})
+      f.write(json.dumps(row) + "\n")
+
+
+def _memory(compiled) -> dict:
+  out = {}
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:   # noqa: BLE001 (not every backend implements it)
+    ma = None
+  if ma is not None:
+    get = lambda name: int(getattr(ma, name, 0) or 0)
+    out["memory"] = {k: get(k + "_in_bytes") for k in (
+        "argument_size", "output_size", "alias_size", "temp_size", "generated_code_size")}
+    m = out["memory"]
+    out["peak_bytes"] = (m["argument_size"] + m["output_size"] - m["alias_size"]
+                         + m["temp_size"])
+  return out
+
+
+def _cost(compiled) -> dict:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:   # noqa: BLE001
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  cost = cost or {}
+  return {k2: float(cost[k1]) for k1, k2 in (("flops", "xla_cost_flops"),
+                                              ("bytes accessed", "xla_cost_bytes_accessed"))
+          if k1 in cost}
+
+
+def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
+  """Builds the trainer's step for config `c` (get_config()'s keys), times it, returns the
+  result row."""
+  import jax   # noqa: PLC0415
+  import numpy as np   # noqa: PLC0415
+  from dpo_jax import losses, train   # noqa: PLC0415
+
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  if c.batch < 1 or c.seq < 2:
+    raise ValueError(f"config.batch={c.batch} must be >= 1 and config.seq={c.seq} >= 2")
+  if c.steps < 1:
+    raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
+  spec = losses.get(c.loss.name)
+  with tempfile.TemporaryDirectory(prefix="dpo_jax_bench_") as tmp:
+    data_path = os.path.join(tmp, "rows.jsonl")
+    write_rows(data_path, max(c.batch, 2), spec.unpaired)
+    tc = train_config(c, data_path)
+    t0 = time.perf_counter()
+    run = train.setup(tc, devices, workdir=tmp)
+    setup_s = time.perf_counter() - t0
+  cfg = run.model_cfg
+  prompt_len = prompt_length(c.seq, c.prompt_fraction)
+  frozen, te = run.frozen, run.teacher
+  columns = []
+  if run.reference.mode == "precomputed":
+    columns += ["ref_logps"] + [f"ref_{s}" for s in train.side_stats(spec, train.REF_STATS)]
+  if te.mode == "precomputed":
+    columns.append("teacher_logps")
+  batch_np = synthetic_batch(c.batch, c.seq, cfg.vocab_size, prompt_len,
+                             unpaired=spec.unpaired, columns=columns, seed=c.seed)
+  batch = train.to_device(train.microbatches(batch_np, tc.grad_accum), run)
+  reference_forward = run.ref_params is not None and spec.needs_ref
+  teacher_params = te.params
+
+  step = run.jit_train_step()
+  log(f"bench: compiling the step ({c.batch} pairs x {c.seq} tokens, "
+      f"{cfg.num_layers} layers, d={cfg.hidden_size}, {len(run.mesh.devices.flat)} device(s))")
+  t0 = time.perf_counter()
+  compiled = step.lower(run.state, frozen, batch).compile()
+  compile_s = time.perf_counter() - t0
+
+  state, metrics = run.state, None
+  for _ in range(c.warmup):
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+  times = []
+  cpu0, wall0 = time.process_time(), time.perf_counter()
+  for _ in range(c.steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+  loss = float(jax.device_get(metrics["loss"]))
+  step_s = float(np.median(times))
+  log(f"bench: step {step_s * 1e3:.1f} ms (median of {len(times)}), measuring the matmul peak")
+
+  devices_used = list(run.mesh.devices.flat)
+  peak = measure_peak(devices_used, c.peak.size, c.peak.reps)
+  fl = flops(cfg, c.batch, c.seq, reference_forward, teacher_params)
+  tokens = 2 * c.batch * c.seq
+  dev = devices_used[0]
+  device_peak = None
+  try:
+    stats = dev.memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+      device_peak = int(stats["peak_bytes_in_use"])
+  except Exception:   # noqa: BLE001
+    pass
+  row = {
+      "pairs_per_s": c.batch / step_s,
+      "tokens_per_s": tokens / step_s,
+      "step_s": step_s,
+      "step_s_mean": float(np.mean(times)),
+      "step_s_min": float(np.min(times)),
+      "step_s_max": float(np.max(times)),
+      "steps_timed": len(times),
+      "warmup": c.warmup,
+      "compile_s": compile_s,
+      # Process CPU seconds per wall second while timing: ~ the number of busy cores (on a
+      # shared CPU host, less than the thread count means the step was starved).
+      "cpu_util": cpu_util,
+      "setup_s": setup_s,
+      "mfu": fl["flops_per_step"] / step_s / peak["peak_flops"],
+      "achieved_flops": fl["flops_per_step"] / step_s,
+      **fl,
+      **peak,
+      **_memory(compiled),
+      "device_peak_bytes": device_peak,
+      **_cost(compiled),
+      "peak_bytes_definition": ("argument + output - alias (donated) + temp bytes of the "
+                                "compiled step (XLA memory_analysis)"),
+      "tokens_per_s_definition": "2*batch*seq tokens (chosen and rejected rows) per step",
+      "timing_definition": (f"median over {len(times)} steps of one compiled-step call until "
+                            f"block_until_ready, after compile and {c.warmup} warm-up steps; "
+                            "batch already on device"),
+      # Shapes and numerics.
+      "batch": c.batch, "seq": c.seq, "prompt_len": prompt_len, "rows": 2 * c.batch,
+      "tokens_per_step": tokens, "grad_accum": tc.grad_accum,
+      "model": {**{k: v for k, v in cfg.architecture() if v is not None
+                   and not isinstance(v, tuple)},
+                "head_dim": cfg.dim_per_head, "n_params": cfg.num_params()},
+      "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat,
+      "logprob_chunk": tc.logprob_chunk,
+      "loss": c.loss.name, "loss_value": loss,
+      "reference_mode": run.reference.mode, "reference_forward": reference_forward,
+      "teacher_mode": te.mode,
+      "mesh": {k: int(v) for k, v in run.mesh.shape.items()},
+      "devices": {"platform": dev.platform, "kind": dev.device_kind,
+                  "count": len(devices_used)},
+      "jax": jax.__version__, "host": platform.node(), "cpu_count": os.cpu_count(),
+      "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  if not np.isfinite(loss):
+    log(f"bench: warning: the loss after {c.warmup + c.steps} steps is {loss}")
+  return row
+
+
+def format_row(row: dict) -> str:
+  m = row["model"]
+  lines = [
+      f"shape        {row['batch']} pairs x {row['seq']} tokens (prompt {row['prompt_len']}), "
+      f"{m['family']} d={m['hidden_size']} layers={m['num_layers']} heads={m['num_heads']}/"
+      f"{m['num_kv_heads']} ffn={m['intermediate_size']} vocab={m['vocab_size']}, "
+      f"{row['dtype']}, remat={row['remat']}, loss={row['loss']}, ref={row['reference_mode']}",
+      f"devices      {row['devices']['count']} x {row['devices']['kind']} mesh={row['mesh']}",
+      f"step         {row['step_s'] * 1e3:.1f} ms median ({row['steps_timed']} steps; min "
+      f"{row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}); compile "
+      f"{row['compile_s']:.1f} s",
+      f"throughput   {row['pairs_per_s']:.2f} pairs/s, {row['tokens_per_s']:.0f} tokens/s",
+      f"flops        {row['flops_per_step'] / 1e9:.2f} GFLOP/step -> "
+      f"{row['achieved_flops'] / 1e9:.1f} GFLOP/s",
+      f"peak         {row['peak_flops'] / 1e9:.1f} GFLOP/s measured ({row['peak_definition']})",
+      f"mfu          {row['mfu'] * 100:.1f}%",
+      f"memory       {row.get('peak_bytes', 0) / 2**20:.1f} MiB ({row['peak_bytes_definition']})",
+      f"definition   {row['flops_definition']}",
+  ]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "Benchmark config.",
+                                          lock_config=True)
+_JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON line to stdout.")
+
+
+def main(argv):
+  del argv
+  from absl import logging   # noqa: PLC0415
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  with contextlib.redirect_stdout(sys.stderr):   # stray prints never corrupt the JSON line
+    row = run_bench(config)
+  if _JSON.value:
+    sys.stdout.write(json.dumps(row) + "\n")
+  else:
+    print(format_row(row))
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

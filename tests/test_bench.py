@@ -1,0 +1,108 @@
+"""dpo_jax.bench: the JSON contract, the FLOP formula, and the reference term."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from dpo_jax import bench
+from helpers import REPO
+
+TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
+        "model.num_heads": 4, "model.num_kv_heads": 2, "model.vocab_size": 96,
+        "batch": 8, "seq": 32, "steps": 2, "warmup": 1, "peak.size": 256, "peak.reps": 3}
+
+
+def expected_flops(batch, seq, d, f, layers, heads, kv_heads, vocab, ref: bool) -> int:
+  """The documented count, written out independently of bench.flops."""
+  dh = d // heads
+  n = layers * (d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * f) + d * vocab
+  attn = layers * seq * heads * dh
+  per_token = 6 * n + 12 * attn + ((2 * n + 4 * attn) if ref else 0)
+  return per_token * 2 * batch * seq
+
+
+def bench_config(**overrides):
+  from dpo_jax import configlib
+  c = bench.get_config()
+  for k, v in {**TINY, **overrides}.items():
+    configlib.set_key(c, k, v)
+  return c
+
+
+def check_row(row, ref: bool):
+  assert row["batch"] == 8 and row["seq"] == 32 and row["rows"] == 16
+  assert row["tokens_per_step"] == 2 * 8 * 32
+  want = expected_flops(8, 32, 32, 64, 2, 4, 2, 96, ref)
+  assert row["flops_per_step"] == want
+  assert row["step_s"] > 0 and row["compile_s"] > 0
+  assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
+  assert row["tokens_per_s"] == pytest.approx(2 * 8 * 32 / row["step_s"])
+  assert row["mfu"] == pytest.approx(want / row["step_s"] / row["peak_flops"])
+  assert 0 < row["mfu"] < 1.5
+  assert row["peak_flops"] > 1e6 and row["peak_bytes"] > 0
+  assert row["reference_forward"] is ref
+  assert "6*N" in row["flops_definition"] and "peak" in row["peak_definition"]
+  assert row["model"]["hidden_size"] == 32 and row["model"]["num_layers"] == 2
+  assert row["dtype"] == "float32" and row["devices"]["count"] >= 1
+
+
+@pytest.fixture(scope="module")
+def cli():
+  """`python -m dpo_jax.bench --json` with --config overrides, on one CPU device; started at
+  once and read when first needed, so that it compiles while the in-process test runs."""
+  flags_ = [f"--config.{k}={v}" for k, v in TINY.items()]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "-m", "dpo_jax.bench", "--json", *flags_], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  result = {}
+
+  def get():
+    if not result:
+      out, err = proc.communicate(timeout=600)
+      assert proc.returncode == 0, err[-3000:]
+      result["stdout"] = out
+    return result["stdout"]
+  yield get
+  if proc.poll() is None:
+    proc.kill()
+    proc.communicate()
+
+
+def test_reference_free_drops_the_reference_term(cli):
+  """In-process, the same shape without a reference forward (SimPO, reference.mode=none) counts
+  exactly 2N + 4A per token less than the CLI's DPO run with reference.mode=initial."""
+  no_ref = bench.run_bench(bench_config(**{"loss.name": "simpo", "reference.mode": "none"}),
+                           devices=jax.devices()[:1], log=lambda _: None)
+  check_row(no_ref, ref=False)
+  assert no_ref["reference_mode"] == "none" and no_ref["loss"] == "simpo"
+  with_ref = json.loads(cli())
+  d, f, layers, dh, vocab = 32, 64, 2, 8, 96
+  n = layers * (d * dh * (2 * 4 + 2 * 2) + 3 * d * f) + d * vocab
+  attn = layers * 32 * 4 * dh
+  assert with_ref["n_params_matmul"] == no_ref["n_params_matmul"] == n
+  assert with_ref["flops_per_step"] - no_ref["flops_per_step"] == (2 * n + 4 * attn) * 2 * 8 * 32
+
+
+def test_cli_prints_one_json_line(cli):
+  lines = cli().strip().splitlines()
+  assert len(lines) == 1, cli()
+  row = json.loads(lines[0])
+  check_row(row, ref=True)
+  assert row["devices"]["count"] == 1 and row["reference_mode"] == "initial"
+  assert row["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+
+
+def test_flops_formula_matches_issue_shape():
+  """The issue's tiny Llama: 8 pairs x 256 tokens, d=256, 4 layers, 4 heads, F=1024, V=2048."""
+  from dpo_jax.models.config import ModelConfig
+  cfg = ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_layers=4,
+                    num_heads=4, num_kv_heads=4)
+  got = bench.flops(cfg, 8, 256, reference_forward=True)
+  assert got["n_params_matmul"] == 4 * (4 * 256 * 256 + 3 * 256 * 1024) + 256 * 2048
+  assert got["flops_per_step"] == expected_flops(8, 256, 256, 1024, 4, 4, 4, 2048, True)
+  tied = bench.flops(cfg.replace(tie_word_embeddings=True), 8, 256, reference_forward=True)
+  assert tied["flops_per_step"] == got["flops_per_step"]   # the unembedding matmul still runs
