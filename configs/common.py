@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 50
   c.ckpt_every = 100
   c.keep_checkpoints = 3
+  c.nonfinite = "stop"             # NaN/Inf loss or gradient: stop (naming the step) | skip
   c.logprob_chunk = 256        # sequence positions per chunk of f32 logits
   c.progress = True
   c.log_pair_metrics = 0       # >0: per-pair λ etc. of that many training pairs at step 0

@@ -5,12 +5,16 @@ Layout of W/checkpoints/<step>/:
   train/    optimizer state, loss state, step, rng
   ref/      the TR-DPO moving reference (reference.mode='sync' only: it is training state)
   meta/     JSON: the model config (HF form plus dtype settings), data position, config
+  integrity.json   size and CRC32 of every file above, written (atomically) after the save
 Orbax writes each step to a temporary directory and renames it when complete, so a kill during a
-save leaves the previous checkpoint usable.
+save leaves the previous checkpoint usable. Restores check integrity.json first, so a truncated
+or corrupted file is reported instead of loaded as garbage.
 """
 from __future__ import annotations
 
+import json
 import os
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -40,11 +44,73 @@ def save(mgr: ocp.CheckpointManager, step: int, params, train, meta: dict, ref=N
     items["ref"] = ocp.args.StandardSave(ref)
   mgr.save(step, args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
+  if jax.process_index() == 0:
+    write_manifest(step_dir(mgr, step))
+
+
+MANIFEST = "integrity.json"
+
+
+def step_dir(mgr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mgr.directory), str(step))
+
+
+def _files(directory: str):
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, directory)
+      if rel != MANIFEST:
+        yield rel, path
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def write_manifest(directory: str):
+  """Records size and CRC32 of every file of a finished checkpoint (local filesystems only)."""
+  if "://" in directory or not os.path.isdir(directory):
+    return
+  files = {rel: [os.path.getsize(p), _crc32(p)] for rel, p in _files(directory)}
+  tmp = os.path.join(directory, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"files": files}, f)
+  os.replace(tmp, os.path.join(directory, MANIFEST))
+
+
+def verify(directory: str):
+  """Raises CheckpointError if a file listed in integrity.json is missing, truncated or
+  changed. A checkpoint without the manifest (written elsewhere) is not checked."""
+  path = os.path.join(directory, MANIFEST)
+  if "://" in directory or not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    raise CheckpointError(f"{directory}: unreadable {MANIFEST} ({e}); the checkpoint may be "
+                          "corrupted") from None
+  for rel, (size, crc) in sorted(files.items()):
+    p = os.path.join(directory, rel)
+    if not os.path.exists(p):
+      raise CheckpointError(f"{directory}: file {rel} is missing; the checkpoint is incomplete")
+    if os.path.getsize(p) != size:
+      raise CheckpointError(f"{directory}: file {rel} is {os.path.getsize(p)} bytes, {size} "
+                            "when saved; the checkpoint is truncated or corrupted")
+    if _crc32(p) != crc:
+      raise CheckpointError(f"{directory}: file {rel} has changed since it was saved (CRC32 "
+                            "mismatch); the checkpoint is corrupted")
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_train,
             abstract_ref=None):
   """(params, train, meta, ref); ref is None unless abstract_ref is given."""
+  verify(step_dir(mgr, step))
   check_params(mgr, step, abstract_params)
   items = dict(params=ocp.args.StandardRestore(abstract_params),
                train=ocp.args.StandardRestore(abstract_train), meta=ocp.args.JsonRestore())
@@ -117,6 +183,7 @@ def restore_params(path: str, abstract_params) -> Any:
   """Restores only the policy params of a checkpoint, resharded as `abstract_params` says."""
   directory, step = resolve(path)
   mgr = manager(directory, None)
+  verify(step_dir(mgr, step))
   check_params(mgr, step, abstract_params)
   return mgr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params))).params

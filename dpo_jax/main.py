@@ -23,12 +23,16 @@ def main(argv):
   distributed.maybe_initialize()
   config = flags.FLAGS.config
   workdir = os.path.abspath(flags.FLAGS.workdir)
-  if "stages" in config:   # several stages, each in workdir/<stage>
-    results = pipeline.run(config, workdir)
-    if jax.process_index() == 0:
-      pipeline.print_summary(workdir, results)
+  try:
+    if "stages" in config:   # several stages, each in workdir/<stage>
+      results = pipeline.run(config, workdir)
+      if jax.process_index() == 0:
+        pipeline.print_summary(workdir, results)
+      return
+    metrics = train.train_and_evaluate(config, workdir)
+  except train.Preempted as e:   # SIGTERM / SIGINT: checkpoint saved, exit 0
+    print(f"preempted: {e}", flush=True)
     return
-  metrics = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     train.print_summary(workdir, metrics)
 

@@ -4,7 +4,7 @@ The step is a pure function of plain pytrees:
 
     state, metrics = train_step(state, frozen, batch)
 
-state = {step, params, opt_state, loss_state, rng}; frozen = {"ref": reference params,
+state = {step, params, opt_state, loss_state, rng, skipped}; frozen = {"ref": reference params,
 "teacher": teacher params} (either None when unused); batch leaves have a leading micro-batch
 axis [k, ...] (k = config.grad_accum), each micro-batch holding 2b rows [chosen; rejected].
 Policy forward+backward and the reference (and teacher) forwards under stop_gradient run in
@@ -159,13 +159,21 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = schedule(state["step"])
+    # A non-finite loss or gradient leaves params, optimizer and loss state as they were (a
+    # select, not a branch); the loop then stops or counts the step (config.nonfinite).
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-        "loss_state": spec.update_state(state["loss_state"], metrics),
+        "params": keep(optax.apply_updates(state["params"], updates), state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "loss_state": keep(spec.update_state(state["loss_state"], metrics),
+                           state["loss_state"]),
         "rng": state["rng"],
+        "skipped": state["skipped"] + 1 - finite.astype(jnp.int32),
     }
+    metrics["skipped_steps"] = new_state["skipped"].astype(jnp.float32)
     return new_state, metrics
 
   def eval_step(params, loss_state, frozen, batch):
@@ -284,6 +292,8 @@ def load_data(config, tokenizer, pad_id: int):
 
 
 def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None = None) -> Run:
+  if config.nonfinite not in ("stop", "skip"):
+    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
   rules = sharding.rules_from_config(config.mesh.rules.to_dict())
   spec = losses.get(config.loss.name)
@@ -326,7 +336,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
   opt_state = jax.jit(tx.init)(params)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
            "loss_state": jax.tree.map(jnp.asarray, spec.init_state()),
-           "rng": jax.random.key_data(jax.random.key(config.seed))}
+           "rng": jax.random.key_data(jax.random.key(config.seed)),
+           "skipped": jnp.zeros((), jnp.int32)}
   # Optimizer moments inherit their param's sharding; scalars (counts, step) are replicated.
   on_mesh = lambda x: (x.sharding if isinstance(getattr(x, "sharding", None),
                                                 jax.sharding.NamedSharding)
@@ -447,36 +458,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # checkpointed nothing (the device_get of the metrics is the sync).
   step_times, seen_shapes = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
-  for step in bar:
-    batch_np = train_batch(run.train_data, step, config.grad_accum)
-    if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
-      seen_shapes.add(batch_np["tokens"].shape)
-      clean = False
-    state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
-    done, n_since = step + 1, n_since + 1
-    if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
-      run.ref_params = run.reference.update(run.ref_params, state["params"])
-    is_last = done == config.steps
-    if done % config.log_every == 0 or is_last:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if clean:
-        step_times.append((time.perf_counter() - t_mark) / n_since)
-      metrics["epoch"] = run.train_data.epoch(done)
-      if config.eval_every and (done % config.eval_every == 0 or is_last):
-        metrics.update(evaluate(run, eval_jit, state))
-      timing = {"perf/step_s": float(np.median(step_times))} if step_times else {}
-      writer.write(done, metrics, timing)
-      last = {**metrics, **timing}
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                      acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"step {done}: loss is {metrics['loss']}; stopping, the last "
-                                 f"good checkpoint is kept in {mgr.directory}")
-    if done % config.ckpt_every == 0 or is_last:
-      save_state(mgr, run, state, done)
-    if done % config.log_every == 0:
-      jax.block_until_ready(state["step"])
-      t_mark, n_since, clean = time.perf_counter(), 0, True
+  preempt = PreemptionFlag()
+  try:
+    for step in bar:
+      batch_np = train_batch(run.train_data, step, config.grad_accum)
+      if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
+        seen_shapes.add(batch_np["tokens"].shape)
+        clean = False
+      state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
+      done, n_since = step + 1, n_since + 1
+      check_finite(metrics, done, config.nonfinite, mgr)
+      if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
+        run.ref_params = run.reference.update(run.ref_params, state["params"])
+      is_last = done == config.steps
+      if done % config.log_every == 0 or is_last:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if clean:
+          step_times.append((time.perf_counter() - t_mark) / n_since)
+        metrics["epoch"] = run.train_data.epoch(done)
+        if config.eval_every and (done % config.eval_every == 0 or is_last):
+          metrics.update(evaluate(run, eval_jit, state))
+        timing = {"perf/step_s": float(np.median(step_times))} if step_times else {}
+        writer.write(done, metrics, timing)
+        last = {**metrics, **timing}
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}",
+                        acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+      stop = preempt.is_set()
+      if done % config.ckpt_every == 0 or is_last or stop:
+        save_state(mgr, run, state, done)
+      if stop:
+        raise Preempted(f"stopped by {preempt.signal_name} after step {done}; checkpoint saved "
+                        f"in {mgr.directory}; re-run the same command to resume")
+      if done % config.log_every == 0:
+        jax.block_until_ready(state["step"])
+        t_mark, n_since, clean = time.perf_counter(), 0, True
+  finally:
+    preempt.restore()
+    writer.close()
+    mgr.close()
+  return last
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the same command resumes."""
+
+
+class PreemptionFlag:
+  """Turns SIGTERM (TPU preemption, scheduler kill) and SIGINT into a flag the loop checks after
+  each step; with several processes the flag is agreed on, so every host saves the same step."""
+
+  def __init__(self, signals=("SIGTERM", "SIGINT")):
+    import signal   # noqa: PLC0415
+    import threading   # noqa: PLC0415
+    self._set, self.signal_name, self._old = False, "a signal on another host", {}
+    if threading.current_thread() is not threading.main_thread():
+      return   # signal handlers can only be installed from the main thread
+    for name in signals:
+      sig = getattr(signal, name)
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    import signal   # noqa: PLC0415
+    del frame
+    self._set, self.signal_name = True, signal.Signals(signum).name
+
+  def is_set(self) -> bool:
+    if jax.process_count() == 1:
+      return self._set
+    from jax.experimental import multihost_utils   # noqa: PLC0415
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._set))))
+
+  def restore(self):
+    import signal   # noqa: PLC0415
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def check_finite(metrics: dict, step: int, policy: str, mgr):
+  """config.nonfinite: 'stop' raises at the first step whose loss or gradient norm is NaN/Inf
+  (the step itself changed nothing, and no checkpoint is written after it); 'skip' goes on."""
+  if policy == "skip" or not float(metrics["nonfinite"]):
+    return
+  bad = {k: float(metrics[k]) for k in ("loss", "grad_norm")
+         if not np.isfinite(float(metrics[k]))}
+  latest = mgr.latest_step()
+  raise FloatingPointError(
+      f"step {step}: non-finite {', '.join(f'{k} = {v}' for k, v in bad.items())}; stopping. "
+      + (f"The last good checkpoint is step {latest} in {mgr.directory}. " if latest else
+         "No checkpoint was written yet. ")
+      + "Set config.nonfinite='skip' to skip such steps (they are counted in skipped_steps).")
   writer.close()
   mgr.close()
   return last

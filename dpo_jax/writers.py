@@ -51,7 +51,14 @@ def truncate_after(path: str, step: int):
     return
   with open(path) as f:
     rows = [line for line in f if line.strip()]
-  keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+  keep = []
+  for line in rows:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:   # a line cut short by a kill mid-write: re-logged on resume
+      continue
+    if row.get("step", 0) <= step:
+      keep.append(line if line.endswith("\n") else line + "\n")
   if len(keep) != len(rows):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

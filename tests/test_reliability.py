@@ -1,0 +1,233 @@
+"""Interruption, checkpoints and numerics: SIGTERM / SIGKILL resume exactly, atomic and verified
+checkpoints, NaN/Inf stop or skip, determinism, and CLI config errors naming the key."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dpo_jax import checkpoint, train, writers
+from helpers import REPO, config
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+# Long enough to be interrupted mid-run; every step logged so that runs compare step by step.
+FLAGS = ["--config.progress=False", "--config.steps=40", "--config.log_every=1",
+         "--config.eval_every=0", "--config.ckpt_every=8", "--config.keep_checkpoints=10"]
+
+
+def cli(workdir, *extra):
+  return [sys.executable, "-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal",
+          "--workdir", str(workdir), *FLAGS, *extra]
+
+
+def start(workdir):
+  return subprocess.Popen(cli(workdir), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish(workdir):
+  out = subprocess.run(cli(workdir), cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+def logged_steps(workdir) -> int:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return sum(1 for line in f if line.endswith("\n"))
+
+
+def wait_until(proc, condition, timeout=300):
+  t0 = time.time()
+  while not condition():
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() - t0 < timeout, "timed out waiting for the run"
+    time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The reference: the same command, never interrupted (started at once, read when needed)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = start(workdir)
+  done = {}
+
+  def get():
+    if not done:
+      _, err = proc.communicate(timeout=600)
+      assert proc.returncode == 0, err[-3000:]
+      done["text"] = (workdir / "metrics.jsonl").read_text()
+    return done["text"]
+  yield get
+  if proc.poll() is None:
+    proc.kill()
+
+
+def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted):
+  workdir = tmp_path / "w"
+  proc = start(workdir)
+  wait_until(proc, lambda: logged_steps(workdir) >= 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted: stopped by SIGTERM after step" in out
+  stopped = int(out.split("after step ")[1].split(";")[0])
+  assert 3 <= stopped < 40
+  steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  assert steps[-1] == stopped   # the checkpoint of the step it stopped at
+  assert logged_steps(workdir) == stopped
+  finish(workdir)
+  assert (workdir / "metrics.jsonl").read_text() == uninterrupted()
+
+
+def test_sigkill_then_rerun_resumes_exactly(tmp_path, uninterrupted):
+  """A hard kill (no chance to save) after the step-8 checkpoint: the rerun resumes from it,
+  drops the metrics rows logged after it, and ends with an uninterrupted run's metrics."""
+  workdir = tmp_path / "w"
+  proc = start(workdir)
+  wait_until(proc, lambda: logged_steps(workdir) >= 10
+             and os.path.exists(workdir / "checkpoints" / "8" / checkpoint.MANIFEST))
+  proc.kill()
+  proc.communicate()
+  assert logged_steps(workdir) >= 10
+  finish(workdir)
+  assert (workdir / "metrics.jsonl").read_text() == uninterrupted()
+
+
+def test_interrupted_save_and_torn_metrics_line_leave_the_run_resumable(tmp_path):
+  """A kill during a save leaves Orbax's temporary directory (never a half-written step) and
+  possibly a metrics line cut short: the rerun resumes from the previous checkpoint and equals
+  an uninterrupted run."""
+  cfg = config(steps=6, log_every=1, eval_every=0, ckpt_every=3, keep_checkpoints=5)
+  cfg.unlock()
+  cfg.progress = False
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  train.train_and_evaluate(cfg, str(full))
+  train.train_and_evaluate(cfg, str(cut))
+  ckpts = cut / "checkpoints"
+  # What a kill during the step-6 save leaves behind: the step's temporary directory.
+  os.rename(ckpts / "6", ckpts / "6.orbax-checkpoint-tmp-1234567")
+  with open(ckpts / "6.orbax-checkpoint-tmp-1234567" / "params" / "junk", "wb") as f:
+    f.write(b"\0" * 100)
+  with open(cut / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "loss": 0.69')   # a torn line
+  assert checkpoint.manager(str(ckpts)).latest_step() == 3
+  train.train_and_evaluate(cfg, str(cut))
+  assert (full / "metrics.jsonl").read_text() == (cut / "metrics.jsonl").read_text()
+
+
+def _data_files(step_dir):
+  return sorted(p for p in (step_dir / "params").rglob("*") if p.is_file()
+                and p.stat().st_size > 64)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupted_checkpoint_is_detected(tmp_path, damage):
+  cfg = config(steps=2, log_every=1, eval_every=0, ckpt_every=2)
+  cfg.unlock()
+  cfg.progress = False
+  train.train_and_evaluate(cfg, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "2"
+  target = _data_files(step_dir)[-1]
+  data = target.read_bytes()
+  if damage == "truncate":
+    target.write_bytes(data[:len(data) // 2])
+  elif damage == "flip":
+    target.write_bytes(data[:-20] + bytes([data[-20] ^ 0xFF]) + data[-19:])
+  else:
+    target.unlink()
+  pattern = {"truncate": "truncated", "flip": "CRC32", "delete": "missing"}[damage]
+  run = train.setup(cfg)
+  with pytest.raises(checkpoint.CheckpointError, match=pattern):   # resuming
+    train.restore_state(checkpoint.manager(str(tmp_path / "checkpoints")), run, 2)
+  with pytest.raises(checkpoint.CheckpointError, match=pattern):   # as a reference / init
+    checkpoint.restore_params(str(tmp_path), jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        run.state["params"]))
+
+
+def test_mismatching_checkpoint_names_the_field_and_parameter(tmp_path):
+  cfg = config(steps=1, log_every=1, eval_every=0, ckpt_every=1)
+  cfg.unlock()
+  cfg.progress = False
+  train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  f = cfg.model.intermediate_size
+  wider = config(model__intermediate_size=2 * f, reference__mode="checkpoint",
+                 reference__path=str(tmp_path / "a"))
+  with pytest.raises(ValueError, match=rf"config.reference.path=.*intermediate_size: {f} vs "
+                                       rf"{2 * f}"):
+    train.setup(wider)
+  # Below the config check: the stored tensors themselves, first mismatching one named.
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          train.setup(config(model__intermediate_size=2 * f)).state["params"])
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"parameter \['layers'\]\['mlp'\]\['\w+_proj'\]\['kernel'\] has shape"):
+    checkpoint.restore_params(str(tmp_path / "a"), abstract)
+
+
+def _nan_config(policy, tmp_path):
+  # lr 1e30: the first update is finite, every later forward overflows to NaN/Inf.
+  cfg = config(steps=5, log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=10,
+               optim__lr=1e30, optim__warmup_ratio=0.0, nonfinite=policy)
+  cfg.unlock()
+  cfg.progress = False
+  return cfg
+
+
+def test_nonfinite_step_stops_naming_step_and_metric(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"step 2: non-finite (loss|grad_norm) = (nan|inf)"
+                     r".*last good checkpoint is step 1"):
+    train.train_and_evaluate(_nan_config("stop", tmp_path), str(tmp_path))
+  assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["1"]
+  assert [r["step"] for r in writers.read_metrics(tmp_path)] == [1]
+
+
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
+  cfg = _nan_config("skip", tmp_path)
+  train.train_and_evaluate(cfg, str(tmp_path))
+  rows = writers.read_metrics(tmp_path)
+  assert [r["nonfinite"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 1.0]
+  assert [r["skipped_steps"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  # Skipped steps change nothing: the params after step 5 are those after step 1.
+  run = train.setup(cfg)
+  mgr = checkpoint.manager(str(tmp_path / "checkpoints"))
+  p1 = jax.device_get(train.restore_state(mgr, run, 1)["params"])
+  p5 = jax.device_get(train.restore_state(mgr, run, 5)["params"])
+  jax.tree.map(np.testing.assert_array_equal, p1, p5)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(p5))
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+  cfg = config(steps=4, log_every=1, eval_every=2)
+  cfg.unlock()
+  cfg.progress = False
+  train.train_and_evaluate(cfg, str(tmp_path / "a"))
+  train.train_and_evaluate(cfg, str(tmp_path / "b"))
+  a, b = (tmp_path / "a" / "metrics.jsonl").read_text(), (tmp_path / "b" / "metrics.jsonl")
+  assert a == b.read_text() and len(a.splitlines()) == 4
+
+
+@pytest.mark.parametrize("flag,pattern", [
+    ("--config.stepz=3", "stepz"),
+    ("--config.optim.lrr=0.1", "lrr"),
+    ("--config.steps=abc", "steps"),
+    ("--config.loss.name=dpoo", "dpoo.*known"),
+    ("--config.nonfinite=ignore", "config.nonfinite"),
+])
+def test_cli_config_errors_name_the_key(tmp_path, flag, pattern):
+  out = subprocess.run(
+      [sys.executable, "-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir",
+       str(tmp_path / "w"), "--config.progress=False", flag],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert re.search(pattern, out.stderr), out.stderr[-2000:]
+  assert not (tmp_path / "w" / "checkpoints").exists()
