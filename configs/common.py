@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.steps = 200
+  c.epochs = 0.0               # > 0: train this many epochs of data.train (overrides steps)
   c.batch_size = 16            # preference pairs per step (global)
   c.eval_batch_size = 0        # 0: same as batch_size
   c.grad_accum = 1             # micro-batches per step; exact (tests/test_train.py)

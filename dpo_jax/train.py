@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any, Callable
@@ -236,6 +237,7 @@ class Run:
   teacher: teacher.Teacher
   fns: StepFns
   batch_sharding: Callable
+  steps: int   # config.steps, or config.epochs worth of batches when epochs > 0
 
   @property
   def frozen(self) -> dict:
@@ -327,7 +329,8 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
                         **te.columns(train_data.examples, "train")}
   eval_columns = ({**ref.columns(eval_examples, "eval"), **te.columns(eval_examples, "eval")}
                   if eval_examples else {})
-  tx, schedule = make_optimizer(config.optim, config.steps)
+  steps = total_steps(config, len(train_data.examples))
+  tx, schedule = make_optimizer(config.optim, steps)
   graphdef = core.split(model_cfg)[0]
   fns = make_step(graphdef, spec, hparams, tx, schedule, ref.logps_fn,
                   chunk=config.logprob_chunk, teacher_fn=te.fn)
@@ -351,7 +354,17 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
     return jax.sharding.NamedSharding(mesh, spec_)
 
   return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples,
-             eval_columns, state, state_shardings, ref, ref.params, te, fns, batch_sharding)
+             eval_columns, state, state_shardings, ref, ref.params, te, fns, batch_sharding,
+             steps)
+
+
+def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
+  """config.epochs > 0 (the papers' "1 epoch") wins over config.steps."""
+  if config.get("epochs", 0) > 0:
+    return max(1, math.ceil(config.epochs * n_train / config.batch_size))
+  if config.steps < 1:
+    raise ValueError(f"config.steps={config.steps} must be >= 1 (or set config.epochs)")
+  return config.steps
 
 
 def to_device(batch: dict[str, np.ndarray], run: Run) -> dict[str, Array]:
@@ -452,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   eval_jit = jax.jit(run.fns.eval_step)
   writer = writers.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
   last = {}
-  bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="dpo",
+  bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="dpo",
              disable=not config.progress or jax.process_index() != 0)
   # Steady-state step time: synced intervals between log points that compiled, evaluated and
   # checkpointed nothing (the device_get of the metrics is the sync).
@@ -470,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       check_finite(metrics, done, config.nonfinite, mgr)
       if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
         run.ref_params = run.reference.update(run.ref_params, state["params"])
-      is_last = done == config.steps
+      is_last = done == run.steps
       if done % config.log_every == 0 or is_last:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if clean:

@@ -791,3 +791,16 @@ def test_prompt_completion_rows_are_demonstrations():
       [{"prompt": "Say hi.", "completion": "hi"}], tok, P.TokenizeOptions(64, 32))
   assert skipped == 0 and examples[0].label == 1.0 and examples[0].rejected is None
   assert examples[0].chosen == tok.encode("hi", add_special_tokens=False) + [tok.eos_token_id]
+
+
+def test_ultrafeedback_binarized_layout():
+  """A string prompt with conversations that repeat it (HuggingFaceH4/ultrafeedback_binarized):
+  the shared prefix is the prompt, checked against the string."""
+  u = {"role": "user", "content": "hi there"}
+  row = {"prompt": "hi there", "chosen": [u, {"role": "assistant", "content": "hello"}],
+         "rejected": [u, {"role": "assistant", "content": "go away"}]}
+  out = P.normalize(row, "uf.jsonl row 1")
+  assert out["prompt"] == [u] and out["conversational"]
+  assert out["chosen"] == [{"role": "assistant", "content": "hello"}]
+  with pytest.raises(P.DataError, match=r"uf.jsonl row 2: field 'prompt' is a string but"):
+    P.normalize({**row, "prompt": "something else"}, "uf.jsonl row 2")

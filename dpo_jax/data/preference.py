@@ -225,6 +225,17 @@ def normalize(row: dict, where: str) -> dict:
     return {"prompt": row["prompt"], "chosen": row["completion"], "rejected": None,
             "label": float(label), "conversational": conv}
   prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+  if (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list)
+      and chosen and isinstance(chosen[0], collections.abc.Mapping)
+      and chosen[0].get("role") != "assistant"):
+    # UltraFeedback-binarized layout: a string prompt, and conversations that repeat it as the
+    # user turn. The conversations' common prefix is the prompt; it must end with that text.
+    n = _common_prefix(chosen, rejected)
+    if n == 0 or not isinstance(chosen[n - 1], collections.abc.Mapping) or (
+        str(chosen[n - 1].get("content", "")).strip() != prompt.strip()):
+      raise DataError(f"{where}: field 'prompt' is a string but 'chosen' and 'rejected' are "
+                      "conversations whose shared prefix does not end with that prompt")
+    prompt = None
   if prompt is None and "chosen" in row and "rejected" in row:   # implicit prompt
     conv = _check_field(where, "chosen", chosen, None)
     _check_field(where, "rejected", rejected, conv)

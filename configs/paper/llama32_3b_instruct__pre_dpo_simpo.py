@@ -1,0 +1,29 @@
+"""Pre-DPO Table 1 cell: Llama3.2-3B-Instruct x Pre-DPO, guide = SimPO.
+
+Expected (arXiv 2504.15843 v1, Table 1): AlpacaEval 2 LC 35.0% / WR 32.3%, Arena-Hard v0.1 WR
+30.0% (the SFT policy: 19.0 / 18.9 / 18.5). Hyperparameters (Table 4): stage2 DPO beta=0.1, lr
+1e-06; stage1 guide = the SimPO cell (beta=2.5, gamma=1.0, lr 1e-06); global batch 128, 1 epoch,
+cosine, warmup 0.06, max length 4096. Data: DtYXs/llama3.2-3b-ultrafeedback-armorm-binarized
+(train). On-policy pairs: 5 samples per UltraFeedback prompt from the Instruct model, scored by
+RLHFlow/ArmoRM-Llama3-8B-v0.1, best vs worst.
+
+    # one GPU node (all local GPUs, FSDP):
+    bash experiments/launch_gpu_node.sh configs/paper/llama32_3b_instruct__pre_dpo_simpo.py /path/to/W
+    # TPU VM pod (every worker runs the same command):
+    bash experiments/launch_tpu_pod.sh TPU_NAME ZONE configs/paper/llama32_3b_instruct__pre_dpo_simpo.py gs://bucket/W
+    # the same on any machine:
+    python -m dpo_jax.main --config configs/paper/llama32_3b_instruct__pre_dpo_simpo.py --workdir W
+    # 2-step smoke run on local stand-ins (tests/test_paper_configs.py):
+    python -m dpo_jax.main --config configs/paper/llama32_3b_instruct__pre_dpo_simpo.py:runlocal --workdir /tmp/w
+
+Arguments: runlocal, init=DIR (the SFT policy to start from).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _table1  # noqa: E402
+
+
+def get_config(arg=None):
+  return _table1.build("llama32_3b_instruct", "pre_dpo_simpo", arg)
