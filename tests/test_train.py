@@ -83,14 +83,39 @@ def test_first_step_reference_equals_policy():
 MESH_OPTIM = dict(optim__lr=1e-3, optim__eps=1e-6)
 
 
+_ONE_DEVICE = {}
+
+
+def _unpaired_rows(path):
+  """The shipped pairs as KTO rows: chosen -> label True, rejected -> label False."""
+  from dpo_jax.data.tiny_tasks import ASSET
+  with open(ASSET) as f, open(path, "w") as out:
+    for line in list(f)[:96]:
+      row = json.loads(line)
+      for text, label in ((row["chosen"], True), (row["rejected"], False)):
+        out.write(json.dumps({"prompt": row["prompt"], "completion": text, "label": label})
+                  + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "aot", "kto"])
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1)])
-def test_sharded_step_equals_single_device(mesh):
-  cfg = config(**MESH_OPTIM)
-  one, p_one, _ = run_steps(cfg, 2, devices=jax.devices()[:1])
+def test_sharded_step_equals_single_device(mesh, loss, tmp_path_factory):
+  """dpo, aot (a sort over the whole batch) and kto (a batch-level KL reference point) give the
+  same metrics and updated params on every mesh as on one device."""
+  extra = {}
+  if loss == "kto":
+    extra["data__train"] = _unpaired_rows(tmp_path_factory.mktemp("kto") / "rows.jsonl")
+  spec = f"configs/dpo.py:runlocal,loss={loss}"
+  if loss not in _ONE_DEVICE:
+    _ONE_DEVICE[loss] = run_steps(config(spec, **MESH_OPTIM, **extra), 2,
+                                  devices=jax.devices()[:1])[:2]
+  one, p_one = _ONE_DEVICE[loss]
   d, f, t = mesh
-  cfg = config(**MESH_OPTIM, mesh__data=d, mesh__fsdp=f, mesh__tensor=t)
+  cfg = config(spec, **MESH_OPTIM, **extra, mesh__data=d, mesh__fsdp=f, mesh__tensor=t)
   many, p_many, run = run_steps(cfg, 2)
   assert dict(run.mesh.shape) == {"data": d, "fsdp": f, "tensor": t}
+  assert run.spec.name == loss
   for a, b in zip(one, many):
     for k in a:
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
