@@ -139,8 +139,9 @@ def build(row: str, method: str, arg=None) -> ml_collections.ConfigDict:
     c.data.split, c.data.eval_split = "train", "train"
     c.data.max_length, c.data.max_prompt_length = 128, 64
     c.batch_size, c.epochs, c.steps = 8, 0.0, 2
-    c.log_every, c.eval_every, c.ckpt_every, c.log_pair_metrics = 1, 2, 2, 8
-    c.progress = False
+    c.model.num_layers, c.model.hidden_size, c.model.intermediate_size = 1, 32, 64
+    c.log_every, c.eval_every, c.ckpt_every, c.progress = 1, 0, 2, False
+    c.log_pair_metrics = 8 if "stages" in c else 0
     c.mesh.data, c.mesh.fsdp = -1, 1
   c.lock()
   return c
