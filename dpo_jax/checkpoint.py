@@ -116,7 +116,13 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_tra
                train=ocp.args.StandardRestore(abstract_train), meta=ocp.args.JsonRestore())
   if abstract_ref is not None:
     items["ref"] = ocp.args.StandardRestore(abstract_ref)
-  r = mgr.restore(step, args=ocp.args.Composite(**items))
+  try:
+    r = mgr.restore(step, args=ocp.args.Composite(**items))
+  except ValueError as e:   # the params matched (checked above): the train state does not
+    raise CheckpointError(
+        f"{mgr.directory}/{step}: its train state (optimizer, loss state, counters) does not "
+        f"match this run's config; resume with the config that wrote it, or use the "
+        f"checkpoint as model.init / reference.path instead. Orbax: {str(e)[:500]}") from None
   return r.params, r.train, r.meta, (r.ref if abstract_ref is not None else None)
 
 

@@ -206,6 +206,15 @@ def build_scorer(spec: str, model: Model, *, ref: str | None, beta: float, mesh,
   raise ValueError(f"unknown scorer {spec!r}; use {SCORER_HELP}")
 
 
+def write_with_stats(out_path: str, rows: list[dict], stats: dict) -> dict:
+  """Writes rows to out_path and stats to out_path.stats.json, the stats last: a stats file
+  marks a finished output (pipeline stages reuse it)."""
+  write_jsonl(out_path, rows)
+  with open(out_path + ".stats.json", "w") as f:
+    json.dump(stats, f, indent=1)
+  return stats
+
+
 def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer: str,
                    sampling: Sampling, rule: str = "best_worst", margin: float = 0.0,
                    label_noise: float = 0.0, ref: str | None = None, beta: float = 0.1,
@@ -229,7 +238,6 @@ def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer:
                     label_noise=label_noise, seed=sampling.seed)
   if not rows:
     raise ValueError("no pairs: every prompt's responses scored the same")
-  write_jsonl(out_path, rows)
   flat = [s for ss in scores for s in ss]
   empty = sum(not text.strip() for rs in responses for _, text in rs)
   stats = {"prompts": len(prompts), "responses": len(flat), "empty_responses": empty,
@@ -238,9 +246,7 @@ def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer:
                [r["score_chosen"] for r in rows])),
            "mean_rejected": float(np.mean([r["score_rejected"] for r in rows])),
            "label_noise": label_noise, "out": out_path}
-  with open(out_path + ".stats.json", "w") as f:
-    json.dump(stats, f, indent=1)
-  return stats
+  return write_with_stats(out_path, rows, stats)
 
 
 def write_samples(model_path: str, prompts_path: str, out_path: str, *, sampling: Sampling,
@@ -253,11 +259,8 @@ def write_samples(model_path: str, prompts_path: str, out_path: str, *, sampling
   rows = [{"prompt": p, "completion": text}
           for p, rs in zip(prompts, sample_responses(model, prompts, sampling))
           for _, text in rs if text.strip()]
-  write_jsonl(out_path, rows)
-  stats = {"prompts": len(prompts), "rows": len(rows), "out": out_path}
-  with open(out_path + ".stats.json", "w") as f:
-    json.dump(stats, f, indent=1)
-  return stats
+  return write_with_stats(out_path, rows, {"prompts": len(prompts), "rows": len(rows),
+                                           "out": out_path})
 
 
 def distill_pairs(teacher_path: str, student_path: str, prompts_path: str, out_path: str, *,
@@ -274,11 +277,8 @@ def distill_pairs(teacher_path: str, student_path: str, prompts_path: str, out_p
   rows = [{"prompt": p, "chosen": tr[0][1], "rejected": sr[0][1]}
           for p, tr, sr in zip(prompts, t, s)
           if tr[0][1].strip() and sr[0][1].strip() and tr[0][1] != sr[0][1]]
-  write_jsonl(out_path, rows)
-  stats = {"prompts": len(prompts), "pairs": len(rows), "out": out_path}
-  with open(out_path + ".stats.json", "w") as f:
-    json.dump(stats, f, indent=1)
-  return stats
+  return write_with_stats(out_path, rows, {"prompts": len(prompts), "pairs": len(rows),
+                                           "out": out_path})
 
 
 def main(argv=None):

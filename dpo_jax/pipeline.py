@@ -47,14 +47,21 @@ def _pairs(config, workdir):
   """Samples from config.pairs.model, scores, pairs; W/<stage>/pairs.jsonl (kept if present)."""
   from dpo_jax import pairs   # noqa: PLC0415
   out = os.path.join(workdir, "pairs.jsonl")
-  if os.path.exists(out + ".stats.json"):
-    with open(out + ".stats.json") as f:
-      return json.load(f)
+  if (done := _finished(out)) is not None:
+    return done
   p = config.pairs
   return pairs.generate_pairs(p.model, p.prompts, out, scorer=p.scorer,
                               sampling=_sampling(p, config.seed),
                               rule=p.rule, margin=p.margin, label_noise=p.label_noise,
                               max_prompts=p.max_prompts)
+
+
+def _finished(out: str):
+  """The stats of an output a previous run finished (its .stats.json is written last), or None."""
+  if not os.path.exists(out + ".stats.json"):
+    return None
+  with open(out + ".stats.json") as f:
+    return json.load(f)
 
 
 def _sampling(p, seed):
@@ -68,9 +75,8 @@ def _samples(config, workdir):
   """config.pairs.model's responses to config.pairs.prompts as demonstrations (dSFT data)."""
   from dpo_jax import pairs   # noqa: PLC0415
   out = os.path.join(workdir, "samples.jsonl")
-  if os.path.exists(out + ".stats.json"):
-    with open(out + ".stats.json") as f:
-      return json.load(f)
+  if (done := _finished(out)) is not None:
+    return done
   return pairs.write_samples(config.pairs.model, config.pairs.prompts, out,
                              sampling=_sampling(config.pairs, config.seed),
                              max_prompts=config.pairs.max_prompts)
@@ -81,9 +87,8 @@ def _distill_pairs(config, workdir):
   """Teacher-chosen / student-rejected pairs: config.teacher.path vs config.pairs.model."""
   from dpo_jax import pairs   # noqa: PLC0415
   out = os.path.join(workdir, "pairs.jsonl")
-  if os.path.exists(out + ".stats.json"):
-    with open(out + ".stats.json") as f:
-      return json.load(f)
+  if (done := _finished(out)) is not None:
+    return done
   return pairs.distill_pairs(config.teacher.path, config.pairs.model, config.pairs.prompts,
                              out, sampling=_sampling(config.pairs, config.seed),
                              max_prompts=config.pairs.max_prompts)

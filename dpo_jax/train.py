@@ -471,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # checkpointed nothing (the device_get of the metrics is the sync).
   step_times, seen_shapes = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
-  preempt = PreemptionFlag()
+  preempt, pending = PreemptionFlag(), None
   try:
     for step in bar:
       batch_np = train_batch(run.train_data, step, config.grad_accum)
@@ -480,11 +480,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         clean = False
       state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
       done, n_since = step + 1, n_since + 1
-      check_finite(metrics, done, config.nonfinite, mgr)
+      # The NaN/Inf check reads the PREVIOUS step's flag while this one runs (no stall), and
+      # this step's before anything is logged or saved.
+      if pending is not None:
+        check_finite(pending, done - 1, config.nonfinite, mgr)
       if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
         run.ref_params = run.reference.update(run.ref_params, state["params"])
       is_last = done == run.steps
-      if done % config.log_every == 0 or is_last:
+      stop = preempt.is_set()
+      logs = done % config.log_every == 0 or is_last
+      if logs or stop or done % config.ckpt_every == 0:
+        check_finite(metrics, done, config.nonfinite, mgr)
+        pending = None
+      else:
+        pending = metrics
+      if logs:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if clean:
           step_times.append((time.perf_counter() - t_mark) / n_since)
@@ -496,7 +506,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         last = {**metrics, **timing}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                         acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
-      stop = preempt.is_set()
       if done % config.ckpt_every == 0 or is_last or stop:
         save_state(mgr, run, state, done)
       if stop:

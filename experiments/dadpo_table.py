@@ -83,17 +83,13 @@ class DistillSeed(runs.Seed):
 
 
 def select(seed0: DistillSeed):
-  chosen, log = {}, {}
-  for method in ("ddpo", "dadpo_seq", "dadpo_tok"):
-    scores = {}
-    for hp in GRIDS[method]:
-      full = hp if method == "ddpo" else {**chosen["ddpo"], **hp}
-      name = seed0.train(method, full)
-      scores[json.dumps(full)] = seed0.evaluate(name, "val", baseline="dsft")["reward"]
-    best = max(scores, key=scores.get)
-    chosen[method], log[method] = json.loads(best), scores
-    print(f"[select] {method}: val reward {scores} -> {best}", flush=True)
-  return chosen, log
+  """dDPO's β first, then each daDPO form's β2 at that β (seed 0's validation prompts)."""
+  return runs.grid_search(
+      ("ddpo", "dadpo_seq", "dadpo_tok"),
+      lambda method, chosen: (GRIDS[method] if method == "ddpo"
+                              else [{**chosen["ddpo"], **hp} for hp in GRIDS[method]]),
+      lambda method, hp, chosen: seed0.evaluate(
+          seed0.train(method, hp), "val", baseline="dsft")["reward"])
 
 
 def main():

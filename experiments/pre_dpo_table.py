@@ -75,16 +75,11 @@ def guide_of(method, chosen):
 
 def select(seed0: PreDPOSeed):
   """Grid search on seed 0's validation prompts; guides are the selected DPO / SimPO runs."""
-  chosen, log = {}, {}
-  for method in ("dpo", "simpo", "dpo_2ep", "pre_dpo_dpo", "pre_dpo_simpo"):
-    scores = {}
-    for hp in GRIDS[method]:
-      name = seed0.train(method, hp, guide_of(method, chosen))
-      scores[json.dumps(hp)] = seed0.evaluate(name, "val")["reward"]
-    best = max(scores, key=scores.get)
-    chosen[method], log[method] = json.loads(best), scores
-    print(f"[select] {method}: val reward {scores} -> {best}", flush=True)
-  return chosen, log
+  return runs.grid_search(
+      ("dpo", "simpo", "dpo_2ep", "pre_dpo_dpo", "pre_dpo_simpo"),
+      lambda method, chosen: GRIDS[method],
+      lambda method, hp, chosen: seed0.evaluate(
+          seed0.train(method, hp, guide_of(method, chosen)), "val")["reward"])
 
 
 def main():

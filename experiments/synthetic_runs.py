@@ -83,6 +83,19 @@ def epoch_steps(n_examples: int, batch_size: int, eval_fraction: float = 0.05) -
   return -(-int(n_examples * (1 - eval_fraction)) // batch_size)
 
 
+def grid_search(methods, grid, val_reward):
+  """The paper's selection rule: for each method in order, the hyperparameters of grid(method,
+  chosen) with the best val_reward(method, hp, chosen); later methods may build on earlier
+  choices. Returns (chosen {method: hp}, log {method: {hp json: reward}})."""
+  chosen, log = {}, {}
+  for method in methods:
+    scores = {json.dumps(hp): val_reward(method, hp, chosen) for hp in grid(method, chosen)}
+    best = max(scores, key=scores.get)
+    chosen[method], log[method] = json.loads(best), scores
+    print(f"[select] {method}: val reward {scores} -> {best}", flush=True)
+  return chosen, log
+
+
 def hp_name(method: str, hp: dict) -> str:
   return method + "".join(f"_{k[0]}{v:g}".replace(".", "p") for k, v in sorted(hp.items()))
 

@@ -1,4 +1,5 @@
 """Shared test helpers: configs resolved from configs/*.py in their runlocal form."""
+import json
 import os
 
 from dpo_jax import configlib
@@ -10,3 +11,16 @@ def config(spec: str = "configs/dpo.py:runlocal", **overrides):
   """Loads a config file relative to the repo root; overrides use dotted keys with '__'."""
   return configlib.load(os.path.join(REPO, spec),
                         {k.replace("__", "."): v for k, v in overrides.items()})
+
+
+def unpaired_rows(path, n_pairs: int = 64) -> str:
+  """The shipped pairs as unpaired (KTO) rows {prompt, completion, label}: chosen -> True,
+  rejected -> False. Returns the path."""
+  from dpo_jax.data.tiny_tasks import ASSET
+  with open(ASSET) as f, open(path, "w") as out:
+    for line in list(f)[:n_pairs]:
+      row = json.loads(line)
+      for text, label in ((row["chosen"], True), (row["rejected"], False)):
+        out.write(json.dumps({"prompt": row["prompt"], "completion": text, "label": label})
+                  + "\n")
+  return str(path)

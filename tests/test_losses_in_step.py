@@ -1,12 +1,11 @@
 """Every registered loss trains through the real jit step (config.loss.name selects it)."""
-import json
 
 import jax
 import numpy as np
 import pytest
 
 from dpo_jax import losses, train
-from helpers import config
+from helpers import config, unpaired_rows
 
 TRL_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
              "logps/rejected", "logits/chosen", "logits/rejected", "lambda")
@@ -18,16 +17,7 @@ IN_STEP = [n for n in losses.names() if not n.startswith("dadpo")] + [
 
 @pytest.fixture(scope="module")
 def unpaired_jsonl(tmp_path_factory):
-  from dpo_jax.data.tiny_tasks import ASSET as TINY_PREFS
-  path = tmp_path_factory.mktemp("unpaired") / "rows.jsonl"
-  with open(TINY_PREFS) as f, open(path, "w") as out:
-    for line in list(f)[:64]:
-      row = json.loads(line)
-      out.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen"],
-                            "label": True}) + "\n")
-      out.write(json.dumps({"prompt": row["prompt"], "completion": row["rejected"],
-                            "label": False}) + "\n")
-  return str(path)
+  return unpaired_rows(tmp_path_factory.mktemp("unpaired") / "rows.jsonl")
 
 
 @pytest.mark.parametrize("name", IN_STEP)

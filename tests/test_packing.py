@@ -1,6 +1,5 @@
 """Packing (dpo_jax/data/packing.py): layout, equality of losses and gradients with the unpacked
 step, gradient accumulation, and the padding removed on a realistic length distribution."""
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ from dpo_jax import train
 from dpo_jax.data import packing, preference
 from dpo_jax.data.preference import Tokenized
 from dpo_jax.models import core, layers, logprobs
-from helpers import config
+from helpers import config, unpaired_rows
 
 PAD = 0
 
@@ -162,16 +161,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 @pytest.fixture(scope="module")
 def unpaired_jsonl(tmp_path_factory):
-  from dpo_jax.data.tiny_tasks import ASSET as TINY_PREFS
-  path = tmp_path_factory.mktemp("unpaired") / "rows.jsonl"
-  with open(TINY_PREFS) as f, open(path, "w") as out:
-    for line in list(f)[:64]:
-      row = json.loads(line)
-      out.write(json.dumps({"prompt": row["prompt"], "completion": row["chosen"],
-                            "label": True}) + "\n")
-      out.write(json.dumps({"prompt": row["prompt"], "completion": row["rejected"],
-                            "label": False}) + "\n")
-  return str(path)
+  return unpaired_rows(tmp_path_factory.mktemp("unpaired") / "rows.jsonl")
 
 
 def direct_grads(run, loss_state):

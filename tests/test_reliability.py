@@ -174,9 +174,9 @@ def test_mismatching_checkpoint_names_the_field_and_parameter(tmp_path):
     checkpoint.restore_params(str(tmp_path / "a"), abstract)
 
 
-def _nan_config(policy, tmp_path):
+def _nan_config(policy, tmp_path, every=1):
   # lr 1e30: the first update is finite, every later forward overflows to NaN/Inf.
-  cfg = config(steps=5, log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=10,
+  cfg = config(steps=5, log_every=every, eval_every=0, ckpt_every=every, keep_checkpoints=10,
                optim__lr=1e30, optim__warmup_ratio=0.0, nonfinite=policy)
   cfg.unlock()
   cfg.progress = False
@@ -189,6 +189,15 @@ def test_nonfinite_step_stops_naming_step_and_metric(tmp_path):
     train.train_and_evaluate(_nan_config("stop", tmp_path), str(tmp_path))
   assert sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == ["1"]
   assert [r["step"] for r in writers.read_metrics(tmp_path)] == [1]
+
+
+def test_nonfinite_between_log_points_is_caught_one_step_later(tmp_path):
+  """Between log/checkpoint steps the flag is read one step late (no stall per step); the error
+  still names the step that went bad, and nothing is saved or logged after it."""
+  with pytest.raises(FloatingPointError, match=r"step 2: non-finite .*No checkpoint was written"):
+    train.train_and_evaluate(_nan_config("stop", tmp_path, every=100), str(tmp_path))
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert not (tmp_path / "metrics.jsonl").exists() or writers.read_metrics(tmp_path) == []
 
 
 def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
@@ -231,3 +240,17 @@ def test_cli_config_errors_name_the_key(tmp_path, flag, pattern):
   assert out.returncode != 0
   assert re.search(pattern, out.stderr), out.stderr[-2000:]
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_resume_with_an_incompatible_train_state_is_named(tmp_path):
+  """The workdir was written by DPO (no loss state); resuming it as BCO (a running δ in the
+  train state) is refused with a CheckpointError, not an Orbax tree dump."""
+  cfg = config(steps=1, log_every=1, eval_every=0, ckpt_every=1)
+  cfg.unlock()
+  cfg.progress = False
+  train.train_and_evaluate(cfg, str(tmp_path))
+  other = config("configs/dpo.py:runlocal,loss=bco_pair", steps=2, log_every=1, eval_every=0)
+  other.unlock()
+  other.progress = False
+  with pytest.raises(checkpoint.CheckpointError, match=r"/1: its train state .* does not match"):
+    train.train_and_evaluate(other, str(tmp_path))

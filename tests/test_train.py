@@ -1,5 +1,4 @@
 """The train step and loop: metrics, resume, sharding invariance, exact accumulation, compiles."""
-import json
 import os
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import train, writers
-from helpers import REPO, config
+from helpers import REPO, config, unpaired_rows
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -86,18 +85,6 @@ MESH_OPTIM = dict(optim__lr=1e-3, optim__eps=1e-6)
 _ONE_DEVICE = {}
 
 
-def _unpaired_rows(path):
-  """The shipped pairs as KTO rows: chosen -> label True, rejected -> label False."""
-  from dpo_jax.data.tiny_tasks import ASSET
-  with open(ASSET) as f, open(path, "w") as out:
-    for line in list(f)[:96]:
-      row = json.loads(line)
-      for text, label in ((row["chosen"], True), (row["rejected"], False)):
-        out.write(json.dumps({"prompt": row["prompt"], "completion": text, "label": label})
-                  + "\n")
-  return str(path)
-
-
 @pytest.mark.parametrize("loss", ["dpo", "aot", "kto"])
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 8, 1)])
 def test_sharded_step_equals_single_device(mesh, loss, tmp_path_factory):
@@ -105,7 +92,7 @@ def test_sharded_step_equals_single_device(mesh, loss, tmp_path_factory):
   same metrics and updated params on every mesh as on one device."""
   extra = {}
   if loss == "kto":
-    extra["data__train"] = _unpaired_rows(tmp_path_factory.mktemp("kto") / "rows.jsonl")
+    extra["data__train"] = unpaired_rows(tmp_path_factory.mktemp("kto") / "rows.jsonl", 96)
   spec = f"configs/dpo.py:runlocal,loss={loss}"
   if loss not in _ONE_DEVICE:
     _ONE_DEVICE[loss] = run_steps(config(spec, **MESH_OPTIM, **extra), 2,
