@@ -24,6 +24,10 @@ of the same DPOTrainer (both reported; the ratio uses the faster, i.e. TRL's bes
            (policy forward + reference forward under no_grad, DPO loss, TRL metrics),
            loss.backward(), clip_grad_norm_(1.0), optimizer.step(), zero_grad(), on one
            collated batch; median of `--steps` after `--warmup`.
+--share-prompt both (default) also times dpo_jax with data.share_prompt: each pair is one row
+[prompt | chosen | rejected], so the prompt is computed once (8 rows of 384 tokens instead of 16
+of 256 on the default shape). The pairs and the loss are the same; TRL has no such layout, so
+that ratio compares the two trainers as a user would run them, not the same FLOPs.
 Rematerialisation is matched: --remat none (default) = dpo_jax model.remat=none and TRL
 gradient_checkpointing=False; --remat full = dpo_jax remat=full and gradient_checkpointing=True.
 
@@ -128,6 +132,10 @@ def parse_args(argv=None):
   p.add_argument("--skip-jax", action="store_true")
   p.add_argument("--jax-flag", action="append", default=[],
                  help="extra dpo_jax.bench flag, e.g. --jax-flag=--config.logprob_chunk=128")
+  p.add_argument("--share-prompt", choices=("both", "off", "only"), default="both",
+                 help="dpo_jax with data.share_prompt (one row per pair [prompt | chosen | "
+                      "rejected], the prompt computed once; TRL has no such layout): both = "
+                      "time dpo_jax with and without it, off = without, only = with")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads
@@ -148,7 +156,7 @@ def cpu_set(threads: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dpo_jax(args) -> dict:
+def run_dpo_jax(args, share_prompt: bool = False) -> dict:
   cmd = [sys.executable, "-m", "dpo_jax.bench", "--json",
          f"--config.model.hidden_size={args.hidden}", f"--config.model.num_layers={args.layers}",
          f"--config.model.num_heads={args.heads}", f"--config.model.num_kv_heads={args.kv_heads}",
@@ -161,7 +169,7 @@ def run_dpo_jax(args) -> dict:
          f"--config.steps={args.steps}", f"--config.warmup={args.warmup}",
          f"--config.model.max_position_embeddings={max(args.seq, 1024)}",
          "--config.loss.name=dpo", "--config.loss.beta=0.1", "--config.reference.mode=initial",
-         "--config.mesh.data=1", *args.jax_flag]
+         "--config.mesh.data=1", f"--config.share_prompt={share_prompt}", *args.jax_flag]
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true "
                       f"intra_op_parallelism_threads={args.threads}")
@@ -335,17 +343,21 @@ def run_trl(args) -> dict:
 def main(argv=None):
   args = parse_args(argv)
   load0 = os.getloadavg()
-  jax_rows, trl_rows = [], []
+  variants = {"both": (False, True), "off": (False,), "only": (True,)}[args.share_prompt]
+  jax_rows, shared_rows, trl_rows = [], [], []
   for r in range(args.rounds):
-    if not args.skip_jax:
-      log(f"round {r + 1}/{args.rounds}: dpo_jax (load average {os.getloadavg()[0]:.2f})")
-      jax_rows.append(run_dpo_jax(args))
-      log(f"dpo_jax:     {jax_rows[-1]['step_s'] * 1e3:.1f} ms/step")
+    for shared in variants if not args.skip_jax else ():
+      name = "dpo_jax shared prompt" if shared else "dpo_jax"
+      log(f"round {r + 1}/{args.rounds}: {name} (load average {os.getloadavg()[0]:.2f})")
+      rows = shared_rows if shared else jax_rows
+      rows.append(run_dpo_jax(args, share_prompt=shared))
+      log(f"{name}: {rows[-1]['step_s'] * 1e3:.1f} ms/step")
     if not args.skip_trl:
       log(f"round {r + 1}/{args.rounds}: TRL (load average {os.getloadavg()[0]:.2f})")
       trl_rows.append(run_trl(args))
   load1 = os.getloadavg()
   jx = min(jax_rows, key=lambda x: x["step_s"]) if jax_rows else None
+  js = min(shared_rows, key=lambda x: x["step_s"]) if shared_rows else None
   tr = min(trl_rows, key=lambda x: x["step_s"]) if trl_rows else None
 
   shape = (f"Llama d={args.hidden} L={args.layers} H={args.heads}/{args.kv_heads} "
@@ -359,6 +371,9 @@ def main(argv=None):
   if jx:
     print(f"{'dpo_jax':22s}{jx['pairs_per_s']:10.3f}{jx['step_s'] * 1e3:10.1f}"
           f"{jx['tokens_per_s']:11.0f}")
+  if js:
+    print(f"{'dpo_jax shared prompt':22s}{js['pairs_per_s']:10.3f}{js['step_s'] * 1e3:10.1f}"
+          f"{js['tokens_per_s']:11.0f}")
   if tr:
     for k in ("trainer", "loop"):
       if k in tr:
@@ -368,6 +383,10 @@ def main(argv=None):
   if jx and tr:
     print(f"ratio dpo_jax / TRL ({tr['timing']}, TRL's faster timing): "
           f"{jx['pairs_per_s'] / tr['pairs_per_s']:.2f}x")
+  if js and tr:
+    print(f"ratio dpo_jax shared prompt / TRL: {js['pairs_per_s'] / tr['pairs_per_s']:.2f}x "
+          f"(the same pairs; {js['tokens_computed_per_step']} tokens computed per step instead "
+          f"of {js['tokens_per_step']})")
   if jx:
     print(f"dpo_jax MFU: {jx['mfu'] * 100:.1f}% of the measured f32 matmul peak "
           f"{jx['peak_flops'] / 1e9:.1f} GFLOP/s ({jx['flops_per_step'] / 1e9:.2f} GFLOP/step, "
@@ -375,11 +394,15 @@ def main(argv=None):
     if tr:
       print(f"TRL at the same FLOP count: "
             f"{jx['flops_per_step'] / tr['step_s'] / jx['peak_flops'] * 100:.1f}% of that peak")
+  if js:
+    print(f"dpo_jax shared prompt MFU: {js['mfu'] * 100:.1f}% ({js['flops_per_step'] / 1e9:.2f} "
+          f"GFLOP/step computed, {js['achieved_flops'] / 1e9:.1f} GFLOP/s achieved)")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"args": vars(args), "dpo_jax": jax_rows, "trl": trl_rows,
+      json.dump({"args": vars(args), "dpo_jax": jax_rows, "dpo_jax_shared": shared_rows,
+                 "trl": trl_rows,
                  "loadavg": [load0, load1]}, f, indent=1)
-  return jx, tr
+  return jx, tr, js
 
 
 if __name__ == "__main__":

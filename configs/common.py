@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.buckets = ()              # () = powers of two from 32 up to max_length
   c.data.on_error = "fail"         # fail | skip (bad rows are counted)
   c.data.packing = False           # several sequences per row, segment ids (data/packing.py)
-  c.data.row_length = 0            # packed row length; 0: the largest bucket (max_length)
+  c.data.share_prompt = False      # pack each pair as [prompt | chosen | rejected]: the prompt
+                                   # is computed once (implies packing; data/packing.py)
+  c.data.row_length = 0            # packed row length; 0: max_length (2·max_length when sharing)
   c.data.row_buckets = ()          # () = packing.default_row_buckets (4 per octave)
 
   c.loss = ml_collections.ConfigDict()

@@ -20,6 +20,11 @@ logits are not counted):
              reference forward runs: reference.mode initial | checkpoint | sync and the loss
              reads it; none / precomputed have no reference forward)
   per step = per token · 2 · batch · seq
+With share_prompt (data.share_prompt: each pair is one row [prompt | chosen | rejected], the
+prompt computed once) the step computes `batch` rows of row = seq + completion tokens, so row
+replaces seq in A and per step = per token · batch · row: the FLOPs of the tokens computed, not
+of the 2·batch·seq tokens of the unshared layout. pairs_per_s and tokens_per_s
+(2·batch·seq / step_s) count the pairs' sequences either way.
 MFU = flops_per_step / step_s / peak_flops, where peak_flops is measured here: the best of
 `peak.reps` timed calls of one jitted f32 [size, size] @ [size, size] matmul per device (a batched
 matmul sharded over all devices of the mesh, so n devices do n matmuls at once), warmed up.
@@ -45,7 +50,7 @@ import ml_collections
 from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_KEYS = ("batch", "seq", "prompt_fraction", "warmup", "peak")
+BENCH_KEYS = ("batch", "seq", "prompt_fraction", "share_prompt", "warmup", "peak")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -61,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch = 8                 # preference pairs per step (2·batch sequences)
   c.seq = 256                 # tokens per sequence (prompt + completion), no padding
   c.prompt_fraction = 0.5     # leading share of each sequence that is prompt
+  c.share_prompt = False      # one row per pair [prompt | chosen | rejected] (data.share_prompt)
   c.steps = 10                # timed steps
   c.warmup = 3                # untimed steps after compilation
   c.progress = False
@@ -108,7 +114,10 @@ def jax_tree_leaves_with_path(tree):
   return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
-def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=None) -> dict:
+def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=None, *,
+          rows: int | None = None) -> dict:
+  """FLOPs of one step on `rows` rows of `seq` tokens (default 2·batch: [chosen; rejected])."""
+  rows = 2 * batch if rows is None else rows
   n = matmul_params(cfg)
   a = cfg.num_layers * seq * cfg.num_heads * cfg.dim_per_head
   per_token = 6 * n + 12 * a + (2 * n + 4 * a if reference_forward else 0)
@@ -119,7 +128,7 @@ def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=Non
     out["n_params_matmul_teacher"] = n_te
     out["flops_definition"] += ("; + teacher fwd 2*N_te + 4*A_te (teacher.mode=step, from "
                                 "its param tree)")
-  out.update(flops_per_token=per_token, flops_per_step=per_token * 2 * batch * seq)
+  out.update(flops_per_token=per_token, flops_per_step=per_token * rows * seq)
   return out
 
 
@@ -188,6 +197,23 @@ def synthetic_batch(b: int, seq: int, vocab: int, prompt_len: int, *, unpaired: 
   for name in columns:   # e.g. precomputed reference log-probs, teacher log-probs: [2b]
     batch[name] = rng.normal(-(seq - prompt_len), 1.0, (r,)).astype(np.float32)
   return batch
+
+
+def shared_batch(batch: dict, prompt_len: int, k: int, *, unpaired: bool = False,
+                 columns=()) -> dict:
+  """synthetic_batch's pairs with the chosen row's prompt shared by both completions, packed one
+  pair per row [prompt | chosen | rejected] (data/packing.py, share_prompt) into k micro-batches.
+  Unpaired batches pair each completion with the next example's, as the trainer does."""
+  from dpo_jax.data import packing   # noqa: PLC0415
+  from dpo_jax.data.preference import Tokenized   # noqa: PLC0415
+  tokens, label = batch["tokens"], batch["label"]
+  b, seq = label.shape[0], tokens.shape[1]
+  examples = [Tokenized(list(tokens[i, :prompt_len]), list(tokens[i, prompt_len:]),
+                        None if unpaired else list(tokens[b + i, prompt_len:]), float(label[i]))
+              for i in range(b)]
+  return packing.pack_microbatches(
+      examples, k, row_length=2 * seq - prompt_len, row_buckets=(b // k,), pad_id=0,
+      max_length=seq, columns={name: batch[name] for name in columns}, share_prompt=True)
 
 
 def train_config(c: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
@@ -273,7 +299,14 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     columns.append("teacher_logps")
   batch_np = synthetic_batch(c.batch, c.seq, cfg.vocab_size, prompt_len,
                              unpaired=spec.unpaired, columns=columns, seed=c.seed)
-  batch = train.to_device(train.microbatches(batch_np, tc.grad_accum), run)
+  if c.share_prompt:   # c.batch rows of seq + completion tokens
+    batch_np = shared_batch(batch_np, prompt_len, tc.grad_accum, unpaired=spec.unpaired,
+                            columns=columns)
+    rows, row_len = c.batch, 2 * c.seq - prompt_len
+  else:                # 2·c.batch rows of seq tokens
+    batch_np = train.microbatches(batch_np, tc.grad_accum)
+    rows, row_len = 2 * c.batch, c.seq
+  batch = train.to_device(batch_np, run)
   reference_forward = run.ref_params is not None and spec.needs_ref
   teacher_params = te.params
 
@@ -302,7 +335,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
 
   devices_used = list(run.mesh.devices.flat)
   peak = measure_peak(devices_used, c.peak.size, c.peak.reps)
-  fl = flops(cfg, c.batch, c.seq, reference_forward, teacher_params)
+  fl = flops(cfg, c.batch, row_len, reference_forward, teacher_params, rows=rows)
   tokens = 2 * c.batch * c.seq
   dev = devices_used[0]
   device_peak = None
@@ -340,8 +373,10 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
                             f"block_until_ready, after compile and {c.warmup} warm-up steps; "
                             "batch already on device"),
       # Shapes and numerics.
-      "batch": c.batch, "seq": c.seq, "prompt_len": prompt_len, "rows": 2 * c.batch,
-      "tokens_per_step": tokens, "grad_accum": tc.grad_accum,
+      "batch": c.batch, "seq": c.seq, "prompt_len": prompt_len, "rows": rows,
+      "row_length": row_len, "share_prompt": bool(c.share_prompt),
+      "tokens_per_step": tokens, "tokens_computed_per_step": rows * row_len,
+      "grad_accum": tc.grad_accum,
       "model": {**{k: v for k, v in cfg.architecture() if v is not None
                    and not isinstance(v, tuple)},
                 "head_dim": cfg.dim_per_head, "n_params": cfg.num_params()},
@@ -365,7 +400,8 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
 def format_row(row: dict) -> str:
   m = row["model"]
   lines = [
-      f"shape        {row['batch']} pairs x {row['seq']} tokens (prompt {row['prompt_len']}), "
+      f"shape        {row['batch']} pairs x {row['seq']} tokens (prompt {row['prompt_len']}"
+      f"{', shared: ' + str(row['rows']) + ' rows of ' + str(row['row_length']) if row['share_prompt'] else ''}), "
       f"{m['family']} d={m['hidden_size']} layers={m['num_layers']} heads={m['num_heads']}/"
       f"{m['num_kv_heads']} ffn={m['intermediate_size']} vocab={m['vocab_size']}, "
       f"{row['dtype']}, remat={row['remat']}, loss={row['loss']}, ref={row['reference_mode']}",

@@ -283,11 +283,12 @@ def load_data(config, tokenizer, pad_id: int):
     eval_examples = [examples[i] for i in order[:n_eval]]
     examples = [examples[i] for i in sorted(order[n_eval:])]
   buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
-  if config.data.packing:   # several sequences per row (data/packing.py)
+  share = config.data.share_prompt
+  if config.data.packing or share:   # several sequences per row (data/packing.py)
     train = packing.PackedBatches(
         examples, config.batch_size, config.seed, buckets, pad_id,
-        row_length=config.data.row_length or max(buckets),
-        row_buckets=tuple(config.data.row_buckets) or None)
+        row_length=config.data.row_length or max(buckets) * (2 if share else 1),
+        row_buckets=tuple(config.data.row_buckets) or None, share_prompt=share)
   else:
     train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id)
   return train, eval_examples, skipped
@@ -446,6 +447,11 @@ def restore_state(mgr, run: Run, step: int) -> dict:
   return {**train, "params": params}
 
 
+def every(step: int, period: int) -> bool:
+  """True every `period` steps; a period of 0 means never (only the last step logs/saves)."""
+  return bool(period) and step % period == 0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics."""
   from tqdm import tqdm   # noqa: PLC0415
@@ -488,8 +494,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         run.ref_params = run.reference.update(run.ref_params, state["params"])
       is_last = done == run.steps
       stop = preempt.is_set()
-      logs = done % config.log_every == 0 or is_last
-      if logs or stop or done % config.ckpt_every == 0:
+      logs = every(done, config.log_every) or is_last
+      if logs or stop or every(done, config.ckpt_every):
         check_finite(metrics, done, config.nonfinite, mgr)
         pending = None
       else:
@@ -506,12 +512,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         last = {**metrics, **timing}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                         acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
-      if done % config.ckpt_every == 0 or is_last or stop:
+      if every(done, config.ckpt_every) or is_last or stop:
         save_state(mgr, run, state, done)
       if stop:
         raise Preempted(f"stopped by {preempt.signal_name} after step {done}; checkpoint saved "
                         f"in {mgr.directory}; re-run the same command to resume")
-      if done % config.log_every == 0:
+      if every(done, config.log_every):
         jax.block_until_ready(state["step"])
         t_mark, n_since, clean = time.perf_counter(), 0, True
   finally:

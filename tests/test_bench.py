@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from dpo_jax import bench
@@ -106,3 +107,18 @@ def test_flops_formula_matches_issue_shape():
   assert got["flops_per_step"] == expected_flops(8, 256, 256, 1024, 4, 4, 4, 2048, True)
   tied = bench.flops(cfg.replace(tie_word_embeddings=True), 8, 256, reference_forward=True)
   assert tied["flops_per_step"] == got["flops_per_step"]   # the unembedding matmul still runs
+
+
+def test_shared_prompt_counts_the_rows_it_computes():
+  """share_prompt: `batch` rows of seq + completion tokens [prompt | chosen | rejected]; FLOPs
+  are those of the tokens computed (A at the row length), pairs/s counts the pairs."""
+  row = bench.run_bench(bench_config(share_prompt=True), devices=jax.devices()[:1],
+                        log=lambda _: None)
+  assert row["share_prompt"] and row["rows"] == 8 and row["row_length"] == 2 * 32 - 16
+  assert row["tokens_computed_per_step"] == 8 * 48 and row["tokens_per_step"] == 2 * 8 * 32
+  d, f, layers, heads, dh, vocab = 32, 64, 2, 4, 8, 96
+  n = layers * (d * dh * (2 * heads + 2 * 2) + 3 * d * f) + d * vocab
+  attn = layers * 48 * heads * dh
+  assert row["flops_per_step"] == (8 * n + 16 * attn) * 8 * 48
+  assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
+  assert np.isfinite(row["loss_value"]) and row["loss_value"] > 0

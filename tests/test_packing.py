@@ -86,6 +86,59 @@ def test_pack_layout_matches_collate(paired):
     np.testing.assert_array_equal(m, same & causal)
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_share_prompt_layout(paired):
+  """[prompt | chosen | rejected] rows: each sequence of collate's batch is its prompt plus its
+  completion, positions run on from the prompt in both branches, a token sees exactly the
+  tokens of its own sequence before it, and each scored token is predicted by the hidden state
+  of the token before it in its sequence (the last prompt token for both first tokens)."""
+  ex = random_examples(12, seed=6 if paired else 7, paired=paired)
+  buckets = preference.default_buckets(128)
+  ref = preference.collate(ex, buckets, PAD)
+  b = len(ex)
+  batch = packing.pack(ex, row_length=256, pad_id=PAD, max_length=max(buckets),
+                       share_prompt=True)
+  assert set(batch) == set(ref) | {"source"}
+  assert batch["tokens"].shape[0] in packing.default_row_buckets(b)
+  seg, loss_mask = batch["segment_ids"], batch["loss_mask"]
+  assert (seg % layers.BRANCH).max() >= 2   # several pairs in a row
+  m = np.asarray(layers.attention_mask(batch["positions"], seg, batch["positions"], seg, None))
+  covered = np.zeros_like(seg, bool)
+  for s in range(2 * b):
+    i = s % b
+    prompt = (batch["seq_index"] == i) & (seg > 0) & (loss_mask == 0)
+    completion = (batch["seq_index"] == s) & (loss_mask > 0)
+    rows = np.flatnonzero((prompt | completion).any(1))
+    assert len(rows) == 1, f"sequence {s} is in rows {rows}"
+    r = rows[0]
+    view = np.concatenate([np.flatnonzero(prompt[r]), np.flatnonzero(completion[r])])
+    n = int(ref["segment_ids"][s].sum())
+    assert len(view) == n
+    np.testing.assert_array_equal(batch["tokens"][r, view], ref["tokens"][s, :n])
+    np.testing.assert_array_equal(loss_mask[r, view], ref["loss_mask"][s, :n])
+    np.testing.assert_array_equal(batch["positions"][r, view], np.arange(n))
+    for j, q in enumerate(view):
+      visible = np.flatnonzero(m[r, q])
+      np.testing.assert_array_equal(visible, np.sort(view[:j + 1]), err_msg=f"seq {s} tok {j}")
+      if loss_mask[r, q]:
+        assert batch["source"][r, q] == view[j - 1], (s, j)
+    covered[r, view] = True
+  assert (covered == (seg > 0)).all()
+  pad = seg == 0
+  assert (batch["tokens"][pad] == PAD).all() and (loss_mask[pad] == 0).all()
+  # Fewer token slots than one row per sequence: every prompt is there once.
+  assert (seg > 0).sum() == sum(len(e.prompt) for e in ex) + (ref["loss_mask"] > 0).sum()
+  with pytest.raises(ValueError, match=r"example 1 of the batch has 9 tokens with its prompt "
+                                       r"shared \(3 prompt \+ 3 chosen \+ 3 rejected\), more "
+                                       r"than row_length=8"):
+    packing.pack([Tokenized([1], [2], [3]), Tokenized([1] * 3, [2] * 3, [3] * 3)],
+                 row_length=8, pad_id=PAD, share_prompt=True)
+  with pytest.raises(ValueError, match=r"example 5 has \d+ tokens with its prompt shared"):
+    long = list(ex)
+    long[5] = Tokenized([1] * 60, [2] * 68, [3] * 68 if paired else None, 1.0)   # 196 tokens
+    packing.PackedBatches(long, 4, 0, buckets, PAD, row_length=190, share_prompt=True)
+
+
 def test_pack_errors_and_buckets():
   ex = random_examples(4, seed=3)
   ex[2] = Tokenized([1] * 30, [2] * 60, [3] * 90)
@@ -199,6 +252,10 @@ CASES = {   # name: (loss, grad_accum, row bucket, overrides)
     "wpo_tokens": ("wpo(dpo)", 1, 8, {}),
     # unpaired: the mismatched completions are formed over the whole batch, then split
     "kto_accum2": ("kto", 2, 4, {"unpaired": True}),
+    # prompt sharing: rows [prompt | chosen | rejected], several pairs per row
+    "dpo_shared_accum2": ("dpo", 2, 4, {"share": True}),
+    "wpo_shared_tokens": ("wpo(dpo)", 1, 4, {"share": True}),
+    "kto_shared": ("kto", 1, 4, {"unpaired": True, "share": True}),
 }
 
 
@@ -208,13 +265,16 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
   extra = dict(extra)
   if extra.pop("unpaired", False):
     extra["data__train"] = unpaired_jsonl
+  share = extra.pop("share", False)
+  row_length = 256 if share else 128
   cfg = config(f"configs/dpo.py:runlocal,loss={loss}", **SMALL, **MESH, grad_accum=k, **extra)
   run = train.setup(cfg)
   data = run.train_data
   n_batch = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   packed_data = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,
-                                      data.pad_id, columns=data.columns, row_length=128,
-                                      row_buckets=(n_rows,), row_multiple=n_batch)
+                                      data.pad_id, columns=data.columns, row_length=row_length,
+                                      row_buckets=(n_rows,), row_multiple=n_batch,
+                                      share_prompt=share)
   # The step on both layouts in one program (one compile), with run.jit_train_step's fixed
   # state shardings and donation.
   sh, fn = run.state_shardings, run.fns.train_step
@@ -228,9 +288,14 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
   for i in range(2):   # step 0: ref = policy; step 1: nonzero rewards
     bu = train.microbatches(data(i), k)
     bp = packed_data.microbatches(i, k)
-    assert bp["tokens"].shape == (k, n_rows, 128) and bp["valid"].shape == (k, 8 // k)
-    assert bp["segment_ids"].max() >= 3   # rows really hold several sequences
-    assert bp["tokens"].size < bu["tokens"].size
+    assert bp["tokens"].shape == (k, n_rows, row_length) and bp["valid"].shape == (k, 8 // k)
+    # rows really hold several sequences (pairs when shared)
+    assert (bp["segment_ids"] % layers.BRANCH).max() >= (2 if share else 3)
+    assert ("source" in bp) == share
+    if share:   # the prompts are computed once: fewer real tokens than the unshared layout
+      assert (bp["segment_ids"] > 0).sum() < (bu["segment_ids"] > 0).sum()
+    else:
+      assert bp["tokens"].size < bu["tokens"].size
     (state_u, mu), (state_p, mp) = step(state_u, state_p, run.frozen,
                                         train.to_device(bu, run), train.to_device(bp, run))
     mu, mp = jax.device_get(mu), jax.device_get(mp)
@@ -262,6 +327,23 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
   with capsys.disabled():
     print(f"\n[{case}] max |packed − unpacked|: "
           + ", ".join(f"{k_}={v:.1e}" for k_, v in devs.items()))
+
+
+def test_share_prompt_trains_from_config(tmp_path):
+  """config.data.share_prompt=True through setup and the training loop: packed [prompt | chosen
+  | rejected] rows of 2·max_length, the step's own compiled program, metrics written."""
+  import json   # noqa: PLC0415
+  cfg = config("configs/dpo.py:runlocal", **SMALL, steps=3, eval_every=0, ckpt_every=0,
+               progress=False, log_every=1,
+               data__share_prompt=True)
+  run = train.setup(cfg)
+  assert isinstance(run.train_data, packing.PackedBatches) and run.train_data.share_prompt
+  assert run.train_data.row_length == 2 * 128
+  train.train_and_evaluate(cfg, str(tmp_path))
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  train_rows = [r for r in rows if "loss" in r and r.get("step", 0) >= 1]
+  assert len(train_rows) >= 1 and all(np.isfinite(r["loss"]) for r in train_rows)
+  assert all(r["rewards/accuracies"] >= 0 for r in train_rows)
 
 
 # ---------------------------------------------------------------------------------------------

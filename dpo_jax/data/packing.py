@@ -65,6 +65,7 @@ import numpy as np
 
 from dpo_jax.data import preference
 from dpo_jax.data.preference import Tokenized
+from dpo_jax.models.layers import BRANCH
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,19 +167,32 @@ def _check(seqs, row_length: int, b: int, paired: bool):
                        f"previous segment")
 
 
+def _check_shared(seqs, row_length: int, b: int, paired: bool):
+  for i in range(b):
+    p, c1, c2 = seqs[i][0], seqs[i][1], seqs[b + i][1]
+    if len(p) + len(c1) + len(c2) > row_length:
+      second = "rejected" if paired else "mismatched completion"
+      raise ValueError(f"example {i} of the batch has {len(p) + len(c1) + len(c2)} tokens with "
+                       f"its prompt shared ({len(p)} prompt + {len(c1)} chosen + {len(c2)} "
+                       f"{second}), more than row_length={row_length}; packing never splits a "
+                       f"pair (raise config.data.row_length)")
+
+
 def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
                       row_buckets: Optional[Sequence[int]] = None, pad_id: int,
                       valid: Optional[Sequence[bool]] = None, max_length: Optional[int] = None,
                       row_multiple: int = 1,
-                      columns: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
+                      columns: Optional[dict[str, np.ndarray]] = None,
+                      share_prompt: bool = False) -> dict[str, np.ndarray]:
   """B examples -> k packed micro-batches: [k, R, row_length] rows, [k, B/k] per example.
 
   Micro-batch j holds pairs j*b .. (j+1)*b-1 (b = B/k), its sequences numbered 0 .. 2b-1
   (chosen_i = i, second half b + i); all micro-batches are padded to the same R, a row bucket
-  (default: default_row_buckets(2b, row_multiple)). `columns` are batch-level per-sequence
-  arrays [2B] in collate's order (preference.add_columns) and come back as [k, 2b] like
-  train.microbatches makes them. max_length (default row_length) cuts mismatched completions
-  of unpaired data, as collate cuts them to its largest bucket.
+  (default: default_row_buckets(2b, row_multiple), or (b, row_multiple) with share_prompt).
+  `columns` are batch-level per-sequence arrays [2B] in collate's order (preference.add_columns)
+  and come back as [k, 2b] like train.microbatches makes them. max_length (default row_length)
+  cuts mismatched completions of unpaired data, as collate cuts them to its largest bucket.
+  share_prompt: each pair is one unit [prompt | chosen | rejected] (see the module docstring).
   """
   big_b = len(examples)
   if k < 1 or big_b % k:
@@ -189,14 +203,20 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
   seqs = sequences(examples, row_length if max_length is None else max_length)
   paired = all(e.rejected is not None for e in examples)
   _check(seqs, row_length, big_b, paired)
+  if share_prompt:
+    _check_shared(seqs, row_length, big_b, paired)
   groups = []
   for j in range(k):
     members = list(range(j * b, (j + 1) * b)) + list(range(big_b + j * b, big_b + (j + 1) * b))
     group = [seqs[s] for s in members]
-    groups.append((group, first_fit_decreasing([len(p) + len(c) for p, c in group],
+    if share_prompt:   # unit i: (prompt, chosen completion, second completion)
+      units = [(group[i][0], group[i][1], group[b + i][1]) for i in range(b)]
+    else:
+      units = group
+    groups.append((units, first_fit_decreasing([sum(map(len, u)) for u in units],
                                                row_length)))
   if row_buckets is None:
-    row_buckets = default_row_buckets(2 * b, row_multiple)
+    row_buckets = default_row_buckets(b if share_prompt else 2 * b, row_multiple)
   bad = [r for r in row_buckets if r % row_multiple]
   if bad:
     raise ValueError(f"row buckets {bad} are not multiples of row_multiple={row_multiple}")
@@ -206,19 +226,35 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
   out = {"tokens": np.full(shape, pad_id, np.int32), "positions": np.zeros(shape, np.int32),
          "segment_ids": np.zeros(shape, np.int32), "loss_mask": np.zeros(shape, np.float32),
          "seq_index": np.zeros(shape, np.int32)}
-  for j, (group, rows) in enumerate(groups):
+  if share_prompt:   # the hidden state predicting each token: t-1, but see below
+    out["source"] = np.broadcast_to(np.maximum(np.arange(row_length, dtype=np.int32) - 1, 0),
+                                    shape).copy()
+  for j, (units, rows) in enumerate(groups):
     for r, row in enumerate(rows):
       start = 0
       for seg, s in enumerate(row, 1):
-        p, c = group[s]
-        n = len(p) + len(c)
-        sl = slice(start, start + n)
-        out["tokens"][j, r, sl] = p + c
-        out["positions"][j, r, sl] = np.arange(n)
-        out["segment_ids"][j, r, sl] = seg
-        out["loss_mask"][j, r, start + len(p):start + n] = 1.0
-        out["seq_index"][j, r, sl] = s
-        start += n
+        if share_prompt:
+          p, c1, c2 = units[s]
+          # (tokens, segment, first position, sequence, scored) of prompt, chosen, rejected
+          parts = ((p, seg, 0, s, False), (c1, seg + BRANCH, len(p), s, True),
+                   (c2, seg + 2 * BRANCH, len(p), b + s, True))
+        else:
+          p, c = units[s]
+          parts = ((p + c, seg, 0, s, False),)
+        for toks, seg_id, pos0, seq, scored in parts:
+          n = len(toks)
+          sl = slice(start, start + n)
+          out["tokens"][j, r, sl] = toks
+          out["positions"][j, r, sl] = pos0 + np.arange(n)
+          out["segment_ids"][j, r, sl] = seg_id
+          out["seq_index"][j, r, sl] = seq
+          if scored:
+            out["loss_mask"][j, r, sl] = 1.0
+          start += n
+        if share_prompt:   # the first rejected token is predicted by the last prompt token
+          out["source"][j, r, start - len(c2)] = start - len(c2) - len(c1) - 1
+        else:
+          out["loss_mask"][j, r, start - len(c):start] = 1.0
   out["valid"] = np.asarray(valid if valid is not None else [True] * big_b,
                             np.float32).reshape(k, b)
   out["label"] = np.asarray([e.label for e in examples], np.float32).reshape(k, b)
@@ -240,7 +276,7 @@ def split_sequences(x: np.ndarray, k: int) -> np.ndarray:
 def pack(examples: Sequence[Tokenized], *, row_length: int,
          row_buckets: Optional[Sequence[int]] = None, pad_id: int,
          valid: Optional[Sequence[bool]] = None, max_length: Optional[int] = None,
-         row_multiple: int = 1) -> dict[str, np.ndarray]:
+         row_multiple: int = 1, share_prompt: bool = False) -> dict[str, np.ndarray]:
   """B examples -> one packed batch with collate's keys: [R, row_length] rows, [B] examples.
 
   R is the smallest of `row_buckets` (default default_row_buckets(2B, row_multiple)) that
@@ -249,7 +285,7 @@ def pack(examples: Sequence[Tokenized], *, row_length: int,
   """
   out = pack_microbatches(examples, 1, row_length=row_length, row_buckets=row_buckets,
                           pad_id=pad_id, valid=valid, max_length=max_length,
-                          row_multiple=row_multiple)
+                          row_multiple=row_multiple, share_prompt=share_prompt)
   return {name: x[0] for name, x in out.items()}
 
 
@@ -264,7 +300,8 @@ class PackedBatches(preference.Batches):
   def __init__(self, examples: Sequence[Tokenized], batch_size: int, seed: int,
                buckets: Sequence[int], pad_id: int, shuffle: bool = True,
                columns: Optional[dict[str, np.ndarray]] = None, *, row_length: int,
-               row_buckets: Optional[Sequence[int]] = None, row_multiple: int = 1):
+               row_buckets: Optional[Sequence[int]] = None, row_multiple: int = 1,
+               share_prompt: bool = False):
     super().__init__(examples, batch_size, seed, buckets, pad_id, shuffle, columns)
     if row_length < max(self.buckets):
       raise ValueError(f"config.data.row_length={row_length} is shorter than the largest "
@@ -272,6 +309,19 @@ class PackedBatches(preference.Batches):
     self.row_length = row_length
     self.row_buckets = None if row_buckets is None else tuple(row_buckets)
     self.row_multiple = row_multiple
+    self.share_prompt = share_prompt
+    if share_prompt:   # fail now, naming the example, rather than at the step that draws it
+      longest = max((len(e.chosen) for e in self.examples), default=0)
+      for i, e in enumerate(self.examples):
+        second = (len(e.rejected) if e.rejected is not None
+                  else min(longest, max(max(self.buckets) - len(e.prompt), 1)))
+        n = len(e.prompt) + len(e.chosen) + second
+        if n > row_length:
+          raise ValueError(
+              f"example {i} has {n} tokens with its prompt shared ({len(e.prompt)} prompt + "
+              f"{len(e.chosen)} + {second} completion), more than config.data.row_length="
+              f"{row_length}; raise it (0 = twice max_length always fits) or set "
+              f"config.data.share_prompt=False")
 
   def microbatches(self, step: int, k: int = 1) -> dict[str, np.ndarray]:
     idx = self.indices(step)
@@ -280,12 +330,13 @@ class PackedBatches(preference.Batches):
                        f"config.grad_accum={k}")
     row_buckets = self.row_buckets
     if row_buckets is None:   # the same buckets whatever k: every step compiles a known set
-      row_buckets = default_row_buckets(2 * self.batch_size // k, self.row_multiple)
+      units = self.batch_size // k * (1 if self.share_prompt else 2)
+      row_buckets = default_row_buckets(units, self.row_multiple)
     cols = preference.add_columns({}, self.columns, idx)
     return pack_microbatches([self.examples[i] for i in idx], k, row_length=self.row_length,
                              row_buckets=row_buckets, pad_id=self.pad_id,
                              max_length=max(self.buckets), row_multiple=self.row_multiple,
-                             columns=cols)
+                             columns=cols, share_prompt=self.share_prompt)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return {name: x[0] for name, x in self.microbatches(step, 1).items()}
@@ -345,19 +396,46 @@ def padding_report(lengths: np.ndarray, batch_size: int, buckets: Sequence[int],
   return out
 
 
+def shared_report(lengths: np.ndarray, prompt: np.ndarray, batch_size: int, row_length: int,
+                  row_buckets: Optional[Sequence[int]] = None, row_multiple: int = 1) -> dict:
+  """Token slots of packed rows with the prompt shared ([prompt | chosen | rejected] units of
+  P + C + R tokens) over the same batches as padding_report; `real` counts the tokens computed
+  (each prompt once), `sequence_tokens` the 2 × (P + C) tokens of the unshared layout."""
+  lengths, prompt = np.asarray(lengths, np.int64), np.asarray(prompt, np.int64)
+  if row_buckets is None:
+    row_buckets = default_row_buckets(batch_size, row_multiple)
+  n_batches = len(lengths) // batch_size
+  real = seq_tokens = packed = 0
+  hit = set()
+  for i in range(n_batches):
+    sl = slice(i * batch_size, (i + 1) * batch_size)
+    units = lengths[sl].sum(1) - prompt[sl]                  # P + C + R
+    if units.max() > row_length:
+      raise ValueError(f"a pair of {units.max()} tokens exceeds row_length={row_length}")
+    real += int(units.sum())
+    seq_tokens += int(lengths[sl].sum())
+    r = row_bucket(len(first_fit_decreasing(units, row_length)), row_buckets)
+    hit.add(r)
+    packed += r * row_length
+  return {"batches": n_batches, "real": real, "sequence_tokens": seq_tokens, "packed": packed,
+          "pad_fraction": 1.0 - real / packed, "row_buckets_hit": tuple(sorted(hit))}
+
+
 def realistic_lengths(n: int, seed: int = 0, max_length: int = 1024,
                       max_prompt_length: int = 512, prompt_median: float = 150.0,
                       completion_median: float = 250.0, prompt_sigma: float = 0.9,
-                      completion_sigma: float = 0.8) -> np.ndarray:
+                      completion_sigma: float = 0.8, with_prompt: bool = False):
   """[n, 2] chosen/rejected sequence lengths of a chat preference set (UltraFeedback-like:
-  lognormal prompts and completions), truncated like preference.truncate."""
+  lognormal prompts and completions), truncated like preference.truncate; with_prompt: also
+  the [n] prompt lengths."""
   rng = np.random.default_rng(seed)
   prompt = np.maximum(1, np.round(rng.lognormal(np.log(prompt_median), prompt_sigma, n)))
   prompt = np.minimum(prompt, max_prompt_length)
   comp = np.maximum(1, np.round(rng.lognormal(np.log(completion_median), completion_sigma,
                                               (n, 2))))
   comp = np.minimum(comp, max_length - prompt[:, None])
-  return (prompt[:, None] + comp).astype(np.int64)
+  lengths = (prompt[:, None] + comp).astype(np.int64)
+  return (lengths, prompt.astype(np.int64)) if with_prompt else lengths
 
 
 def main(argv=None):
@@ -369,8 +447,8 @@ def main(argv=None):
   ap.add_argument("--max-prompt-length", type=int, default=512)
   args = ap.parse_args(argv)
   b = args.batch_size
-  lengths = realistic_lengths(args.batches * b, args.seed, args.max_length,
-                              args.max_prompt_length)
+  lengths, prompt = realistic_lengths(args.batches * b, args.seed, args.max_length,
+                                      args.max_prompt_length, with_prompt=True)
   buckets = preference.default_buckets(args.max_length)
   print(f"{args.batches} batches of {b} pairs; prompts lognormal median 150 σ 0.9, completions "
         f"median 250 σ 0.8; max_prompt_length {args.max_prompt_length}, max_length "
@@ -394,6 +472,17 @@ def main(argv=None):
           f"{rep['packed_exact'] / rep['unpacked']:>10.2f}"
           f"{rep['packed_exact_pad'] / rep['packed_exact']:>9.3f}{rep['removed_exact']:>9.3f}"
           f"{'-':>13}")
+  # The prompt computed once per pair: [prompt | chosen | rejected] rows (share_prompt).
+  for row_length in (2 * args.max_length,):
+    rep = shared_report(lengths, prompt, b, row_length)
+    n = rep["batches"]
+    print(f"{f'packed {row_length}, prompt shared':<38}{rep['packed'] / n:>12.0f}"
+          f"{rep['packed'] / base['unpacked']:>10.2f}{rep['pad_fraction']:>9.3f}{'':>9}"
+          f"{len(rep['row_buckets_hit']):>13}")
+    print(f"prompt sharing computes {rep['real'] / rep['sequence_tokens']:.3f} of the sequences' "
+          f"tokens ({rep['real'] / n:.0f} instead of {rep['sequence_tokens'] / n:.0f} per batch); "
+          f"packed rows of {row_length}: {rep['packed'] / base['packed'] :.2f}× the token slots "
+          f"of unshared rows of {args.max_length}")
   return base
 
 

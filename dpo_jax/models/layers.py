@@ -84,14 +84,24 @@ def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, inv_freq: Array) -> Arra
 # ---------------------------------------------------------------------------------------------
 
 
+# Segment ids at or above BRANCH are branches of a shared prefix (prompt sharing, see
+# data/packing.py): segment s + j·BRANCH (j ≥ 1) also sees segment s, and nothing else outside
+# itself. Ids below BRANCH are ordinary segments (s % BRANCH == s), so this is a no-op for them.
+BRANCH = 1 << 20
+
+
 def attention_mask(q_pos: Array, q_seg: Array, kv_pos: Array, kv_seg: Array,
                    window: Optional[int]) -> Array:
-  """[B, L, S] boolean mask: same segment, kv not padding, causal by position, optional window.
+  """[B, L, S] boolean mask: same segment (or kv in the shared prefix segment of q's branch),
+  kv not padding, causal by position, optional window.
 
   Within a segment positions increase by one per token, so a position-based causal mask is the
-  index-based one; it also serves packed rows (positions restart per segment) and the KV cache.
+  index-based one; it also serves packed rows (positions restart per segment), the KV cache,
+  and prompt-shared rows [prompt | chosen | rejected] whose branches both continue the prompt's
+  positions.
   """
-  mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+  q, kv = q_seg[:, :, None], kv_seg[:, None, :]
+  mask = ((q == kv) | (kv == q % BRANCH)) & (kv != 0)
   delta = q_pos[:, :, None] - kv_pos[:, None, :]
   mask &= delta >= 0
   if window is not None:

@@ -24,8 +24,13 @@ def dot2d(h_BxCxD: Array, w_DxV: Array) -> Array:
 
 def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
                 chunk: int = 256, stats: tuple[str, ...] = (),
-                teacher: tuple[Array, Array] | None = None) -> dict[str, Array]:
+                teacher: tuple[Array, Array] | None = None,
+                source_BxL: Array | None = None) -> dict[str, Array]:
   """Statistics of predicting tokens[t] from position t-1, aligned with tokens ([B, L], f32).
+
+  source_BxL (optional): the position whose hidden state predicts tokens[t], per row; None means
+  t-1. Prompt-shared rows [prompt | chosen | rejected] need it: the first rejected token is
+  predicted from the last prompt token, not from the last chosen one (data/packing.py).
 
   Always: "logp" = log p(tokens[t] | tokens[<t]) and "logit_mean" = mean logit over the vocab.
   Optional (`stats`): "logsumsq" = log Σ_v p_v² (WPO), "entropy" = −Σ_v p_v log p_v.
@@ -38,11 +43,17 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
   unknown = set(stats) - set(STATS)
   if unknown:
     raise ValueError(f"unknown token statistics {sorted(unknown)}; known: {STATS}")
+  if source_BxL is not None:   # row h[t] predicts tokens[t]: no shift at the end
+    gather = lambda x: jnp.take_along_axis(x, source_BxL[..., None], axis=1)
+    hidden_BxLxD, targets = gather(hidden_BxLxD), tokens_BxL
+    if teacher is not None:
+      teacher = (gather(teacher[0]), teacher[1])
+  else:
+    targets = jnp.roll(tokens_BxL, -1, axis=1)          # position t predicts token t+1
   b, length, d = hidden_BxLxD.shape
-  c = max(1, min(chunk, length))
-  n = -(-length // c)
+  n = -(-length // max(1, min(chunk, length)))   # chunks of at most `chunk` positions,
+  c = -(-length // n)                            # as equal as possible: little padding
   pad = n * c - length
-  targets = jnp.roll(tokens_BxL, -1, axis=1)            # position t predicts token t+1
   h = jnp.pad(hidden_BxLxD, ((0, 0), (0, pad), (0, 0)))
   t = jnp.pad(targets, ((0, 0), (0, pad)))
   h = h.reshape(b, n, c, d).swapaxes(0, 1)              # [n, B, c, D]
@@ -78,6 +89,8 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
   out["logit_mean"] = jax.lax.stop_gradient(
       jnp.einsum("bld,d->bl", hidden_BxLxD, w.sum(-1), preferred_element_type=jnp.float32)
       / w.shape[-1])
+  if source_BxL is not None:
+    return out
   # Shift right by one so that statistics line up with the predicted token.
   return {k: jnp.pad(v[:, :-1], ((0, 0), (1, 0))) for k, v in out.items()}
 
@@ -86,8 +99,10 @@ def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ..
                    tokens: bool = False, teacher=None) -> dict[str, Array]:
   """Per-sequence sums over completion tokens, [S] each (S = 2 × batch["valid"].size).
 
-  Rows may hold one sequence each or several packed ones: tokens are assigned to sequences by
-  batch["seq_index"], so one reduction serves both layouts. Returns
+  Rows may hold one sequence each, several packed ones, or a prompt shared by both completions
+  of a pair: tokens are assigned to sequences by batch["seq_index"] (and, when present, to the
+  hidden state that predicts them by batch["source"]), so one reduction serves every layout.
+  Returns
     logps: Σ log p over completion tokens    lens: completion token count
     logit_sum: Σ over completion tokens of the mean logit (for TRL's logits/* metrics)
     <stat>: Σ of each requested statistic (see token_stats; "teacher_kl" with `teacher`)
@@ -96,7 +111,7 @@ def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ..
   """
   hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
   tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats,
-                    teacher=teacher)
+                    teacher=teacher, source_BxL=batch.get("source"))
   return reduce_sequences(tok, batch, with_tokens=tokens)
 
 
