@@ -253,9 +253,8 @@ CASES = {   # name: (loss, grad_accum, row bucket, overrides)
     # unpaired: the mismatched completions are formed over the whole batch, then split
     "kto_accum2": ("kto", 2, 4, {"unpaired": True}),
     # prompt sharing: rows [prompt | chosen | rejected], several pairs per row
-    "dpo_shared_accum2": ("dpo", 2, 4, {"share": True}),
     "wpo_shared_tokens": ("wpo(dpo)", 1, 4, {"share": True}),
-    "kto_shared": ("kto", 1, 4, {"unpaired": True, "share": True}),
+    "kto_shared_accum2": ("kto", 2, 4, {"unpaired": True, "share": True}),
 }
 
 
