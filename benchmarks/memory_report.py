@@ -13,6 +13,8 @@ option at a time from the baseline (f32, remat=full, log-prob chunks of 256 posi
   bf16 compute     model.dtype = bfloat16 (f32 master weights and optimizer state)
   bf16 reference   reference.dtype = bfloat16 (the frozen copy stored in bf16)
   no reference     reference.mode = none with SimPO (no reference weights or forward)
+  attention chunks model.attention_chunk = 128: query chunks against the keys up to their end
+  shared prompt    share_prompt: one row per pair, the prompt computed once
 
 The step is timed too (1 step after compilation), but on CPU the timing is only indicative.
 """
@@ -45,6 +47,10 @@ def rows(args):
                                           "reference.dtype": "bfloat16"}),
       ("no reference (SimPO, reference.mode=none)", {**base, "loss.name": "simpo",
                                                      "reference.mode": "none"}),
+      ("attention in query chunks of 128", {**base, "model.attention_chunk": 128}),
+      ("remat=none + attention chunks of 128", {**base, "model.remat": "none",
+                                                "model.attention_chunk": 128}),
+      ("shared prompt (one row per pair)", {**base, "share_prompt": True}),
   ]
 
 

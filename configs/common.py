@@ -41,6 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "full"           # full | dots | none
   c.model.scan_layers = True       # False: unrolled layers (faster on CPU, longer compile)
+  c.model.attention_chunk = 0      # > 0: causal attention in query chunks (long sequences:
+                                   # skips the masked upper blocks, bounds the [L, L] scores)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = TINY_PREFS        # JSONL path, saved dataset dir, or dataset name

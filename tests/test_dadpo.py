@@ -124,3 +124,30 @@ def test_teacher_errors_name_the_config_key(teacher_dir):
                        teacher__mode="precomputed", teacher__path=path))
   with pytest.raises(ValueError, match="reads no teacher"):
     train.setup(config(**SMALL, teacher__mode="step", teacher__path=path))
+
+
+@pytest.mark.parametrize("loss", ["dadpo", "dadpo_token"])
+def test_teacher_in_step_on_shared_prompt_rows(teacher_dir, loss):
+  """The in-step teacher (sequence log-probs, token KL) reads shared-prompt rows [prompt |
+  chosen | rejected] like one row per sequence: the same per-example loss and metrics."""
+  from dpo_jax.data import packing
+  path, _ = teacher_dir
+  cfg = config(f"configs/dpo.py:runlocal,loss={loss}", **SMALL, loss__beta2=0.5,
+               teacher__mode="step", teacher__path=path)
+  run = train.setup(cfg)
+  data = run.train_data
+  shared = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,
+                                 data.pad_id, row_length=128, share_prompt=True)
+  metrics = jax.jit(run.fns.example_metrics)
+  state = run.state
+  out = {}
+  for name, batch in (("rows", data(0)), ("shared", shared(0))):
+    out[name] = jax.device_get(metrics(state["params"], state["loss_state"], run.frozen,
+                                       jax.tree.map(jnp.asarray, batch)))
+  assert "source" in shared(0) and shared(0)["tokens"].shape[0] < data(0)["tokens"].shape[0]
+  assert set(out["rows"]) == set(out["shared"])
+  for k in out["rows"]:
+    np.testing.assert_allclose(out["shared"][k], out["rows"][k], rtol=1e-5, atol=1e-5,
+                               err_msg=k)
+  key = "teacher_kl" if loss == "dadpo_token" else "loss"
+  assert np.abs(out["rows"][key]).max() > 1e-3   # the teacher term is really there

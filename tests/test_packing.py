@@ -345,6 +345,30 @@ def test_share_prompt_trains_from_config(tmp_path):
   assert all(r["rewards/accuracies"] >= 0 for r in train_rows)
 
 
+def test_share_prompt_with_precomputed_reference(tmp_path):
+  """Precomputed reference log-probs are per-sequence columns: on shared-prompt rows they reach
+  the loss unchanged, and the per-example metrics equal one row per sequence."""
+  cfg = config("configs/dpo.py:runlocal", **SMALL, reference__mode="precomputed")
+  run = train.setup(cfg, workdir=str(tmp_path))
+  data = run.train_data
+  assert "ref_logps" in data.columns
+  shared = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,
+                                 data.pad_id, columns=data.columns, row_length=256,
+                                 share_prompt=True)
+  metrics = jax.jit(run.fns.example_metrics, compiler_options=FAST_COMPILE)
+  # A policy away from the reference, so that margins (and accuracies) are not float noise.
+  leaves, tree = jax.tree.flatten(run.state["params"])
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                     for x, k in zip(leaves, keys)])
+  out = [jax.device_get(metrics(params, run.state["loss_state"], run.frozen,
+                                jax.tree.map(jnp.asarray, b))) for b in (data(1), shared(1))]
+  assert np.abs(out[0]["rewards/margins"]).min() > 1e-3, out[0]["rewards/margins"]
+  np.testing.assert_array_equal(shared(1)["ref_logps"], data(1)["ref_logps"])
+  for k in out[0]:
+    np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
 # ---------------------------------------------------------------------------------------------
 # Padding removed on a realistic length distribution
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ModelConfig:
   scan_layers: bool = True                 # lax.scan over the stacked layers (compiles one layer)
                                            # or a Python loop (unrolled; faster on CPU, longer
                                            # compile)
+  attention_chunk: int = 0                 # > 0: attention in query chunks of this many
+                                           # positions, each against the keys up to its end
+                                           # (layers.chunked_attention); 0: one [L, L] block
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -43,6 +46,8 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
+    if self.attention_chunk < 0:
+      raise ValueError(f"model.attention_chunk={self.attention_chunk} must be >= 0 (0: off)")
     if self.head_dim is None:   # explicit, so that configs from any source compare equal
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 

@@ -8,6 +8,7 @@ axes. Activations are constrained with `sharding.constrain(x, names)`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -121,6 +122,32 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask_BxLxS) -> Arr
   return out.reshape(b, l, h, dh)
 
 
+def chunked_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions, segment_ids,
+                      window: Optional[int], chunk: int) -> Array:
+  """Self-attention without a cache, in query chunks of `chunk` positions.
+
+  Query chunk [s, e) attends only to keys [0, e): every key a query may see comes no later in
+  the row than the query itself (causal within a segment; packed segments and the branches of
+  a shared prompt are laid out in order), so the result equals dot_product_attention over the
+  full mask, while the masked blocks above the diagonal are never computed (about half of the
+  attention FLOPs for long rows). Each chunk is rematerialised, so only one chunk's [c, e]
+  scores exist at a time, forward or backward, instead of the full [L, L].
+  """
+  length = q_BxLxHxDh.shape[1]
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def block(q, k, v, q_pos, q_seg, kv_pos, kv_seg):
+    return dot_product_attention(q, k, v, attention_mask(q_pos, q_seg, kv_pos, kv_seg, window))
+
+  outs = []
+  for s in range(0, length, chunk):
+    e = min(s + chunk, length)
+    outs.append(block(q_BxLxHxDh[:, s:e], k_BxLxKxDh[:, :e], v_BxLxKxDh[:, :e],
+                      positions[:, s:e], segment_ids[:, s:e], positions[:, :e],
+                      segment_ids[:, :e]))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -150,8 +177,12 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, 1)
       kv_pos, kv_seg = cache["pos"], cache["seg"]
       new_cache = {"k": k, "v": v}
-    mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    if cache is None and 0 < cfg.attention_chunk < q.shape[1]:
+      out = chunked_attention(q, k, v, positions, segment_ids, cfg.sliding_window,
+                              cfg.attention_chunk)
+    else:
+      mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
+      out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     return self.o_proj(out), new_cache
 
 

@@ -13,7 +13,7 @@ from dpo_jax.data.tokenizer import byte_tokenizer
 from dpo_jax.models import core, hf_io
 from dpo_jax.models.config import ModelConfig
 
-NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers")
+NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_chunk")
 
 
 def source_kind(path: Optional[str]) -> str:
