@@ -136,6 +136,12 @@ def parse_args(argv=None):
                  help="dpo_jax with data.share_prompt (one row per pair [prompt | chosen | "
                       "rejected], the prompt computed once; TRL has no such layout): both = "
                       "time dpo_jax with and without it, off = without, only = with")
+  p.add_argument("--malloc-hugetlb", choices=("on", "off"), default="off",
+                 help="on: rerun this script with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so "
+                      "that both dpo_jax (a child process) and TRL (this process) get "
+                      "large allocations on transparent huge pages instead of re-faulting "
+                      "4 KiB pages every step. Off by default: it cuts dpo_jax's page faults "
+                      "but slowed TRL by about 1.7x here (benchmarks/README.md)")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads
@@ -340,8 +346,24 @@ def run_trl(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def with_hugetlb(args, argv):
+  """Re-executes this script with the glibc tunable set (it is read at process start only)."""
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if args.malloc_hugetlb == "off" or HUGETLB in tunables.split(":"):
+    return
+  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGETLB) if t))
+  argv = sys.argv[1:] if argv is None else list(argv)
+  log(f"re-running with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (--malloc-hugetlb=off: as is)")
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
 def main(argv=None):
   args = parse_args(argv)
+  with_hugetlb(args, argv)
   load0 = os.getloadavg()
   variants = {"both": (False, True), "off": (False,), "only": (True,)}[args.share_prompt]
   jax_rows, shared_rows, trl_rows = [], [], []
@@ -365,6 +387,10 @@ def main(argv=None):
            f"(prompt {args.prompt_len}), f32, {args.threads} threads, remat/grad-ckpt "
            f"{args.remat}")
   print(f"\n{shape}")
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides); dpo_jax minor "
+        f"page faults per step: "
+        + ", ".join(f"{r['minor_faults_per_step']:.0f}" for r in jax_rows + shared_rows
+                    if r.get("minor_faults_per_step") is not None))
   print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at end "
         f"(1-min; {os.cpu_count()} CPUs)")
   print(f"{'':22s}{'pairs/s':>10s}{'step ms':>10s}{'tokens/s':>11s}")

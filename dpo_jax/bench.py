@@ -322,6 +322,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
   times = []
+  faults0 = _minor_faults()
   cpu0, wall0 = time.process_time(), time.perf_counter()
   for _ in range(c.steps):
     t = time.perf_counter()
@@ -329,6 +330,8 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
   cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+  faults = _minor_faults()
+  faults_per_step = None if faults is None else (faults - faults0) / len(times)
   loss = float(jax.device_get(metrics["loss"]))
   step_s = float(np.median(times))
   log(f"bench: step {step_s * 1e3:.1f} ms (median of {len(times)}), measuring the matmul peak")
@@ -358,6 +361,11 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       # Process CPU seconds per wall second while timing: ~ the number of busy cores (on a
       # shared CPU host, less than the thread count means the step was starved).
       "cpu_util": cpu_util,
+      # Page faults per timed step: memory the step's buffers take fresh from the OS each call.
+      # Tens of thousands on CPU means 4 KiB pages re-faulted every step; on glibc,
+      # GLIBC_TUNABLES=glibc.malloc.hugetlb=1 backs them with transparent huge pages.
+      "minor_faults_per_step": faults_per_step,
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "setup_s": setup_s,
       "mfu": fl["flops_per_step"] / step_s / peak["peak_flops"],
       "achieved_flops": fl["flops_per_step"] / step_s,
@@ -397,6 +405,14 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   return row
 
 
+def _minor_faults():
+  try:
+    import resource   # noqa: PLC0415 (POSIX only)
+  except ImportError:
+    return None
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def format_row(row: dict) -> str:
   m = row["model"]
   lines = [
@@ -415,6 +431,8 @@ def format_row(row: dict) -> str:
       f"peak         {row['peak_flops'] / 1e9:.1f} GFLOP/s measured ({row['peak_definition']})",
       f"mfu          {row['mfu'] * 100:.1f}%",
       f"memory       {row.get('peak_bytes', 0) / 2**20:.1f} MiB ({row['peak_bytes_definition']})",
+      f"page faults  {row['minor_faults_per_step'] or 0:.0f} minor faults per step "
+      f"(GLIBC_TUNABLES={row['glibc_tunables']!r})",
       f"definition   {row['flops_definition']}",
   ]
   return "\n".join(lines)
