@@ -42,19 +42,10 @@ def main():
   sys.argv = ["op_profile"] + SHAPE + argv
   import jax   # noqa: PLC0415
   from absl import flags   # noqa: PLC0415
-  from dpo_jax import bench, train   # noqa: PLC0415
+  from dpo_jax import bench   # noqa: PLC0415
   flags.FLAGS(sys.argv)
   c = bench._CONFIG.value   # noqa: SLF001 (the bench's own config flag)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "rows.jsonl")
-    bench.write_rows(path, max(c.batch, 2), False)
-    tc = bench.train_config(c, path)
-    run = train.setup(tc, None, workdir=tmp)
-  prompt = bench.prompt_length(c.seq, c.prompt_fraction)
-  batch_np = bench.synthetic_batch(c.batch, c.seq, run.model_cfg.vocab_size, prompt)
-  batch_np = (bench.shared_batch(batch_np, prompt, tc.grad_accum) if c.share_prompt
-              else train.microbatches(batch_np, tc.grad_accum))
-  batch = train.to_device(batch_np, run)
+  run, batch, _ = bench.prepare(c)   # the same Run and synthetic batch as dpo_jax.bench
   step = run.jit_train_step().lower(run.state, run.frozen, batch).compile()
   state = run.state
   for _ in range(c.warmup):

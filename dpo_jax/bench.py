@@ -269,18 +269,13 @@ def _cost(compiled) -> dict:
           if k1 in cost}
 
 
-def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
-  """Builds the trainer's step for config `c` (get_config()'s keys), times it, returns the
-  result row."""
-  import jax   # noqa: PLC0415
-  import numpy as np   # noqa: PLC0415
+def prepare(c: ml_collections.ConfigDict, devices=None):
+  """The trainer's Run for config `c` (get_config()'s keys) and the synthetic batch on its
+  devices. Returns (run, batch, layout) with layout = dict(rows, row_len, prompt_len,
+  setup_s, grad_accum)."""
   from dpo_jax import losses, train   # noqa: PLC0415
-
-  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if c.batch < 1 or c.seq < 2:
     raise ValueError(f"config.batch={c.batch} must be >= 1 and config.seq={c.seq} >= 2")
-  if c.steps < 1:
-    raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
   spec = losses.get(c.loss.name)
   with tempfile.TemporaryDirectory(prefix="dpo_jax_bench_") as tmp:
     data_path = os.path.join(tmp, "rows.jsonl")
@@ -289,15 +284,13 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     t0 = time.perf_counter()
     run = train.setup(tc, devices, workdir=tmp)
     setup_s = time.perf_counter() - t0
-  cfg = run.model_cfg
   prompt_len = prompt_length(c.seq, c.prompt_fraction)
-  frozen, te = run.frozen, run.teacher
   columns = []
   if run.reference.mode == "precomputed":
     columns += ["ref_logps"] + [f"ref_{s}" for s in train.side_stats(spec, train.REF_STATS)]
-  if te.mode == "precomputed":
+  if run.teacher.mode == "precomputed":
     columns.append("teacher_logps")
-  batch_np = synthetic_batch(c.batch, c.seq, cfg.vocab_size, prompt_len,
+  batch_np = synthetic_batch(c.batch, c.seq, run.model_cfg.vocab_size, prompt_len,
                              unpaired=spec.unpaired, columns=columns, seed=c.seed)
   if c.share_prompt:   # c.batch rows of seq + completion tokens
     batch_np = shared_batch(batch_np, prompt_len, tc.grad_accum, unpaired=spec.unpaired,
@@ -306,7 +299,24 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   else:                # 2·c.batch rows of seq tokens
     batch_np = train.microbatches(batch_np, tc.grad_accum)
     rows, row_len = 2 * c.batch, c.seq
-  batch = train.to_device(batch_np, run)
+  layout = {"rows": rows, "row_len": row_len, "prompt_len": prompt_len, "setup_s": setup_s,
+            "grad_accum": tc.grad_accum}
+  return run, train.to_device(batch_np, run), layout
+
+
+def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
+  """Builds the trainer's step for config `c` (get_config()'s keys), times it, returns the
+  result row."""
+  import jax   # noqa: PLC0415
+  import numpy as np   # noqa: PLC0415
+
+  log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+  if c.steps < 1:
+    raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
+  run, batch, layout = prepare(c, devices)
+  spec, cfg, frozen, te = run.spec, run.model_cfg, run.frozen, run.teacher
+  rows, row_len, prompt_len = layout["rows"], layout["row_len"], layout["prompt_len"]
+  setup_s = layout["setup_s"]
   reference_forward = run.ref_params is not None and spec.needs_ref
   teacher_params = te.params
 
@@ -384,12 +394,12 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       "batch": c.batch, "seq": c.seq, "prompt_len": prompt_len, "rows": rows,
       "row_length": row_len, "share_prompt": bool(c.share_prompt),
       "tokens_per_step": tokens, "tokens_computed_per_step": rows * row_len,
-      "grad_accum": tc.grad_accum,
+      "grad_accum": layout["grad_accum"],
       "model": {**{k: v for k, v in cfg.architecture() if v is not None
                    and not isinstance(v, tuple)},
                 "head_dim": cfg.dim_per_head, "n_params": cfg.num_params()},
       "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "remat": cfg.remat,
-      "logprob_chunk": tc.logprob_chunk,
+      "logprob_chunk": c.logprob_chunk,
       "loss": c.loss.name, "loss_value": loss,
       "reference_mode": run.reference.mode, "reference_forward": reference_forward,
       "teacher_mode": te.mode,

@@ -79,8 +79,7 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
     hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
     out = {}
     if seq:
-      tok = logprobs.token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk,
-                                 source_BxL=batch.get("source"))
+      tok = logprobs.batch_token_stats(hidden, model.unembedding(), batch, chunk=chunk)
       out["logps"] = logprobs.reduce_sequences(tok, batch)["logps"]
     if kl:
       out["hidden"], out["unembed"] = hidden, model.unembedding()

@@ -240,7 +240,7 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
                    (c2, seg + 2 * BRANCH, len(p), b + s, True))
         else:
           p, c = units[s]
-          parts = ((p + c, seg, 0, s, False),)
+          parts = ((p, seg, 0, s, False), (c, seg, len(p), s, True))
         for toks, seg_id, pos0, seq, scored in parts:
           n = len(toks)
           sl = slice(start, start + n)
@@ -253,8 +253,6 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
           start += n
         if share_prompt:   # the first rejected token is predicted by the last prompt token
           out["source"][j, r, start - len(c2)] = start - len(c2) - len(c1) - 1
-        else:
-          out["loss_mask"][j, r, start - len(c):start] = 1.0
   out["valid"] = np.asarray(valid if valid is not None else [True] * big_b,
                             np.float32).reshape(k, b)
   out["label"] = np.asarray([e.label for e in examples], np.float32).reshape(k, b)

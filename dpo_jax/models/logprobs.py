@@ -110,9 +110,15 @@ def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ..
             left-aligned (token k of each completion at column k, zero beyond its length).
   """
   hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-  tok = token_stats(hidden, model.unembedding(), batch["tokens"], chunk=chunk, stats=stats,
-                    teacher=teacher, source_BxL=batch.get("source"))
+  tok = batch_token_stats(hidden, model.unembedding(), batch, chunk=chunk, stats=stats,
+                          teacher=teacher)
   return reduce_sequences(tok, batch, with_tokens=tokens)
+
+
+def batch_token_stats(hidden_BxLxD: Array, unembed_DxV: Array, batch: dict, **kwargs):
+  """token_stats for the rows of a batch (its tokens, and its `source` in any layout)."""
+  return token_stats(hidden_BxLxD, unembed_DxV, batch["tokens"],
+                     source_BxL=batch.get("source"), **kwargs)
 
 
 def reduce_sequences(tok: dict[str, Array], batch: dict, with_tokens: bool = False):
