@@ -5,9 +5,9 @@
 Each row is `python -m dpo_jax.bench`'s `peak_bytes` (XLA memory_analysis of the compiled step:
 arguments + outputs - donated aliases + temporaries) for the same model and batch, changing one
 option at a time from the baseline (f32, remat=full, log-prob chunks of 256 positions, reference
-= the initial policy in f32):
+= the initial policy in f32, logits only at completion positions):
 
-  naive logits     logprob_chunk = seq: one chunk, i.e. the full [2B, L, V] f32 logits
+  naive logits     logprob_chunk = seq and score_parts = 0: the full [2B, L, V] f32 logits
   chunks of 64     a chunk's logits are [2B, 64, V] instead of [2B, 256, V]
   remat=dots/none  keep matmul outputs / everything for the backward pass
   bf16 compute     model.dtype = bfloat16 (f32 master weights and optimizer state)
@@ -15,6 +15,7 @@ option at a time from the baseline (f32, remat=full, log-prob chunks of 256 posi
   no reference     reference.mode = none with SimPO (no reference weights or forward)
   attention chunks model.attention_chunk = 128: query chunks against the keys up to their end
   shared prompt    share_prompt: one row per pair, the prompt computed once
+  every position   data.score_parts = 0: logits at every position, not only the completions'
 
 The step is timed too (1 step after compilation), but on CPU the timing is only indicative.
 """
@@ -37,11 +38,14 @@ def rows(args):
           "steps": 1, "warmup": 0, "peak.size": 256, "peak.reps": 1}
   return [
       ("baseline: f32, remat=full, chunks of 256", base),
-      ("naive logits (one chunk = full [2B,L,V])", {**base, "logprob_chunk": args.seq}),
+      ("naive logits (one chunk = full [2B,L,V])", {**base, "logprob_chunk": args.seq,
+                                                    "data.score_parts": 0}),
       ("chunks of 64 positions", {**base, "logprob_chunk": 64}),
       ("remat=dots", {**base, "model.remat": "dots"}),
       ("remat=none", {**base, "model.remat": "none"}),
       ("bf16 compute (f32 master weights)", {**base, "model.dtype": "bfloat16"}),
+      ("bf16 compute, chunks of 128", {**base, "model.dtype": "bfloat16",
+                                       "logprob_chunk": 128}),
       ("bf16 reference weights", {**base, "reference.dtype": "bfloat16"}),
       ("bf16 compute + bf16 reference", {**base, "model.dtype": "bfloat16",
                                           "reference.dtype": "bfloat16"}),
@@ -51,6 +55,7 @@ def rows(args):
       ("remat=none + attention chunks of 128", {**base, "model.remat": "none",
                                                 "model.attention_chunk": 128}),
       ("shared prompt (one row per pair)", {**base, "share_prompt": True}),
+      ("logits at every position (score_parts=0)", {**base, "data.score_parts": 0}),
   ]
 
 

@@ -60,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
                                    # is computed once (implies packing; data/packing.py)
   c.data.row_length = 0            # packed row length; 0: max_length (2·max_length when sharing)
   c.data.row_buckets = ()          # () = packing.default_row_buckets (4 per octave)
+  c.data.score_parts = 4           # unembed only completion positions, in K = L/4, L/2, 3L/4
+                                   # per row (0: every position; preference.add_score_index)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"

@@ -19,7 +19,10 @@ logits are not counted):
   per token = 6N + 12A (policy forward + backward) + [2N + 4A] (reference forward, only when a
              reference forward runs: reference.mode initial | checkpoint | sync and the loss
              reads it; none / precomputed have no reference forward)
-  per step = per token · 2 · batch · seq
+  per step = per token · 2 · batch · seq, except that the unembedding's share of N (D·V; 6·D·V
+             + [2·D·V] per position) is counted at the `scored_per_row` positions of each row
+             where the step computes it: the completion tokens, rounded up to a multiple of
+             row/4 (data.score_parts; models/logprobs.scoring_view), not prompt positions
 With share_prompt (data.share_prompt: each pair is one row [prompt | chosen | rejected], the
 prompt computed once) the step computes `batch` rows of row = seq + completion tokens, so row
 replaces seq in A and per step = per token · batch · row: the FLOPs of the tokens computed, not
@@ -86,7 +89,13 @@ FLOPS_DEFINITION = (
     "fwd+bwd) + ref*(2*N + 4*A) (reference fwd; ref=1 iff a reference forward runs); "
     "N = matmul params = layers*(D*Dh*(2*H + 2*K) + 3*D*F) + D*V (q,k,v,o, gate/up/down, "
     "unembedding; no norms, biases, embedding lookup); A = layers*seq*H*Dh (QK^T and PV, every "
-    "key counted, causal not halved); remat recompute not counted")
+    "key counted, causal not halved); remat recompute not counted; the unembedding's D*V "
+    "share of N counts only the scored positions the step computes it on (scored_per_row of "
+    "each row: its completion tokens, data.score_parts), not all seq")
+
+
+def unembed_params(cfg) -> int:
+  return cfg.hidden_size * cfg.vocab_size
 
 
 def matmul_params(cfg) -> int:
@@ -96,17 +105,20 @@ def matmul_params(cfg) -> int:
   return cfg.num_layers * per_layer + d * v
 
 
-def teacher_shape(params) -> tuple[int, int]:
-  """(N, layers·heads·head_dim) of a teacher from its param tree: every `kernel` leaf (q, k, v,
-  o, MLP, lm_head) is a matmul weight; a tied unembedding is the embedding matrix."""
+def teacher_shape(params) -> tuple[int, int, int]:
+  """(N, layers·heads·head_dim, D·V) of a teacher from its param tree: every `kernel` leaf (q,
+  k, v, o, MLP, lm_head) is a matmul weight; a tied unembedding is the embedding matrix."""
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): x
           for path, x in jax_tree_leaves_with_path(params)}
   n = sum(x.size for name, x in flat.items() if name.endswith("kernel"))
-  if not any("lm_head" in name for name in flat):
-    n += sum(x.size for name, x in flat.items() if "embed_tokens" in name)
+  if any("lm_head" in name for name in flat):
+    u = sum(x.size for name, x in flat.items() if "lm_head" in name and name.endswith("kernel"))
+  else:
+    u = sum(x.size for name, x in flat.items() if "embed_tokens" in name)
+    n += u
   q = next(x for name, x in flat.items() if "q_proj" in name and name.endswith("kernel"))
   layers, _, heads, head_dim = q.shape   # [layers, D, H, Dh]
-  return n, layers * heads * head_dim
+  return n, layers * heads * head_dim, u
 
 
 def jax_tree_leaves_with_path(tree):
@@ -115,20 +127,26 @@ def jax_tree_leaves_with_path(tree):
 
 
 def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=None, *,
-          rows: int | None = None) -> dict:
-  """FLOPs of one step on `rows` rows of `seq` tokens (default 2·batch: [chosen; rejected])."""
+          rows: int | None = None, scored: int | None = None) -> dict:
+  """FLOPs of one step on `rows` rows of `seq` tokens (default 2·batch: [chosen; rejected]),
+  the unembedding computed at `scored` positions per row (default seq)."""
   rows = 2 * batch if rows is None else rows
-  n = matmul_params(cfg)
+  scored = seq if scored is None else scored
+  n, u = matmul_params(cfg), unembed_params(cfg)
   a = cfg.num_layers * seq * cfg.num_heads * cfg.dim_per_head
-  per_token = 6 * n + 12 * a + (2 * n + 4 * a if reference_forward else 0)
+  ref = 1 if reference_forward else 0
+  per_token = 6 * n + 12 * a + ref * (2 * n + 4 * a)
+  per_step = (per_token - (6 + 2 * ref) * u) * seq + (6 + 2 * ref) * u * scored
   out = {"n_params_matmul": n, "attention_a": a, "flops_definition": FLOPS_DEFINITION}
   if teacher_params is not None:   # daDPO's teacher forward in the step
-    n_te, a_te = teacher_shape(teacher_params)
+    n_te, a_te, u_te = teacher_shape(teacher_params)
     per_token += 2 * n_te + 4 * a_te * seq
+    per_step += (2 * (n_te - u_te) + 4 * a_te * seq) * seq + 2 * u_te * scored
     out["n_params_matmul_teacher"] = n_te
     out["flops_definition"] += ("; + teacher fwd 2*N_te + 4*A_te (teacher.mode=step, from "
                                 "its param tree)")
-  out.update(flops_per_token=per_token, flops_per_step=per_token * rows * seq)
+  # flops_per_token: every position of a row; flops_per_step: what the step computes
+  out.update(flops_per_token=per_token, flops_per_step=per_step * rows, scored_per_row=scored)
   return out
 
 
@@ -200,7 +218,7 @@ def synthetic_batch(b: int, seq: int, vocab: int, prompt_len: int, *, unpaired: 
 
 
 def shared_batch(batch: dict, prompt_len: int, k: int, *, unpaired: bool = False,
-                 columns=()) -> dict:
+                 columns=(), score_parts: int = 4) -> dict:
   """synthetic_batch's pairs with the chosen row's prompt shared by both completions, packed one
   pair per row [prompt | chosen | rejected] (data/packing.py, share_prompt) into k micro-batches.
   Unpaired batches pair each completion with the next example's, as the trainer does."""
@@ -213,7 +231,8 @@ def shared_batch(batch: dict, prompt_len: int, k: int, *, unpaired: bool = False
               for i in range(b)]
   return packing.pack_microbatches(
       examples, k, row_length=2 * seq - prompt_len, row_buckets=(b // k,), pad_id=0,
-      max_length=seq, columns={name: batch[name] for name in columns}, share_prompt=True)
+      max_length=seq, columns={name: batch[name] for name in columns}, share_prompt=True,
+      score_parts=score_parts)
 
 
 def train_config(c: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
@@ -274,6 +293,7 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
   devices. Returns (run, batch, layout) with layout = dict(rows, row_len, prompt_len,
   setup_s, grad_accum)."""
   from dpo_jax import losses, train   # noqa: PLC0415
+  from dpo_jax.data import preference   # noqa: PLC0415
   if c.batch < 1 or c.seq < 2:
     raise ValueError(f"config.batch={c.batch} must be >= 1 and config.seq={c.seq} >= 2")
   spec = losses.get(c.loss.name)
@@ -292,15 +312,17 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
     columns.append("teacher_logps")
   batch_np = synthetic_batch(c.batch, c.seq, run.model_cfg.vocab_size, prompt_len,
                              unpaired=spec.unpaired, columns=columns, seed=c.seed)
+  parts = run.train_data.score_parts
   if c.share_prompt:   # c.batch rows of seq + completion tokens
     batch_np = shared_batch(batch_np, prompt_len, tc.grad_accum, unpaired=spec.unpaired,
-                            columns=columns)
+                            columns=columns, score_parts=parts)
     rows, row_len = c.batch, 2 * c.seq - prompt_len
   else:                # 2·c.batch rows of seq tokens
-    batch_np = train.microbatches(batch_np, tc.grad_accum)
+    batch_np = train.microbatches(preference.add_score_index(batch_np, parts), tc.grad_accum)
     rows, row_len = 2 * c.batch, c.seq
+  scored = batch_np["score_index"].shape[-1] if "score_index" in batch_np else row_len
   layout = {"rows": rows, "row_len": row_len, "prompt_len": prompt_len, "setup_s": setup_s,
-            "grad_accum": tc.grad_accum}
+            "grad_accum": tc.grad_accum, "scored": scored}
   return run, train.to_device(batch_np, run), layout
 
 
@@ -348,7 +370,8 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
 
   devices_used = list(run.mesh.devices.flat)
   peak = measure_peak(devices_used, c.peak.size, c.peak.reps)
-  fl = flops(cfg, c.batch, row_len, reference_forward, teacher_params, rows=rows)
+  fl = flops(cfg, c.batch, row_len, reference_forward, teacher_params, rows=rows,
+             scored=layout["scored"])
   tokens = 2 * c.batch * c.seq
   dev = devices_used[0]
   device_peak = None

@@ -284,13 +284,19 @@ def load_data(config, tokenizer, pad_id: int):
     examples = [examples[i] for i in sorted(order[n_eval:])]
   buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
   share = config.data.share_prompt
+  parts = config.data.get("score_parts", preference.SCORE_PARTS)
+  if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
+    raise ValueError(f"config.data.score_parts={parts!r} must be an integer >= 0 (0: score "
+                     f"every position)")
   if config.data.packing or share:   # several sequences per row (data/packing.py)
     train = packing.PackedBatches(
         examples, config.batch_size, config.seed, buckets, pad_id,
         row_length=config.data.row_length or max(buckets) * (2 if share else 1),
-        row_buckets=tuple(config.data.row_buckets) or None, share_prompt=share)
+        row_buckets=tuple(config.data.row_buckets) or None, share_prompt=share,
+        score_parts=parts)
   else:
-    train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id)
+    train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id,
+                               score_parts=parts)
   return train, eval_examples, skipped
 
 
@@ -383,7 +389,8 @@ def evaluate(run: Run, eval_jit, state) -> dict:
   bs = run.config.eval_batch_size or run.config.batch_size
   totals = None
   for batch in preference.eval_batches(run.eval_examples, bs, run.train_data.buckets,
-                                       run.train_data.pad_id, run.eval_columns):
+                                       run.train_data.pad_id, run.eval_columns,
+                                       run.train_data.score_parts):
     out = eval_jit(state["params"], state["loss_state"], run.frozen,
                    to_device(microbatches(batch, 1), run))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)

@@ -16,13 +16,17 @@ TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layer
         "batch": 8, "seq": 32, "steps": 2, "warmup": 1, "peak.size": 256, "peak.reps": 3}
 
 
-def expected_flops(batch, seq, d, f, layers, heads, kv_heads, vocab, ref: bool) -> int:
-  """The documented count, written out independently of bench.flops."""
+def expected_flops(batch, seq, d, f, layers, heads, kv_heads, vocab, ref: bool,
+                   scored=None, rows=None) -> int:
+  """The documented count, written out independently of bench.flops: the layers at every
+  position of a row, the unembedding (D·V) at `scored` positions of it (default all)."""
   dh = d // heads
-  n = layers * (d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * f) + d * vocab
+  body = layers * (d * heads * dh + 2 * d * kv_heads * dh + heads * dh * d + 3 * d * f)
   attn = layers * seq * heads * dh
-  per_token = 6 * n + 12 * attn + ((2 * n + 4 * attn) if ref else 0)
-  return per_token * 2 * batch * seq
+  per_token = 6 * body + 12 * attn + ((2 * body + 4 * attn) if ref else 0)
+  unembed = (8 if ref else 6) * d * vocab
+  rows = 2 * batch if rows is None else rows
+  return rows * (per_token * seq + unembed * (seq if scored is None else scored))
 
 
 def bench_config(**overrides):
@@ -36,8 +40,11 @@ def bench_config(**overrides):
 def check_row(row, ref: bool):
   assert row["batch"] == 8 and row["seq"] == 32 and row["rows"] == 16
   assert row["tokens_per_step"] == 2 * 8 * 32
-  want = expected_flops(8, 32, 32, 64, 2, 4, 2, 96, ref)
+  # 16 prompt + 16 completion tokens: the unembedding runs on the 16 completion positions
+  assert row["scored_per_row"] == 16
+  want = expected_flops(8, 32, 32, 64, 2, 4, 2, 96, ref, scored=16)
   assert row["flops_per_step"] == want
+  assert want < expected_flops(8, 32, 32, 64, 2, 4, 2, 96, ref)
   assert row["step_s"] > 0 and row["compile_s"] > 0
   assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
   assert row["tokens_per_s"] == pytest.approx(2 * 8 * 32 / row["step_s"])
@@ -85,7 +92,9 @@ def test_reference_free_drops_the_reference_term(cli):
   n = layers * (d * dh * (2 * 4 + 2 * 2) + 3 * d * f) + d * vocab
   attn = layers * 32 * 4 * dh
   assert with_ref["n_params_matmul"] == no_ref["n_params_matmul"] == n
-  assert with_ref["flops_per_step"] - no_ref["flops_per_step"] == (2 * n + 4 * attn) * 2 * 8 * 32
+  # the reference's layers on all 32 positions, its unembedding on the 16 scored ones
+  assert (with_ref["flops_per_step"] - no_ref["flops_per_step"]
+          == ((2 * (n - d * vocab) + 4 * attn) * 32 + 2 * d * vocab * 16) * 2 * 8)
 
 
 def test_cli_prints_one_json_line(cli):
@@ -107,6 +116,9 @@ def test_flops_formula_matches_issue_shape():
   assert got["flops_per_step"] == expected_flops(8, 256, 256, 1024, 4, 4, 4, 2048, True)
   tied = bench.flops(cfg.replace(tie_word_embeddings=True), 8, 256, reference_forward=True)
   assert tied["flops_per_step"] == got["flops_per_step"]   # the unembedding matmul still runs
+  half = bench.flops(cfg, 8, 256, reference_forward=True, scored=128)
+  assert half["flops_per_step"] == expected_flops(8, 256, 256, 1024, 4, 4, 4, 2048, True, 128)
+  assert got["flops_per_step"] - half["flops_per_step"] == 16 * 128 * 8 * 256 * 2048
 
 
 def test_shared_prompt_counts_the_rows_it_computes():
@@ -116,9 +128,9 @@ def test_shared_prompt_counts_the_rows_it_computes():
                         log=lambda _: None)
   assert row["share_prompt"] and row["rows"] == 8 and row["row_length"] == 2 * 32 - 16
   assert row["tokens_computed_per_step"] == 8 * 48 and row["tokens_per_step"] == 2 * 8 * 32
-  d, f, layers, heads, dh, vocab = 32, 64, 2, 4, 8, 96
-  n = layers * (d * dh * (2 * heads + 2 * 2) + 3 * d * f) + d * vocab
-  attn = layers * 48 * heads * dh
-  assert row["flops_per_step"] == (8 * n + 16 * attn) * 8 * 48
+  # 32 completion positions per row: K = 36, the smallest multiple of 48/4 that holds them
+  assert row["scored_per_row"] == 36
+  assert row["flops_per_step"] == expected_flops(4, 48, 32, 64, 2, 4, 2, 96, True, scored=36,
+                                                 rows=8)
   assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
   assert np.isfinite(row["loss_value"]) and row["loss_value"] > 0

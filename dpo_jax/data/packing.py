@@ -183,7 +183,8 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
                       valid: Optional[Sequence[bool]] = None, max_length: Optional[int] = None,
                       row_multiple: int = 1,
                       columns: Optional[dict[str, np.ndarray]] = None,
-                      share_prompt: bool = False) -> dict[str, np.ndarray]:
+                      share_prompt: bool = False,
+                      score_parts: int = preference.SCORE_PARTS) -> dict[str, np.ndarray]:
   """B examples -> k packed micro-batches: [k, R, row_length] rows, [k, B/k] per example.
 
   Micro-batch j holds pairs j*b .. (j+1)*b-1 (b = B/k), its sequences numbered 0 .. 2b-1
@@ -193,6 +194,7 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
   and come back as [k, 2b] like train.microbatches makes them. max_length (default row_length)
   cuts mismatched completions of unpaired data, as collate cuts them to its largest bucket.
   share_prompt: each pair is one unit [prompt | chosen | rejected] (see the module docstring).
+  score_parts: preference.add_score_index (one K for all micro-batches).
   """
   big_b = len(examples)
   if k < 1 or big_b % k:
@@ -261,7 +263,7 @@ def pack_microbatches(examples: Sequence[Tokenized], k: int, *, row_length: int,
     if x.shape[0] != 2 * big_b:
       raise ValueError(f"column {name!r} has {x.shape[0]} entries, expected {2 * big_b}")
     out[name] = split_sequences(x, k)
-  return out
+  return preference.add_score_index(out, score_parts)
 
 
 def split_sequences(x: np.ndarray, k: int) -> np.ndarray:
@@ -274,7 +276,8 @@ def split_sequences(x: np.ndarray, k: int) -> np.ndarray:
 def pack(examples: Sequence[Tokenized], *, row_length: int,
          row_buckets: Optional[Sequence[int]] = None, pad_id: int,
          valid: Optional[Sequence[bool]] = None, max_length: Optional[int] = None,
-         row_multiple: int = 1, share_prompt: bool = False) -> dict[str, np.ndarray]:
+         row_multiple: int = 1, share_prompt: bool = False,
+         score_parts: int = preference.SCORE_PARTS) -> dict[str, np.ndarray]:
   """B examples -> one packed batch with collate's keys: [R, row_length] rows, [B] examples.
 
   R is the smallest of `row_buckets` (default default_row_buckets(2B, row_multiple)) that
@@ -283,7 +286,8 @@ def pack(examples: Sequence[Tokenized], *, row_length: int,
   """
   out = pack_microbatches(examples, 1, row_length=row_length, row_buckets=row_buckets,
                           pad_id=pad_id, valid=valid, max_length=max_length,
-                          row_multiple=row_multiple, share_prompt=share_prompt)
+                          row_multiple=row_multiple, share_prompt=share_prompt,
+                          score_parts=score_parts)
   return {name: x[0] for name, x in out.items()}
 
 
@@ -299,8 +303,9 @@ class PackedBatches(preference.Batches):
                buckets: Sequence[int], pad_id: int, shuffle: bool = True,
                columns: Optional[dict[str, np.ndarray]] = None, *, row_length: int,
                row_buckets: Optional[Sequence[int]] = None, row_multiple: int = 1,
-               share_prompt: bool = False):
-    super().__init__(examples, batch_size, seed, buckets, pad_id, shuffle, columns)
+               share_prompt: bool = False, score_parts: int = preference.SCORE_PARTS):
+    super().__init__(examples, batch_size, seed, buckets, pad_id, shuffle, columns,
+                     score_parts)
     if row_length < max(self.buckets):
       raise ValueError(f"config.data.row_length={row_length} is shorter than the largest "
                        f"length bucket {max(self.buckets)}; a sequence may not fit a row")
@@ -334,7 +339,8 @@ class PackedBatches(preference.Batches):
     return pack_microbatches([self.examples[i] for i in idx], k, row_length=self.row_length,
                              row_buckets=row_buckets, pad_id=self.pad_id,
                              max_length=max(self.buckets), row_multiple=self.row_multiple,
-                             columns=cols, share_prompt=self.share_prompt)
+                             columns=cols, share_prompt=self.share_prompt,
+                             score_parts=self.score_parts)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     return {name: x[0] for name, x in self.microbatches(step, 1).items()}

@@ -406,6 +406,9 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
 # ---------------------------------------------------------------------------------------------
 
 
+SCORE_PARTS = 4   # config.data.score_parts: K is a multiple of L/4, so at most 3 extra shapes
+
+
 def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
   """Powers of two from `smallest` up to max_length, and max_length itself.
 
@@ -427,7 +430,8 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 
 
 def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
-            valid: Optional[Sequence[bool]] = None) -> dict[str, np.ndarray]:
+            valid: Optional[Sequence[bool]] = None,
+            score_parts: int = SCORE_PARTS) -> dict[str, np.ndarray]:
   """Stacks B examples into 2B rows: [chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}].
 
   Unpaired examples (rejected is None) use the second half for the mismatched completion
@@ -437,6 +441,7 @@ def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
     tokens, positions, segment_ids (0 = padding), loss_mask (1 on completion tokens),
     seq_index (which of the 2B sequences a token belongs to) : [R, L]
     valid, label : [B]
+    score_index (see add_score_index; absent when every position may be scored) : [R, K]
   """
   b = len(examples)
   if b == 0:
@@ -462,13 +467,38 @@ def collate(examples: Sequence[Tokenized], buckets: Sequence[int], pad_id: int,
     positions[i, :n] = np.arange(n)
   if valid is not None and len(valid) != b:
     raise ValueError(f"valid has {len(valid)} entries for {b} examples")
-  return {
+  return add_score_index({
       "tokens": tokens, "positions": positions, "segment_ids": segment_ids,
       "loss_mask": loss_mask,
       "seq_index": np.broadcast_to(np.arange(r, dtype=np.int32)[:, None], (r, length)).copy(),
       "valid": np.asarray(valid if valid is not None else [True] * b, np.float32),
       "label": np.asarray([e.label for e in examples], np.float32),
-  }
+  }, score_parts)
+
+
+def add_score_index(batch: dict, parts: int = SCORE_PARTS) -> dict:
+  """Adds batch["score_index"] [..., K]: per row, the positions of its scored tokens (loss_mask
+  1) in order, then L (past the row: nothing). The log-prob loop computes the unembedding, the
+  [D, V] matmul, only there (models/logprobs.scoring_view), not on prompt and padding positions.
+
+  K is the smallest multiple of ceil(L / parts) that holds the row with the most scored tokens,
+  so a row length compiles to at most `parts` shapes. When K would be L, or parts is 0, nothing
+  is added and every position is scored. Every host builds the same global batch, so K agrees.
+  """
+  if parts < 1:
+    return batch
+  mask = np.asarray(batch["loss_mask"]) > 0
+  length = mask.shape[-1]
+  quantum = -(-length // parts)
+  k = max(1, -(-int(mask.sum(-1).max(initial=0)) // quantum)) * quantum
+  if k >= length:
+    return batch
+  flat = mask.reshape(-1, length)
+  rows, cols = np.nonzero(flat)
+  index = np.full((flat.shape[0], k), length, np.int32)
+  index[rows, np.cumsum(flat, axis=1)[rows, cols] - 1] = cols
+  batch["score_index"] = index.reshape(*mask.shape[:-1], k)
+  return batch
 
 
 class Batches:
@@ -479,7 +509,8 @@ class Batches:
 
   def __init__(self, examples: Sequence[Tokenized], batch_size: int, seed: int,
                buckets: Sequence[int], pad_id: int, shuffle: bool = True,
-               columns: Optional[dict[str, np.ndarray]] = None):
+               columns: Optional[dict[str, np.ndarray]] = None,
+               score_parts: int = SCORE_PARTS):
     if batch_size < 1:
       raise ValueError(f"config.batch_size={batch_size} must be >= 1")
     if batch_size > len(examples):
@@ -492,6 +523,7 @@ class Batches:
     self.seed, self.buckets, self.pad_id, self.shuffle = seed, tuple(buckets), pad_id, shuffle
     self._perms: dict[int, np.ndarray] = {}
     self.columns = dict(columns or {})   # per-example [N, 2] values, e.g. cached ref log-probs
+    self.score_parts = score_parts
 
   def __len__(self):
     return len(self.examples)
@@ -516,7 +548,8 @@ class Batches:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     idx = self.indices(step)
-    batch = collate([self.examples[i] for i in idx], self.buckets, self.pad_id)
+    batch = collate([self.examples[i] for i in idx], self.buckets, self.pad_id,
+                    score_parts=self.score_parts)
     return add_columns(batch, self.columns, idx)
 
 
@@ -529,8 +562,8 @@ def add_columns(batch: dict, columns: dict[str, np.ndarray], idx) -> dict:
 
 
 def eval_batches(examples: Sequence[Tokenized], batch_size: int, buckets: Sequence[int],
-                 pad_id: int, columns: Optional[dict[str, np.ndarray]] = None
-                 ) -> Iterable[dict[str, np.ndarray]]:
+                 pad_id: int, columns: Optional[dict[str, np.ndarray]] = None,
+                 score_parts: int = SCORE_PARTS) -> Iterable[dict[str, np.ndarray]]:
   """Every example once, in order; the last batch is filled with invalid copies."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -538,5 +571,5 @@ def eval_batches(examples: Sequence[Tokenized], batch_size: int, buckets: Sequen
     idx = list(range(start, min(start + batch_size, len(examples))))
     valid = [True] * len(idx) + [False] * (batch_size - len(idx))
     idx += [idx[0]] * (batch_size - len(idx))
-    batch = collate([examples[i] for i in idx], buckets, pad_id, valid)
+    batch = collate([examples[i] for i in idx], buckets, pad_id, valid, score_parts)
     yield add_columns(batch, columns or {}, idx)

@@ -3,6 +3,10 @@
 The sequence is cut into chunks of `chunk` positions; each chunk's logits [B, chunk, V] are made,
 reduced to per-token statistics and dropped. The chunk body is rematerialised, so the backward
 pass recomputes one chunk's logits at a time instead of keeping all of them.
+
+Only scored positions need logits. A batch with a score_index (data/preference.add_score_index)
+is first narrowed to the K completion positions of each row (scoring_view): prompt and padding
+positions never reach the [D, V] unembedding, forward or backward.
 """
 from __future__ import annotations
 
@@ -116,12 +120,37 @@ def sequence_logps(model, batch: dict, *, chunk: int = 256, stats: tuple[str, ..
 
 
 def batch_token_stats(hidden_BxLxD: Array, unembed_DxV: Array, batch: dict, **kwargs):
-  """token_stats for the rows of a batch (its tokens, and its `source` in any layout)."""
-  return token_stats(hidden_BxLxD, unembed_DxV, batch["tokens"],
-                     source_BxL=batch.get("source"), **kwargs)
+  """token_stats for the rows of a batch (its tokens, and its `source` in any layout), at its
+  scored positions only when it has a score_index (scoring_view)."""
+  view = scoring_view(batch)
+  return token_stats(hidden_BxLxD, unembed_DxV, view["tokens"],
+                     source_BxL=view.get("source"), **kwargs)
+
+
+def scoring_view(batch: dict) -> dict:
+  """The batch restricted to its scored positions, when it carries batch["score_index"] [R, K]
+  (data/preference.add_score_index): tokens, loss_mask and seq_index at those K positions per
+  row, and `source`, the position whose hidden state predicts each. Prompt and padding positions
+  never reach the unembedding. K positions past the row (index L) read as unscored padding.
+  Without a score_index the batch is returned as it is. Everything downstream (token_stats,
+  reduce_sequences, left_align) reads only these keys, so both views give the same sums.
+  """
+  index = batch.get("score_index")
+  if index is None:
+    return batch
+  take = lambda x: jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
+  source = batch.get("source")
+  view = {k: v for k, v in batch.items() if k != "score_index"}
+  view.update(tokens=take(batch["tokens"]), loss_mask=take(batch["loss_mask"]),
+              seq_index=take(batch["seq_index"]),
+              source=take(source) if source is not None else jnp.maximum(index - 1, 0))
+  return view
 
 
 def reduce_sequences(tok: dict[str, Array], batch: dict, with_tokens: bool = False):
+  """Per-sequence sums of token statistics `tok` (from batch_token_stats on the same batch)."""
+  length = batch["tokens"].shape[1]
+  batch = scoring_view(batch)
   n = 2 * batch["valid"].shape[0]
   mask = batch["loss_mask"].astype(jnp.float32)
   seq = batch["seq_index"].reshape(-1)
@@ -135,18 +164,20 @@ def reduce_sequences(tok: dict[str, Array], batch: dict, with_tokens: bool = Fal
   if with_tokens:
     for k, v in tok.items():
       if k != "logit_mean":
-        out[f"tokens/{k}"] = left_align(v, batch)
+        out[f"tokens/{k}"] = left_align(v, batch, length)
   return out
 
 
-def left_align(x_RxL: Array, batch: dict) -> Array:
-  """Completion-token values per sequence, [S, L]: token k of sequence s at [s, k], else 0.
+def left_align(x_RxL: Array, batch: dict, length: int | None = None) -> Array:
+  """Completion-token values per sequence, [S, length] (default L): token k of sequence s at
+  [s, k], else 0. x_RxL and the batch's loss_mask / seq_index are aligned (a scoring_view's
+  [R, K] or the rows' [R, L]); `length` must hold the longest completion.
 
   The rank of a completion token within its sequence is its running count of completion tokens
   minus the count at the sequence's first completion token; this holds for packed rows too.
   """
   n = 2 * batch["valid"].shape[0]
-  r, length = x_RxL.shape
+  length = x_RxL.shape[1] if length is None else length
   mask = batch["loss_mask"].reshape(-1) > 0
   seq = batch["seq_index"].reshape(-1)
   count = jnp.cumsum(mask.astype(jnp.int32))
