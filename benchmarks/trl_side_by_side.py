@@ -417,9 +417,12 @@ def main(argv=None):
     print(f"dpo_jax MFU: {jx['mfu'] * 100:.1f}% of the measured f32 matmul peak "
           f"{jx['peak_flops'] / 1e9:.1f} GFLOP/s ({jx['flops_per_step'] / 1e9:.2f} GFLOP/step, "
           f"{jx['achieved_flops'] / 1e9:.1f} GFLOP/s achieved)")
-    if tr:
-      print(f"TRL at the same FLOP count: "
-            f"{jx['flops_per_step'] / tr['step_s'] / jx['peak_flops'] * 100:.1f}% of that peak")
+    if tr:   # TRL computes logits at every position: add the unembedding dpo_jax skips
+      unembed = (8 if jx["reference_forward"] else 6) * args.hidden * args.vocab
+      trl_flops = jx["flops_per_step"] + unembed * jx["rows"] * (jx["row_length"]
+                                                                 - jx["scored_per_row"])
+      print(f"TRL: {trl_flops / 1e9:.2f} GFLOP/step (logits at every position), "
+            f"{trl_flops / tr['step_s'] / jx['peak_flops'] * 100:.1f}% of that peak")
   if js:
     print(f"dpo_jax shared prompt MFU: {js['mfu'] * 100:.1f}% ({js['flops_per_step'] / 1e9:.2f} "
           f"GFLOP/step computed, {js['achieved_flops'] / 1e9:.1f} GFLOP/s achieved)")
