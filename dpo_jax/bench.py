@@ -218,7 +218,7 @@ def synthetic_batch(b: int, seq: int, vocab: int, prompt_len: int, *, unpaired: 
 
 
 def shared_batch(batch: dict, prompt_len: int, k: int, *, unpaired: bool = False,
-                 columns=(), score_parts: int = 4) -> dict:
+                 columns=(), score_parts: int) -> dict:
   """synthetic_batch's pairs with the chosen row's prompt shared by both completions, packed one
   pair per row [prompt | chosen | rejected] (data/packing.py, share_prompt) into k micro-batches.
   Unpaired batches pair each completion with the next example's, as the trainer does."""

@@ -86,6 +86,9 @@ def test_scored_positions_equal_every_position(layout):
   k, length = batch["score_index"].shape[1], batch["tokens"].shape[1]
   assert k < length
   full = {key: v for key, v in batch.items() if key != "score_index"}
+  view = logprobs.scoring_view(batch)   # [R, K] position keys; no misaligned [R, L] ones
+  assert view["tokens"].shape == view["source"].shape == batch["score_index"].shape
+  assert "positions" not in view and "segment_ids" not in view and "valid" in view
   params = core.init_params(CFG, 0)
   teacher_cfg = CFG.replace(hidden_size=48, num_heads=4, num_kv_heads=4)
   teacher_params = core.init_params(teacher_cfg, 1)

@@ -406,7 +406,7 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
 # ---------------------------------------------------------------------------------------------
 
 
-SCORE_PARTS = 4   # config.data.score_parts: K is a multiple of L/4, so at most 3 extra shapes
+SCORE_PARTS = 4   # config.data.score_parts: K is a multiple of L/4 (at most 4 shapes per L)
 
 
 def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:

@@ -133,14 +133,18 @@ def scoring_view(batch: dict) -> dict:
   row, and `source`, the position whose hidden state predicts each. Prompt and padding positions
   never reach the unembedding. K positions past the row (index L) read as unscored padding.
   Without a score_index the batch is returned as it is. Everything downstream (token_stats,
-  reduce_sequences, left_align) reads only these keys, so both views give the same sums.
+  reduce_sequences, left_align) reads only these keys, so both views give the same sums. Other
+  per-position keys ([R, L]: positions, segment_ids) are left out of the view rather than left
+  misaligned with it; per-row and per-example keys are kept.
   """
   index = batch.get("score_index")
   if index is None:
     return batch
   take = lambda x: jnp.take_along_axis(x, index, axis=1, mode="fill", fill_value=0)
   source = batch.get("source")
-  view = {k: v for k, v in batch.items() if k != "score_index"}
+  rows_x_length = batch["tokens"].shape
+  view = {k: v for k, v in batch.items()
+          if k != "score_index" and tuple(jnp.shape(v)[:2]) != rows_x_length}
   view.update(tokens=take(batch["tokens"]), loss_mask=take(batch["loss_mask"]),
               seq_index=take(batch["seq_index"]),
               source=take(source) if source is not None else jnp.maximum(index - 1, 0))
