@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True       # False: unrolled layers (faster on CPU, longer compile)
   c.model.attention_chunk = 0      # > 0: causal attention in query chunks (long sequences:
                                    # skips the masked upper blocks, bounds the [L, L] scores)
+  c.model.attention_impl = "einsum"  # einsum | xla | cudnn (jax.nn.dot_product_attention; cudnn:
+                                     # fused flash attention on NVIDIA GPUs, needs bf16/fp16)
 
   c.data = ml_collections.ConfigDict()
   c.data.train = TINY_PREFS        # JSONL path, saved dataset dir, or dataset name

@@ -1,6 +1,10 @@
-"""Query-chunked attention (model.attention_chunk) equals the one-block attention: hidden states,
-per-sequence log-probs and their gradients, on every row layout (padded, packed, shared prompt)
-and with a sliding window."""
+"""Query-chunked attention (model.attention_chunk) and jax.nn.dot_product_attention
+(model.attention_impl) equal the one-block einsum attention: hidden states, per-sequence log-probs
+and their gradients, on every row layout (padded, packed, shared prompt) and with a sliding
+window. The cuDNN path is checked to lower to cuDNN's fused flash attention, forward and
+backward."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 
 from dpo_jax.data import packing, preference
 from dpo_jax.data.preference import Tokenized
-from dpo_jax.models import core, logprobs
+from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import ModelConfig
 
 PAD = 0
@@ -37,13 +41,13 @@ CFG = ModelConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_laye
 
 @pytest.mark.parametrize("window", [None, 9])
 @pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
-def test_chunked_attention_equals_one_block(layout, window):
+def test_attention_variants_equal_one_block(layout, window):
   batch = jax.tree.map(jnp.asarray, layouts()[layout])
   base = CFG.replace(family="mistral" if window else "llama", sliding_window=window)
   params = core.init_params(base, 0)
 
-  def run(chunk):
-    cfg = base.replace(attention_chunk=chunk)
+  def run(**variant):
+    cfg = base.replace(**variant)
     graphdef = core.split(cfg)[0]
 
     def f(p):
@@ -53,10 +57,12 @@ def test_chunked_attention_equals_one_block(layout, window):
       return jnp.sum(out["logps"]), (out, hidden)
     return jax.jit(jax.value_and_grad(f, has_aux=True), compiler_options=FAST_COMPILE)(params)
 
-  (ref_loss, (ref_out, ref_hidden)), ref_grads = run(0)
+  (ref_loss, (ref_out, ref_hidden)), ref_grads = run()
   length = batch["tokens"].shape[1]
-  for chunk in (24, length - 1):   # not dividing L; one short chunk at the end
-    (loss, (out, hidden)), grads = run(chunk)
+  # Chunks not dividing L; one short chunk at the end; the library attention (XLA on CPU).
+  for variant in ({"attention_chunk": 24}, {"attention_chunk": length - 1},
+                  {"attention_impl": "xla"}):
+    (loss, (out, hidden)), grads = run(**variant)
     seg = np.asarray(batch["segment_ids"]) > 0
     np.testing.assert_allclose(np.asarray(hidden)[seg], np.asarray(ref_hidden)[seg],
                                rtol=1e-5, atol=1e-5)
@@ -97,3 +103,41 @@ def test_chunked_attention_skips_masked_blocks_and_bounds_scores(capsys):
           f"{temp(chunked) / 2**20:.1f} MiB with query chunks of 64")
   assert flops(chunked) < 0.7 * flops(dense)
   assert temp(chunked) < 0.5 * temp(dense), (temp(chunked), temp(dense))
+
+
+@pytest.mark.parametrize("fields,pattern", [
+    ({"attention_impl": "flash"}, r"model.attention_impl must be one of \('einsum', 'xla', 'cudnn'\)"),
+    ({"attention_impl": "xla", "attention_chunk": 64}, r"model.attention_chunk=64 applies to"),
+    ({"attention_impl": "cudnn"}, r"model.attention_impl='cudnn' needs model.dtype"),
+])
+def test_attention_config_errors_name_the_key(fields, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    CFG.replace(**fields)
+  cudnn = CFG.replace(attention_impl="cudnn", dtype="bfloat16")   # a valid config, but:
+  with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs an NVIDIA GPU.*'cpu'"):
+    load.model_config(None, cudnn)
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared"])
+def test_cudnn_attention_lowers_to_fused_flash_attention(layout, monkeypatch):
+  """model.attention_impl='cudnn' lowered for CUDA (on this CPU machine: lowering only, the
+  kernel is not run) uses cuDNN's fused flash attention with the causal mask type, forward
+  and backward. There is no GPU here, so cuDNN's version query is replaced by
+  a fixed version; the shape, dtype and layout checks of jax's cuDNN wrapper all run."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  batch = jax.tree.map(jnp.asarray, layouts()[layout])
+  cfg = CFG.replace(hidden_size=64, num_heads=4, num_kv_heads=2, dtype="bfloat16",
+                    attention_impl="cudnn", remat="full", scan_layers=False)
+  graphdef, params = core.split(cfg)[0], core.init_params(cfg, 0)
+
+  def f(p):
+    out = logprobs.sequence_logps(core.merge(graphdef, p), batch, chunk=32)
+    return jnp.sum(out["logps"])
+  text = jax.jit(jax.grad(f)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+  calls = re.findall(r"custom_call @(__cudnn\$fmha\w+)\(.*?backend_config = \"(.*?)\", ", text)
+  kinds = {name for name, _ in calls}
+  assert kinds == {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}, kinds
+  for _, config in calls:
+    assert "is_flash_attention\\22: true" in config, config[:400]
+    assert "mask_type\\22: \\22CAUSAL" in config, config[:400]

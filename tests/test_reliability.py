@@ -231,6 +231,7 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
     ("--config.steps=abc", "steps"),
     ("--config.loss.name=dpoo", "dpoo.*known"),
     ("--config.nonfinite=ignore", "config.nonfinite"),
+    ("--config.model.attention_impl=cudnn", r"model.attention_impl='cudnn' needs model.dtype"),
 ])
 def test_cli_config_errors_name_the_key(tmp_path, flag, pattern):
   out = subprocess.run(

@@ -7,6 +7,7 @@ import os
 from typing import Any, Optional
 
 FAMILIES = ("llama", "qwen2", "mistral")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class ModelConfig:
   attention_chunk: int = 0                 # > 0: attention in query chunks of this many
                                            # positions, each against the keys up to its end
                                            # (layers.chunked_attention); 0: one [L, L] block
+  attention_impl: str = "einsum"           # einsum: layers.dot_product_attention; xla / cudnn:
+                                           # jax.nn.dot_product_attention with that implementation
+                                           # (cudnn: fused flash attention on NVIDIA GPUs, bf16/fp16)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -48,6 +52,15 @@ class ModelConfig:
                        f"model.num_kv_heads={self.num_kv_heads}")
     if self.attention_chunk < 0:
       raise ValueError(f"model.attention_chunk={self.attention_chunk} must be >= 0 (0: off)")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if self.attention_impl != "einsum" and self.attention_chunk:
+      raise ValueError(f"model.attention_chunk={self.attention_chunk} applies to "
+                       f"model.attention_impl='einsum', not {self.attention_impl!r} (set one of them)")
+    if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
+                       f"got {self.dtype!r}")
     if self.head_dim is None:   # explicit, so that configs from any source compare equal
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 

@@ -148,6 +148,22 @@ def chunked_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions, segment_ids
   return jnp.concatenate(outs, axis=1)
 
 
+def library_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxL,
+                      implementation: str) -> Array:
+  """Self-attention without a cache through jax.nn.dot_product_attention ('xla' or 'cudnn').
+
+  is_causal is index-based, which here is implied by the position-based mask: every key a
+  query may see comes no later in the row (as for chunked_attention). It lets cuDNN's flash
+  kernel skip the blocks above the diagonal. The layout mask (padding, packed segments,
+  shared-prompt branches, sliding window) carries the rest; cuDNN adds it as a [B, 1, L, L]
+  bias. The window is not passed as local_window_size: that is index-based, and a shared
+  prompt's rejected branch sees prompt tokens further back in the row than in its sequence.
+  """
+  return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                      mask=mask_BxLxL[:, None], is_causal=True,
+                                      implementation=implementation)
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -182,7 +198,11 @@ class Attention(nnx.Module):
                               cfg.attention_chunk)
     else:
       mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
-      out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      if cache is None and cfg.attention_impl != "einsum":
+        out = library_attention(q, k, v, mask, cfg.attention_impl)
+      else:
+        out = dot_product_attention(q, k, v, mask)
     return self.o_proj(out), new_cache
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import jax
+
 from dpo_jax import checkpoint, sharding
 from dpo_jax.data.tokenizer import byte_tokenizer
 from dpo_jax.models import core, hf_io
 from dpo_jax.models.config import ModelConfig
 
-NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_chunk")
+NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_chunk", "attention_impl")
 
 
 def source_kind(path: Optional[str]) -> str:
@@ -31,11 +33,15 @@ def model_config(path: Optional[str], scratch: ModelConfig, **numerics) -> Model
   """The architecture comes from the source; dtype / param_dtype / remat from the caller."""
   kind = source_kind(path)
   if kind == "hf":
-    return ModelConfig.from_hf_dir(path, **numerics)
-  if kind == "checkpoint":
-    cfg, _ = checkpoint.load_model_config(path)
-    return cfg.replace(**numerics)
-  return scratch.replace(**numerics)
+    cfg = ModelConfig.from_hf_dir(path, **numerics)
+  elif kind == "checkpoint":
+    cfg = checkpoint.load_model_config(path)[0].replace(**numerics)
+  else:
+    cfg = scratch.replace(**numerics)
+  if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention_impl='cudnn' needs an NVIDIA GPU, but the jax backend "
+                     f"is {jax.default_backend()!r} (use 'einsum' or 'xla')")
+  return cfg
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules):
