@@ -28,6 +28,11 @@ of the same DPOTrainer (both reported; the ratio uses the faster, i.e. TRL's bes
 [prompt | chosen | rejected], so the prompt is computed once (8 rows of 384 tokens instead of 16
 of 256 on the default shape). The pairs and the loss are the same; TRL has no such layout, so
 that ratio compares the two trainers as a user would run them, not the same FLOPs.
+Attention: dpo_jax runs with model.attention_chunk=64 (`--attention-chunk`; 0 = one [L, L]
+block): causal attention in query chunks, each against the keys up to its end, so the blocks
+above the diagonal are skipped as in TRL's torch SDPA(is_causal=True) kernel. On this CPU it
+makes dpo_jax's attention about 2x faster (benchmarks/attention_alone.py). The FLOP count is
+the same on both sides and counts every key.
 Rematerialisation is matched: --remat none (default) = dpo_jax model.remat=none and TRL
 gradient_checkpointing=False; --remat full = dpo_jax remat=full and gradient_checkpointing=True.
 
@@ -125,6 +130,9 @@ def parse_args(argv=None):
   p.add_argument("--remat", choices=("none", "full"), default="none",
                  help="none: dpo_jax remat=none, TRL gradient_checkpointing=False; "
                       "full: remat=full, gradient_checkpointing=True")
+  p.add_argument("--attention-chunk", type=int, default=64,
+                 help="dpo_jax model.attention_chunk (query chunks skipping the masked blocks, "
+                      "like TRL's causal SDPA; 0: one [L, L] block)")
   p.add_argument("--rounds", type=int, default=1,
                  help="alternate dpo_jax and TRL this many times; the best round of each counts")
   p.add_argument("--trl-timing", choices=("both", "trainer", "loop"), default="both")
@@ -170,7 +178,7 @@ def run_dpo_jax(args, share_prompt: bool = False) -> dict:
          f"--config.model.vocab_size={args.vocab}", "--config.model.tie_word_embeddings=False",
          "--config.model.dtype=float32", "--config.model.param_dtype=float32",
          f"--config.model.remat={args.remat}", f"--config.model.scan_layers={args.scan_layers}",
-         f"--config.batch={args.batch}",
+         f"--config.model.attention_chunk={args.attention_chunk}", f"--config.batch={args.batch}",
          f"--config.seq={args.seq}", f"--config.prompt_fraction={args.prompt_len / args.seq}",
          f"--config.steps={args.steps}", f"--config.warmup={args.warmup}",
          f"--config.model.max_position_embeddings={max(args.seq, 1024)}",
@@ -385,7 +393,7 @@ def main(argv=None):
   shape = (f"Llama d={args.hidden} L={args.layers} H={args.heads}/{args.kv_heads} "
            f"F={args.intermediate} V={args.vocab}, {args.batch} pairs x {args.seq} tokens "
            f"(prompt {args.prompt_len}), f32, {args.threads} threads, remat/grad-ckpt "
-           f"{args.remat}")
+           f"{args.remat}, dpo_jax attention_chunk {args.attention_chunk}")
   print(f"\n{shape}")
   print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides); dpo_jax minor "
         f"page faults per step: "
