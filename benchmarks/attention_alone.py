@@ -16,19 +16,8 @@ calls after two warm-ups, in `--rounds` alternating rounds (the best round count
 FLOPs are the causal-agnostic 4·rows·heads·L²·Dh forward (×3 with the backward).
 """
 import argparse
-import os
-import time
 
-
-def best(fn, reps):
-  fn()
-  fn()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
+from matmul_alone import best, use_threads   # this directory is on sys.path as a script
 
 
 def main():
@@ -42,18 +31,12 @@ def main():
   ap.add_argument("--rounds", type=int, default=2)
   ap.add_argument("--chunks", default="64,128", help="model.attention_chunk values to time")
   args = ap.parse_args()
-  os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads="
-                             f"{args.threads} " + os.environ.get("XLA_FLAGS", ""))
+  torch = use_threads(args.threads)
   import jax   # noqa: PLC0415
   import jax.numpy as jnp   # noqa: PLC0415
   import numpy as np   # noqa: PLC0415
 
   from dpo_jax.models import layers   # noqa: PLC0415
-  try:
-    import torch   # noqa: PLC0415
-    torch.set_num_threads(args.threads)
-  except ImportError:
-    torch = None
 
   b, n, h, dh = args.rows, args.seq, args.heads, args.head_dim
   rng = np.random.default_rng(0)

@@ -25,20 +25,27 @@ def best(fn, reps=10):
   return min(times)
 
 
+def use_threads(threads: int):
+  """XLA:CPU and torch on `threads` threads; call before importing jax. Returns torch, or None
+  when it is not installed."""
+  os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads="
+                             f"{threads} " + os.environ.get("XLA_FLAGS", ""))
+  try:
+    import torch   # noqa: PLC0415
+  except ImportError:
+    return None
+  torch.set_num_threads(threads)
+  return torch
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--threads", type=int, default=2)
   args = ap.parse_args()
-  os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads="
-                             f"{args.threads} " + os.environ.get("XLA_FLAGS", ""))
+  torch = use_threads(args.threads)
   import jax   # noqa: PLC0415
   import jax.numpy as jnp   # noqa: PLC0415
   import numpy as np   # noqa: PLC0415
-  try:
-    import torch   # noqa: PLC0415
-    torch.set_num_threads(args.threads)
-  except ImportError:
-    torch = None
   shapes = [("projection fwd", (4096, 256), (256, 1024), False),
             ("data gradient", (4096, 1024), (1024, 256), False),
             ("weight gradient (x^T g)", (4096, 256), (4096, 1024), True),

@@ -31,7 +31,7 @@ that ratio compares the two trainers as a user would run them, not the same FLOP
 Attention: dpo_jax runs with model.attention_chunk=64 (`--attention-chunk`; 0 = one [L, L]
 block): causal attention in query chunks, each against the keys up to its end, so the blocks
 above the diagonal are skipped as in TRL's torch SDPA(is_causal=True) kernel. On this CPU it
-makes dpo_jax's attention about 2x faster (benchmarks/attention_alone.py). The FLOP count is
+makes dpo_jax's attention 1.4-1.6x faster (benchmarks/attention_alone.py). The FLOP count is
 the same on both sides and counts every key.
 Rematerialisation is matched: --remat none (default) = dpo_jax model.remat=none and TRL
 gradient_checkpointing=False; --remat full = dpo_jax remat=full and gradient_checkpointing=True.
