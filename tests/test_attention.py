@@ -106,7 +106,8 @@ def test_chunked_attention_skips_masked_blocks_and_bounds_scores(capsys):
 
 
 @pytest.mark.parametrize("fields,pattern", [
-    ({"attention_impl": "flash"}, r"model.attention_impl must be one of \('einsum', 'xla', 'cudnn'\)"),
+    ({"attention_impl": "flash"},
+     r"model.attention_impl must be one of \('einsum', 'xla', 'cudnn'\)"),
     ({"attention_impl": "xla", "attention_chunk": 64}, r"model.attention_chunk=64 applies to"),
     ({"attention_impl": "cudnn"}, r"model.attention_impl='cudnn' needs model.dtype"),
 ])
@@ -116,6 +117,16 @@ def test_attention_config_errors_name_the_key(fields, pattern):
   cudnn = CFG.replace(attention_impl="cudnn", dtype="bfloat16")   # a valid config, but:
   with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs an NVIDIA GPU.*'cpu'"):
     load.model_config(None, cudnn)
+
+
+def test_checkpoint_attention_kernel_is_the_callers(monkeypatch):
+  """A checkpoint saved by a run with attention_impl='cudnn' (its model_numerics) loads on this
+  CPU with the default kernel, or the one the caller passes; the rest of its config is kept."""
+  saved = CFG.replace(attention_impl="cudnn", dtype="bfloat16")
+  monkeypatch.setattr(load, "source_kind", lambda path: "checkpoint")
+  monkeypatch.setattr(load.checkpoint, "load_model_config", lambda path: (saved, {}))
+  assert load.model_config("ckpt", CFG) == saved.replace(attention_impl="einsum")
+  assert load.model_config("ckpt", CFG, attention_impl="xla").attention_impl == "xla"
 
 
 @pytest.mark.parametrize("layout", ["padded", "shared"])

@@ -42,7 +42,7 @@ class ModelConfig:
                                            # (layers.chunked_attention); 0: one [L, L] block
   attention_impl: str = "einsum"           # einsum: layers.dot_product_attention; xla / cudnn:
                                            # jax.nn.dot_product_attention with that implementation
-                                           # (cudnn: fused flash attention on NVIDIA GPUs, bf16/fp16)
+                                           # (cudnn: fused flash attention, NVIDIA GPUs, bf16/fp16)
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -57,7 +57,8 @@ class ModelConfig:
                        f"got {self.attention_impl!r}")
     if self.attention_impl != "einsum" and self.attention_chunk:
       raise ValueError(f"model.attention_chunk={self.attention_chunk} applies to "
-                       f"model.attention_impl='einsum', not {self.attention_impl!r} (set one of them)")
+                       f"model.attention_impl='einsum', not {self.attention_impl!r} "
+                       "(set one of them)")
     if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
       raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
                        f"got {self.dtype!r}")

@@ -35,7 +35,10 @@ def model_config(path: Optional[str], scratch: ModelConfig, **numerics) -> Model
   if kind == "hf":
     cfg = ModelConfig.from_hf_dir(path, **numerics)
   elif kind == "checkpoint":
-    cfg = checkpoint.load_model_config(path)[0].replace(**numerics)
+    # The attention kernel is a choice of the machine that runs the model, not part of it: a
+    # checkpoint trained with cuDNN attention loads here with the default unless asked.
+    cfg = checkpoint.load_model_config(path)[0].replace(
+        **{"attention_impl": ModelConfig.attention_impl, **numerics})
   else:
     cfg = scratch.replace(**numerics)
   if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
