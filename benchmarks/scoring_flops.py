@@ -40,21 +40,15 @@ def main():
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax   # noqa: PLC0415
   import jax.numpy as jnp   # noqa: PLC0415
-  import numpy as np   # noqa: PLC0415
+  from dpo_jax import bench   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import core, logprobs   # noqa: PLC0415
   from dpo_jax.models.config import ModelConfig   # noqa: PLC0415
 
   r, seq = args.rows, args.seq
   prompt = min(max(int(round(seq * args.prompt_fraction)), 1), seq - 1)
-  mask = np.zeros((r, seq), np.float32)
-  mask[:, prompt:] = 1.0
-  batch = preference.add_score_index({
-      "tokens": np.zeros((r, seq), np.int32),
-      "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (r, seq)).copy(),
-      "segment_ids": np.ones((r, seq), np.int32), "loss_mask": mask,
-      "seq_index": np.broadcast_to(np.arange(r, dtype=np.int32)[:, None], (r, seq)).copy(),
-      "valid": np.ones((r // 2,), np.float32)})
+  # The bench's synthetic rows (only their shapes matter: the weights are abstract too).
+  batch = preference.add_score_index(bench.synthetic_batch(r // 2, seq, 2, prompt))
   k = batch["score_index"].shape[1]
   every = {name: x for name, x in batch.items() if name != "score_index"}
   print(f"{r} rows x {seq} tokens, {prompt} prompt: unembedding on K={k} of {seq} positions "

@@ -6,6 +6,7 @@ from ml_collections import config_dict
 
 import dpo_jax
 from dpo_jax import losses
+from dpo_jax.data import preference
 from dpo_jax.models.config import TINY
 
 PACKAGE_DIR = os.path.dirname(dpo_jax.__file__)
@@ -62,8 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
                                    # is computed once (implies packing; data/packing.py)
   c.data.row_length = 0            # packed row length; 0: max_length (2·max_length when sharing)
   c.data.row_buckets = ()          # () = packing.default_row_buckets (4 per octave)
-  c.data.score_parts = 4           # unembed only completion positions, in K = L/4, L/2, 3L/4
-                                   # per row (0: every position; preference.add_score_index)
+  # Logits only at completion positions, K = L/4, L/2, 3L/4 of a row's L (4; 0: every position;
+  # preference.add_score_index).
+  c.data.score_parts = preference.SCORE_PARTS
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "dpo"

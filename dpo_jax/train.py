@@ -284,7 +284,7 @@ def load_data(config, tokenizer, pad_id: int):
     examples = [examples[i] for i in sorted(order[n_eval:])]
   buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
   share = config.data.share_prompt
-  parts = config.data.get("score_parts", preference.SCORE_PARTS)
+  parts = config.data.score_parts
   if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
     raise ValueError(f"config.data.score_parts={parts!r} must be an integer >= 0 (0: score "
                      f"every position)")
