@@ -29,8 +29,12 @@ replaces seq in A and per step = per token · batch · row: the FLOPs of the tok
 of the 2·batch·seq tokens of the unshared layout. pairs_per_s and tokens_per_s
 (2·batch·seq / step_s) count the pairs' sequences either way.
 MFU = flops_per_step / step_s / peak_flops, where peak_flops is measured here: the best of
-`peak.reps` timed calls of one jitted f32 [size, size] @ [size, size] matmul per device (a batched
-matmul sharded over all devices of the mesh, so n devices do n matmuls at once), warmed up.
+`peak.reps` timed calls of one jitted [size, size] @ [size, size] matmul per device (a batched
+matmul sharded over all devices of the mesh, so n devices do n matmuls at once), warmed up. The
+matmul is in `peak.dtype`: "compute" (default) is the model's compute dtype (model.dtype), so an
+f32 step is measured against an f32 matmul and a bf16 step against a bf16 one (on a GPU the
+two peaks differ 2x or more: bf16 against an f32/TF32 peak would overstate MFU); or a dtype
+name.
 
 peak_bytes = argument + output − aliased (donated) + temporary bytes of the compiled step, from
 XLA's memory_analysis(); device_peak_bytes is the device allocator's peak where the backend
@@ -74,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup = 3                # untimed steps after compilation
   c.progress = False
   c.peak = ml_collections.ConfigDict()
-  c.peak.size = 2048          # the peak matmul is [size, size] @ [size, size] per device, f32
+  c.peak.size = 2048          # the peak matmul is [size, size] @ [size, size] per device
+  c.peak.dtype = "compute"    # its dtype: "compute" = model.dtype, or one of PEAK_DTYPES
   c.peak.reps = 10            # best of this many timed calls
   c.lock()
   return c
@@ -155,8 +160,21 @@ def flops(cfg, batch: int, seq: int, reference_forward: bool, teacher_params=Non
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_peak(devices, size: int = 2048, reps: int = 10) -> dict:
-  """Best f32 matmul throughput of `devices`: one [size]³ matmul per device, all at once."""
+PEAK_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def peak_dtype(c) -> str:
+  """The peak matmul's dtype: config.peak.dtype, "compute" meaning config.model.dtype."""
+  name = c.model.dtype if c.peak.dtype == "compute" else c.peak.dtype
+  if name not in PEAK_DTYPES:
+    raise ValueError(f"config.peak.dtype={c.peak.dtype!r}"
+                     f"{f' (model.dtype={name!r})' if c.peak.dtype == 'compute' else ''} must "
+                     f"be 'compute' or one of {PEAK_DTYPES}")
+  return name
+
+
+def peak_matmul(devices, size: int, dtype: str = "float32"):
+  """(jitted matmul, operands a, b): one [size]³ matmul in `dtype` per device, all at once."""
   import jax   # noqa: PLC0415
   import jax.numpy as jnp   # noqa: PLC0415
   import numpy as np   # noqa: PLC0415
@@ -164,10 +182,19 @@ def measure_peak(devices, size: int = 2048, reps: int = 10) -> dict:
   n = len(devices)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
   sh = NamedSharding(mesh, P("d"))
-  make = jax.jit(lambda k: jax.random.normal(k, (n, size, size), jnp.float32) / size ** 0.5,
-                 out_shardings=sh)
+  make = jax.jit(lambda k: (jax.random.normal(k, (n, size, size), jnp.float32)
+                            / size ** 0.5).astype(dtype), out_shardings=sh)
   a, b = make(jax.random.key(1)), make(jax.random.key(2))
   mm = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=sh)
+  return mm, a, b
+
+
+def measure_peak(devices, size: int = 2048, reps: int = 10, dtype: str = "float32") -> dict:
+  """Best matmul throughput of `devices` in `dtype`: one [size]³ matmul per device, all at
+  once."""
+  import jax   # noqa: PLC0415
+  n = len(devices)
+  mm, a, b = peak_matmul(devices, size, dtype)
   for _ in range(2):
     jax.block_until_ready(mm(a, b))
   times = []
@@ -177,9 +204,9 @@ def measure_peak(devices, size: int = 2048, reps: int = 10) -> dict:
     times.append(time.perf_counter() - t)
   best = min(times)
   total = 2 * n * size ** 3
-  return {"peak_flops": total / best, "peak_matmul_s": best,
+  return {"peak_flops": total / best, "peak_matmul_s": best, "peak_dtype": dtype,
           "peak_definition": (f"best of {len(times)} timed calls (after 2 warm-up calls) of one "
-                              f"jitted f32 [{size},{size}]@[{size},{size}] matmul on each of the "
+                              f"jitted {dtype} [{size},{size}]@[{size},{size}] matmul on each of the "
                               f"{n} device(s) at once (batched einsum sharded over devices), "
                               f"default matmul precision; peak = {n}*2*{size}^3 / best time")}
 
@@ -335,6 +362,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if c.steps < 1:
     raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
+  dtype = peak_dtype(c)   # a bad config.peak.dtype fails before the step is built
   run, batch, layout = prepare(c, devices)
   spec, cfg, frozen, te = run.spec, run.model_cfg, run.frozen, run.teacher
   rows, row_len, prompt_len = layout["rows"], layout["row_len"], layout["prompt_len"]
@@ -369,7 +397,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   log(f"bench: step {step_s * 1e3:.1f} ms (median of {len(times)}), measuring the matmul peak")
 
   devices_used = list(run.mesh.devices.flat)
-  peak = measure_peak(devices_used, c.peak.size, c.peak.reps)
+  peak = measure_peak(devices_used, c.peak.size, c.peak.reps, dtype)
   fl = flops(cfg, c.batch, row_len, reference_forward, teacher_params, rows=rows,
              scored=layout["scored"])
   tokens = 2 * c.batch * c.seq

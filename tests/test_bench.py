@@ -55,6 +55,7 @@ def check_row(row, ref: bool):
   assert "6*N" in row["flops_definition"] and "peak" in row["peak_definition"]
   assert row["model"]["hidden_size"] == 32 and row["model"]["num_layers"] == 2
   assert row["dtype"] == "float32" and row["devices"]["count"] >= 1
+  assert row["peak_dtype"] == "float32" and "float32 [256,256]" in row["peak_definition"]
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,28 @@ def test_shared_prompt_counts_the_rows_it_computes():
                                                  rows=8)
   assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
   assert np.isfinite(row["loss_value"]) and row["loss_value"] > 0
+
+
+def test_peak_matmul_is_in_the_compute_dtype():
+  """MFU of a bf16 step is measured against a bf16 matmul (on GPUs an f32/TF32 peak is half
+  the bf16 one or less, which would at least double the MFU); peak.dtype overrides; a bad
+  value is named."""
+  assert bench.peak_dtype(bench_config()) == "float32"
+  assert bench.peak_dtype(bench_config(**{"model.dtype": "bfloat16"})) == "bfloat16"
+  assert bench.peak_dtype(bench_config(**{"model.dtype": "bfloat16",
+                                          "peak.dtype": "float32"})) == "float32"
+  devices = jax.devices()[:2]
+  mm, a, b = bench.peak_matmul(devices, 64, "bfloat16")
+  assert a.dtype == b.dtype == jax.numpy.bfloat16 and a.shape == (2, 64, 64)
+  assert len(a.sharding.device_set) == 2
+  hlo = mm.lower(a, b).as_text()
+  assert "dot_general" in hlo and "tensor<2x64x64xbf16>" in hlo
+  np.testing.assert_allclose(np.asarray(mm(a, b), np.float32),
+                             np.einsum("nij,njk->nik", np.asarray(a, np.float32),
+                                       np.asarray(b, np.float32)), rtol=0.05, atol=0.05)
+  peak = bench.measure_peak(devices, 64, 2, "bfloat16")
+  assert peak["peak_dtype"] == "bfloat16" and peak["peak_flops"] > 0
+  assert "bfloat16 [64,64]@[64,64]" in peak["peak_definition"]
+  with pytest.raises(ValueError, match=r"config\.peak\.dtype='int8'"):
+    bench.run_bench(bench_config(**{"peak.dtype": "int8"}), devices=devices[:1],
+                    log=lambda _: None)
