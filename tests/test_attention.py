@@ -60,8 +60,9 @@ def test_attention_variants_equal_one_block(layout, window):
   (ref_loss, (ref_out, ref_hidden)), ref_grads = run()
   length = batch["tokens"].shape[1]
   # Chunks not dividing L; one short chunk at the end; the library attention (XLA on CPU).
+  # Chunks inside a rematerialised layer (remat=full) as well as CFG's remat=none.
   for variant in ({"attention_chunk": 24}, {"attention_chunk": length - 1},
-                  {"attention_impl": "xla"}):
+                  {"attention_chunk": 24, "remat": "full"}, {"attention_impl": "xla"}):
     (loss, (out, hidden)), grads = run(**variant)
     seg = np.asarray(batch["segment_ids"]) > 0
     np.testing.assert_allclose(np.asarray(hidden)[seg], np.asarray(ref_hidden)[seg],
@@ -152,3 +153,36 @@ def test_cudnn_attention_lowers_to_fused_flash_attention(layout, monkeypatch):
   for _, config in calls:
     assert "is_flash_attention\\22: true" in config, config[:400]
     assert "mask_type\\22: \\22CAUSAL" in config, config[:400]
+
+
+def test_cudnn_train_step_lowers_for_cuda_on_a_mesh(monkeypatch):
+  """The whole bf16 train step (policy forward+backward, reference forward, loss, AdamW) with
+  attention_impl='cudnn', on a (data, fsdp, tensor) = (2, 2, 2) mesh with shared-prompt rows,
+  traces and lowers for CUDA. jax's cuDNN attention comes with its own SPMD partitioner: on a
+  mesh it lowers to CustomSPMDPartitioning calls (one per scanned layer loop: policy forward,
+  its rematerialised backward = forward + backward, reference forward), which become the
+  fused kernels when XLA partitions the program; on one device they are the kernels."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  from dpo_jax import bench, configlib
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+  monkeypatch.setattr(load.jax, "default_backend", lambda: "gpu")   # the setup check only
+  assert jax.device_count() == 8
+
+  def lowered(devices, **keys):
+    c = bench.get_config()
+    for k, v in {"model.hidden_size": 64, "model.intermediate_size": 128,
+                 "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+                 "model.vocab_size": 256, "model.dtype": "bfloat16",
+                 "model.attention_impl": "cudnn", "model.remat": "full", "batch": 8,
+                 "seq": 64, **keys}.items():
+      configlib.set_key(c, k, v)
+    run, batch, _ = bench.prepare(c, devices)
+    return run.jit_train_step().trace(run.state, run.frozen, batch).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+  one = lowered(jax.devices()[:1])
+  assert set(re.findall(r"custom_call @(__cudnn\$fmha\w+)\(", one)) == {
+      "__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}
+  mesh = lowered(jax.devices(), **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                   "share_prompt": True})
+  assert mesh.count("custom_call @CustomSPMDPartitioning(") == 4
