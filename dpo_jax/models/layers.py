@@ -130,11 +130,11 @@ def chunked_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, positions, segment_ids
   the row than the query itself (causal within a segment; packed segments and the branches of
   a shared prompt are laid out in order), so the result equals dot_product_attention over the
   full mask, while the masked blocks above the diagonal are never computed (about half of the
-  attention FLOPs for long rows). Each chunk is rematerialised, so with scanned layers only
-  one chunk's [c, e] scores exist at a time in the backward instead of about half of [L, L]
-  (measured with remat=none: less memory and a faster step than keeping them). With unrolled
-  layers (model.scan_layers=False) XLA merges the recomputation into the forward: the same
-  program as without the checkpoint.
+  attention FLOPs for long rows). Each chunk is rematerialised: with scanned layers the
+  backward recomputes its [c, e] scores instead of keeping about half of [L, L] (measured with
+  remat=none: less memory and a faster step than keeping them). With unrolled layers
+  (model.scan_layers=False) XLA merges the recomputation into the forward: the same program as
+  without the checkpoint.
   """
   length = q_BxLxHxDh.shape[1]
 
