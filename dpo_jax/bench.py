@@ -206,9 +206,10 @@ def measure_peak(devices, size: int = 2048, reps: int = 10, dtype: str = "float3
   total = 2 * n * size ** 3
   return {"peak_flops": total / best, "peak_matmul_s": best, "peak_dtype": dtype,
           "peak_definition": (f"best of {len(times)} timed calls (after 2 warm-up calls) of one "
-                              f"jitted {dtype} [{size},{size}]@[{size},{size}] matmul on each of the "
-                              f"{n} device(s) at once (batched einsum sharded over devices), "
-                              f"default matmul precision; peak = {n}*2*{size}^3 / best time")}
+                              f"jitted {dtype} [{size},{size}]@[{size},{size}] matmul on each "
+                              f"of the {n} device(s) at once (batched einsum sharded over "
+                              f"devices), default matmul precision; peak = {n}*2*{size}^3 / "
+                              "best time")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,6 +153,18 @@ def test_cudnn_attention_lowers_to_fused_flash_attention(layout, monkeypatch):
   for _, config in calls:
     assert "is_flash_attention\\22: true" in config, config[:400]
     assert "mask_type\\22: \\22CAUSAL" in config, config[:400]
+  # The backward returns dq, dk, dv and its workspace, and no gradient for the [B, 1, L, L]
+  # bias that jax builds from the mask (layers._no_mask_bias_gradient).
+  results = re.findall(r"custom_call @__cudnn\$fmhaScaleBiasSoftmaxBackward\(.*-> \((.*)\)$",
+                       text, re.M)
+  assert results, "no cuDNN backward call"
+  length = batch["tokens"].shape[1]
+  for outputs in results:
+    shapes = re.findall(r"tensor<([^>]*)>", outputs)
+    assert len(shapes) == 4 and shapes[-1].endswith("ui8"), outputs
+    assert not any(x.startswith(f"{batch['tokens'].shape[0]}x1x{length}x{length}")
+                   for x in shapes), outputs
+  assert fused_attention_stablehlo.should_export_dbias(None, None, None)   # restored
 
 
 def test_cudnn_train_step_lowers_for_cuda_on_a_mesh(monkeypatch):

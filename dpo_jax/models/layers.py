@@ -8,6 +8,7 @@ axes. Activations are constrained with `sharding.constrain(x, names)`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Optional
@@ -162,9 +163,35 @@ def library_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask_BxLxL,
   bias. The window is not passed as local_window_size: that is index-based, and a shared
   prompt's rejected branch sees prompt tokens further back in the row than in its sequence.
   """
-  return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
-                                      mask=mask_BxLxL[:, None], is_causal=True,
-                                      implementation=implementation)
+  with _no_mask_bias_gradient() if implementation == "cudnn" else contextlib.nullcontext():
+    return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh,
+                                        mask=mask_BxLxL[:, None], is_causal=True,
+                                        implementation=implementation)
+
+
+@contextlib.contextmanager
+def _no_mask_bias_gradient():
+  """While tracing jax's cuDNN attention: no gradient for the bias it builds from our mask.
+
+  jax (0.10.2, the pinned version) turns a boolean mask into an additive bias and always has
+  cuDNN's backward return that bias's gradient: a [B, 1, L, L] tensor that no caller can use
+  (a mask is not differentiable): the flash backward then writes each row's [L, L] score
+  gradient, summed over heads, to memory. Upstream fixed this in jax-ml/jax#39512 ("Skip cudnn attention dbias computation
+  for constant boolean masks"), which 0.10.2 does not have. dpo_jax never passes a
+  bias of its own, so the bias gradient is never wanted; the switch is jax's module-level
+  should_export_dbias, read once per traced call, and restored afterwards. A jax without
+  the function is left as it is.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention   # noqa: PLC0415
+  saved = getattr(cudnn_attention, "should_export_dbias", None)
+  if saved is None:
+    yield
+    return
+  cudnn_attention.should_export_dbias = lambda *args, **kwargs: False
+  try:
+    yield
+  finally:
+    cudnn_attention.should_export_dbias = saved
 
 
 class Attention(nnx.Module):
