@@ -106,7 +106,7 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
 
 def _load(path, cfg, init_params, mesh, rules, dtype):
   if path:
-    ref_cfg = load.model_config(path, cfg, **{k: getattr(cfg, k) for k in load.NUMERICS})
+    ref_cfg = load.model_config(path, cfg, **load.numerics(cfg))
     diff = [f"{k}: {a!r} vs {b!r}" for (k, a), (_, b) in zip(ref_cfg.architecture(),
                                                            cfg.architecture()) if a != b]
     if diff:

@@ -56,10 +56,8 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
   if kl and teacher_cfg.mode != "step":
     raise ValueError(f"loss {spec.name!r} needs the teacher's token distributions: "
                      "config.teacher.mode must be 'step'")
-  cfg = load.model_config(teacher_cfg.path, student_cfg, dtype=student_cfg.dtype,
-                          param_dtype=teacher_cfg.dtype, remat=student_cfg.remat,
-                          attention_chunk=student_cfg.attention_chunk,
-                          attention_impl=student_cfg.attention_impl)
+  cfg = load.model_config(teacher_cfg.path, student_cfg,
+                          **{**load.numerics(student_cfg), "param_dtype": teacher_cfg.dtype})
   if cfg.vocab_size != student_cfg.vocab_size:
     raise ValueError(f"config.teacher.path={teacher_cfg.path}: vocabulary of {cfg.vocab_size} "
                      f"tokens, the student has {student_cfg.vocab_size}")

@@ -408,7 +408,7 @@ def evaluate(run: Run, eval_jit, state) -> dict:
 
 def checkpoint_meta(run: Run, step: int) -> dict:
   return {"model": run.model_cfg.to_hf_dict(),
-          "model_numerics": {k: getattr(run.model_cfg, k) for k in load.NUMERICS},
+          "model_numerics": load.numerics(run.model_cfg),
           "step": step, "epoch": run.train_data.epoch(step),
           "config": run.config.to_json_best_effort()}
 

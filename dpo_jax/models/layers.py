@@ -176,11 +176,12 @@ def _no_mask_bias_gradient():
   jax (0.10.2, the pinned version) turns a boolean mask into an additive bias and always has
   cuDNN's backward return that bias's gradient: a [B, 1, L, L] tensor that no caller can use
   (a mask is not differentiable): the flash backward then writes each row's [L, L] score
-  gradient, summed over heads, to memory. Upstream fixed this in jax-ml/jax#39512 ("Skip cudnn attention dbias computation
-  for constant boolean masks"), which 0.10.2 does not have. dpo_jax never passes a
-  bias of its own, so the bias gradient is never wanted; the switch is jax's module-level
-  should_export_dbias, read once per traced call, and restored afterwards. A jax without
-  the function is left as it is.
+  gradient, summed over heads, to memory. Upstream fixed this in jax-ml/jax#39512 ("Skip cudnn
+  attention dbias computation for constant boolean masks"), which 0.10.2 does not have.
+  dpo_jax never passes a bias of its own, so the bias gradient is never wanted. The switch is
+  jax's module-level should_export_dbias, read once per traced call and restored afterwards
+  (not thread-safe: another thread tracing cuDNN attention with a bias of its own meanwhile
+  would lose that bias's gradient). A jax without the function is left as it is.
   """
   from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention   # noqa: PLC0415
   saved = getattr(cudnn_attention, "should_export_dbias", None)

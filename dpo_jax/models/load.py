@@ -18,6 +18,12 @@ from dpo_jax.models.config import ModelConfig
 NUMERICS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_chunk", "attention_impl")
 
 
+def numerics(cfg: ModelConfig) -> dict:
+  """cfg's NUMERICS: how it computes, not what it is (a reference or teacher takes the
+  student's; a checkpoint records them)."""
+  return {k: getattr(cfg, k) for k in NUMERICS}
+
+
 def source_kind(path: Optional[str]) -> str:
   if not path:
     return "scratch"
@@ -56,8 +62,7 @@ def load_params(path: Optional[str], cfg: ModelConfig, mesh, rules, seed: int = 
   shardings = param_shardings(cfg, mesh, rules)
   kind = source_kind(path)
   if kind == "hf":
-    _, params = hf_io.load_hf(path, shardings=shardings,
-                              **{k: getattr(cfg, k) for k in NUMERICS})
+    _, params = hf_io.load_hf(path, shardings=shardings, **numerics(cfg))
     return params
   if kind == "checkpoint":
     abstract = checkpoint.abstract_like(core.abstract_params(cfg), shardings)
