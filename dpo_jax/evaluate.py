@@ -44,7 +44,7 @@ def map_batches(fn, examples: Sequence[preference.Tokenized], *, mesh, rules, ba
         v, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(
             ("batch",) + (None,) * (v.ndim - 1), v.shape, mesh, rules)))
         for k, v in batch.items()}
-    out = jax.device_get(fn(dev))
+    out = sharding.to_host(fn(dev))
     b = valid.shape[0]
     for k, v in out.items():
       c, r = cols.setdefault(k, ([], []))

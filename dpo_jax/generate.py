@@ -274,7 +274,7 @@ def sample(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
   scalars = (np.uint32(seed % 2**32), np.float32(temperature if not greedy else 1.0),
              np.int32(top_k), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
              np.int32(pad_id))
-  out, lengths, logps, finished = jax.device_get(fn(params, *arrays, lens, *scalars))
+  out, lengths, logps, finished = sharding.to_host(fn(params, *arrays, lens, *scalars))
   out, lengths, logps, finished = out[:b], lengths[:b], logps[:b], finished[:b]
   result = {"tokens": [out[r, :lengths[r]].tolist() for r in range(b)],
             "lengths": np.asarray(lengths, np.int32), "finished": np.asarray(finished, bool),

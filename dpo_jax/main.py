@@ -20,9 +20,18 @@ def main(argv):
   import jax   # noqa: PLC0415  (after absl parsed flags, so XLA_FLAGS from the env apply)
   from dpo_jax import distributed, pipeline, train   # noqa: PLC0415
 
+  if "://" in flags.FLAGS.workdir:
+    raise app.UsageError(
+        f"--workdir={flags.FLAGS.workdir}: dpo_jax writes metrics, caches and checkpoints with "
+        "file-system calls; give a path (with several hosts, one that every host mounts: NFS, "
+        "Filestore, or a bucket mounted with gcsfuse)")
   distributed.maybe_initialize()
   config = flags.FLAGS.config
   workdir = os.path.abspath(flags.FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(f"devices:      {jax.device_count()} {jax.default_backend()} "
+          f"({jax.local_device_count()} per process × {jax.process_count()} processes)",
+          flush=True)
   try:
     if "stages" in config:   # several stages, each in workdir/<stage>
       results = pipeline.run(config, workdir)

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dpo_jax import writers
+
 SCORER_HELP = "fn:module:callable | implicit (with --ref) | rm:<HF reward model dir>"
 
 
@@ -177,10 +179,7 @@ def make_pairs(prompts, responses, scores, *, rule: str = "best_worst", margin: 
 
 def write_jsonl(path: str, rows: Sequence[dict]):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  os.replace(tmp, path)   # never a half-written dataset
+  writers.write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
 
 
 def read_prompts(path: str) -> list:
@@ -210,8 +209,7 @@ def write_with_stats(out_path: str, rows: list[dict], stats: dict) -> dict:
   """Writes rows to out_path and stats to out_path.stats.json, the stats last: a stats file
   marks a finished output (pipeline stages reuse it)."""
   write_jsonl(out_path, rows)
-  with open(out_path + ".stats.json", "w") as f:
-    json.dump(stats, f, indent=1)
+  writers.write_atomic(out_path + ".stats.json", lambda f: json.dump(stats, f, indent=1))
   return stats
 
 

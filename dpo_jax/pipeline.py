@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dpo_jax import writers
+
 # kind -> fn(stage_config, stage_workdir) -> result dict; other modules add kinds.
 STAGE_KINDS: dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {}
 
@@ -115,9 +117,7 @@ def _evaluate(config, workdir):
     policy = pairs.Model.load(path, mesh, rules)
     results[name] = evaluate.ground_truth(policy, baseline, prompts, fn, sampling, mesh, rules)
   os.makedirs(workdir, exist_ok=True)
-  with open(out + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(out + ".tmp", out)
+  writers.write_atomic(out, lambda f: json.dump(results, f, indent=1))
   return results
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpo_jax import sharding, writers
 from dpo_jax.models import core, load, logprobs
 
 MODES = ("initial", "checkpoint", "none", "precomputed", "sync")
@@ -139,7 +140,7 @@ def fingerprint_params(params, extra=()) -> str:
   h = hashlib.sha256(repr(extra).encode())
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     h.update(jax.tree_util.keystr(path).encode())
-    h.update(np.asarray(jax.device_get(x)).tobytes())
+    h.update(sharding.to_host(x).tobytes())
   return h.hexdigest()
 
 
@@ -161,9 +162,8 @@ def cached_columns(prefix: str, graphdef, params, mesh, rules, *, chunk: int, st
     cols = _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id,
                        stats, prefix)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **cols)
-    os.replace(tmp, path)   # a kill mid-write never leaves a cache that looks complete
+    # A kill mid-write never leaves a cache that looks complete.
+    writers.write_atomic(path, lambda f: np.savez(f, **cols), mode="wb")
     return cols
   return columns
 

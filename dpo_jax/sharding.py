@@ -137,6 +137,19 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def to_host(tree):
+  """NumPy copies of a pytree of arrays on every process. A leaf sharded over devices of several
+  processes (a batch's per-example outputs, FSDP weights) is all-gathered first: jax.device_get
+  alone only reads arrays that are fully addressable or replicated."""
+  from jax.experimental import multihost_utils   # noqa: PLC0415
+
+  def get(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(get, tree)
+
+
 def host_local_array(global_np: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A global array from this host's block of `global_np` (every host holds the same batch
   description; each contributes only the rows its devices own)."""

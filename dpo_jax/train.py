@@ -464,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   from tqdm import tqdm   # noqa: PLC0415
   run = setup(config, devices, workdir)
   os.makedirs(workdir, exist_ok=True)
-  run.tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+  writers.save_tokenizer(run.tokenizer, os.path.join(workdir, "tokenizer"))
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   state = run.state
   start = mgr.latest_step() or 0

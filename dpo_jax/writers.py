@@ -1,4 +1,11 @@
-"""Metrics to W/metrics.jsonl (one JSON object per logged step) and TensorBoard events."""
+"""Metrics to W/metrics.jsonl (one JSON object per logged step) and TensorBoard events, and
+atomic writes of the workdir's other files.
+
+With several processes (multi-host) every process computes the same outputs (pairs, reference
+caches, results) and writes its own copy: each writes a temporary file of its own and renames it
+into place, so on a workdir the hosts share no reader ever sees a half-written file, and on
+per-host disks each host has its copy. Metrics and checkpoint metadata come from process 0 only.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +13,30 @@ import math
 import os
 
 import numpy as np
+
+
+def _process() -> int:
+  import jax   # noqa: PLC0415  (only when writing: importing this module stays light)
+  return jax.process_index()
+
+
+def write_atomic(path: str, write, mode: str = "w"):
+  """write(f) to a temporary file of this process next to `path`, then renamed to `path`."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{_process()}{ext}"
+  with open(tmp, mode) as f:
+    write(f)
+  os.replace(tmp, path)
+
+
+def save_tokenizer(tokenizer, directory: str):
+  """tokenizer.save_pretrained(directory), each file renamed into place (see write_atomic)."""
+  tmp = f"{directory.rstrip(os.sep)}.tmp{_process()}"
+  tokenizer.save_pretrained(tmp)
+  os.makedirs(directory, exist_ok=True)
+  for name in os.listdir(tmp):
+    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+  os.rmdir(tmp)
 
 
 class MetricsWriter:
@@ -60,10 +91,7 @@ def truncate_after(path: str, step: int):
     if row.get("step", 0) <= step:
       keep.append(line if line.endswith("\n") else line + "\n")
   if len(keep) != len(rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.writelines(keep))
 
 
 def read_metrics(workdir: str) -> list[dict]:

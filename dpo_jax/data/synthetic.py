@@ -25,6 +25,8 @@ import random
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
+from dpo_jax import writers
+
 N_TOPICS = 4
 N_GOOD = N_BAD = 8
 N_NEUTRAL = 16
@@ -141,10 +143,7 @@ def write_task(outdir: str, *, n_demos: int, n_eval: int, n_val: int = 128,
           "prompts_eval": [{"prompt": p} for p in eval_prompts],
           "prompts_val": [{"prompt": p} for p in val_prompts]}
   for k, path in paths.items():
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows[k])
-    os.replace(tmp, path)
-  tokenizer().save_pretrained(os.path.join(outdir, "tokenizer"))
+    writers.write_atomic(path, lambda f, k=k: f.writelines(json.dumps(r) + "\n" for r in rows[k]))
+  writers.save_tokenizer(tokenizer(), os.path.join(outdir, "tokenizer"))
   paths["tokenizer"] = os.path.join(outdir, "tokenizer")
   return paths

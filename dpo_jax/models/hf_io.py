@@ -25,6 +25,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dpo_jax import sharding
 from dpo_jax.models import core
 from dpo_jax.models.config import ModelConfig
 
@@ -257,13 +258,6 @@ def load_hf(path: str, *, shardings=None, dtype=None, **cfg_overrides):
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x))
-
-
 def save_hf(path: str, cfg: ModelConfig, params, *, tokenizer=None,
             max_shard_bytes: int = 5 * 2**30, dtype=None) -> str:
   """Writes a HF model directory that transformers loads; returns `path`.
@@ -306,7 +300,7 @@ def save_hf(path: str, cfg: ModelConfig, params, *, tokenizer=None,
   weight_map, total = {}, 0
   for n, (name, e, i, shard) in enumerate(plan):
     if host_entry is not e:
-      host_entry, host = e, _to_host(_get(params, e.path))
+      host_entry, host = e, sharding.to_host(_get(params, e.path))
       want = _get(abstract, e.path).shape
       if host.shape != want:
         raise ValueError(f"{'/'.join(e.path)}: params shape {host.shape}, config implies {want}")
