@@ -19,9 +19,11 @@ from helpers import REPO, config
 
 # Precomputed reference (a cache gathered over both processes), prompt sharing (packed rows,
 # split by host), per-pair metrics at step 0 (per-example values gathered) on a 3-axis mesh.
+# Two steps, logged at step 2 only: after step 1 the margins are f32 reduction-order noise around
+# 0 (reference = initial policy), so rewards/accuracies there is 0 or 1/8 by chance.
 OVERRIDES = {"reference.mode": "precomputed", "data.share_prompt": True, "log_pair_metrics": 16,
              "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "optim.lr": 1e-3,
-             "optim.eps": 1e-6, "progress": False}
+             "optim.eps": 1e-6, "steps": 2, "progress": False}
 
 
 def free_port() -> int:
@@ -67,7 +69,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert "held-out:" in outs[0][0] and "held-out:" not in outs[1][0]   # process 0 reports
 
   one, two = writers.read_metrics(single), writers.read_metrics(multi)
-  assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4]
+  assert [r["step"] for r in two] == [r["step"] for r in one] == [2]
   for a, b in zip(one, two):
     assert a.keys() == b.keys()
     for k in a:

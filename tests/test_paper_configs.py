@@ -1,5 +1,5 @@
-"""configs/paper/*: the 16 cells of Pre-DPO's Table 1 resolve with the paper's settings and run
-2 steps per stage in their runlocal form on local stand-ins."""
+"""configs/paper/*: the 16 cells of Pre-DPO's Table 1 resolve with the paper's settings; their
+runlocal forms run 2 steps per stage on local stand-ins (one cell per method)."""
 import glob
 import os
 
@@ -59,7 +59,36 @@ def test_full_scale_settings(cell):
     assert c.stages.stage2.reference.mode == "checkpoint"
 
 
-@pytest.mark.parametrize("cell", CELLS)
+# One runlocal run per method, across both models and both base / instruct rows: the runlocal
+# forms of one method's four cells differ only in Table 4's numbers (next test), so running the
+# other twelve would repeat these programs with other constants.
+RUNLOCAL = ("llama32_3b_base__dpo", "qwen25_7b_instruct__simpo",
+            "llama32_3b_instruct__pre_dpo_dpo", "qwen25_7b_base__pre_dpo_simpo")
+HYPERPARAMS = ("beta", "gamma", "lr")
+
+
+def _flat(d, prefix=()):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flat(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo", "pre_dpo_dpo", "pre_dpo_simpo"])
+def test_runlocal_forms_of_a_method_differ_only_in_table4_numbers(method):
+  cells = [c for c in CELLS if c.split("__")[1] == method]
+  assert len(cells) == 4 and sum(c in RUNLOCAL for c in cells) == 1
+  forms = [{k: v for k, v in _flat(config(f"configs/paper/{c}.py:runlocal").to_dict())
+            if k[-1] not in HYPERPARAMS} for c in cells]
+  for cell, form in zip(cells[1:], forms[1:]):
+    assert form == forms[0], (cells[0], cell)
+  for c in cells:   # ... which runlocal keeps from the full-scale config (checked above)
+    hp = lambda spec: {k: v for k, v in _flat(config(spec).to_dict()) if k[-1] in HYPERPARAMS}
+    assert hp(f"configs/paper/{c}.py:runlocal") == hp(f"configs/paper/{c}.py"), c
+
+
+@pytest.mark.parametrize("cell", RUNLOCAL)
 def test_runlocal_runs_two_steps(cell, tmp_path):
   c = config(f"configs/paper/{cell}.py:runlocal")
   if "stages" in c:
