@@ -30,7 +30,8 @@ def main(argv):
   workdir = os.path.abspath(flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(f"devices:      {jax.device_count()} {jax.default_backend()} "
-          f"({jax.local_device_count()} per process × {jax.process_count()} processes)",
+          f"({jax.local_device_count()} per process × {jax.process_count()} process"
+          f"{'es' if jax.process_count() > 1 else ''})",
           flush=True)
   try:
     if "stages" in config:   # several stages, each in workdir/<stage>

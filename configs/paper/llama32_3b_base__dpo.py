@@ -10,7 +10,7 @@ llama/Llama-3.2-3B after SFT on HuggingFaceH4/ultrachat_200k; pass that SFT mode
     # one GPU node (all local GPUs, FSDP):
     bash experiments/launch_gpu_node.sh configs/paper/llama32_3b_base__dpo.py /path/to/W
     # TPU VM pod (every worker runs the same command):
-    bash experiments/launch_tpu_pod.sh TPU_NAME ZONE configs/paper/llama32_3b_base__dpo.py gs://bucket/W
+    bash experiments/launch_tpu_pod.sh TPU_NAME ZONE configs/paper/llama32_3b_base__dpo.py /mnt/shared/W
     # the same on any machine:
     python -m dpo_jax.main --config configs/paper/llama32_3b_base__dpo.py --workdir W
     # 2-step smoke run on local stand-ins (tests/test_paper_configs.py):

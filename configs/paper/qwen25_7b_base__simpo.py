@@ -10,7 +10,7 @@ base model itself.
     # one GPU node (all local GPUs, FSDP):
     bash experiments/launch_gpu_node.sh configs/paper/qwen25_7b_base__simpo.py /path/to/W
     # TPU VM pod (every worker runs the same command):
-    bash experiments/launch_tpu_pod.sh TPU_NAME ZONE configs/paper/qwen25_7b_base__simpo.py gs://bucket/W
+    bash experiments/launch_tpu_pod.sh TPU_NAME ZONE configs/paper/qwen25_7b_base__simpo.py /mnt/shared/W
     # the same on any machine:
     python -m dpo_jax.main --config configs/paper/qwen25_7b_base__simpo.py --workdir W
     # 2-step smoke run on local stand-ins (tests/test_paper_configs.py):
