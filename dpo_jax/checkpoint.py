@@ -21,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpo_jax import writers
 from dpo_jax.models.config import ModelConfig
 
 
@@ -77,10 +78,7 @@ def write_manifest(directory: str):
   if "://" in directory or not os.path.isdir(directory):
     return
   files = {rel: [os.path.getsize(p), _crc32(p)] for rel, p in _files(directory)}
-  tmp = os.path.join(directory, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"files": files}, f)
-  os.replace(tmp, os.path.join(directory, MANIFEST))
+  writers.write_atomic(os.path.join(directory, MANIFEST), lambda f: json.dump({"files": files}, f))
 
 
 def verify(directory: str):

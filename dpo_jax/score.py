@@ -36,7 +36,7 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   import numpy as np   # noqa: PLC0415
-  from dpo_jax import evaluate, sharding   # noqa: PLC0415
+  from dpo_jax import evaluate, sharding, writers   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
 
@@ -62,12 +62,10 @@ def main(argv=None):
     out.update(evaluate.implicit_rewards(out, scores(args.ref), args.beta))
     out.pop("correct")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    for i in range(len(examples)):
-      row = {k: (int(v[i]) if k.endswith("_len") else float(v[i])) for k, v in out.items()}
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, args.out)   # never leave a half-written output
+  rows = ({k: (int(v[i]) if k.endswith("_len") else float(v[i])) for k, v in out.items()}
+          for i in range(len(examples)))
+  # Never leave a half-written output.
+  writers.write_atomic(args.out, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
   if "chosen_reward" in out:
     acc = float(np.mean(out["chosen_reward"] > out["rejected_reward"]))
     print(f"scored {len(examples)} pairs -> {args.out}; preference accuracy {acc:.3f}",
