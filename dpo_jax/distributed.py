@@ -5,6 +5,10 @@ TPU VM pod: run the same command on every worker (`gcloud compute tpus tpu-vm ss
 Multi-node GPU: set DPO_JAX_DISTRIBUTED=1 plus JAX_COORDINATOR_ADDRESS=host:port,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID on each node (SLURM's variables are detected
 automatically). Single host: nothing to do.
+
+Every entry point that runs a model calls maybe_initialize(): training (dpo_jax.main) and the
+score, rank and export tools, so each runs on a pod the same way (the same command on every
+host). Calling it again in the same process does nothing.
 """
 import os
 
@@ -14,6 +18,8 @@ import jax
 def maybe_initialize() -> bool:
   if os.environ.get("DPO_JAX_DISTRIBUTED", "0") not in ("1", "true"):
     return False
+  if jax.distributed.is_initialized():
+    return True
   kwargs = {}
   if "JAX_COORDINATOR_ADDRESS" in os.environ:
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
@@ -21,3 +27,10 @@ def maybe_initialize() -> bool:
                   process_id=int(os.environ["JAX_PROCESS_ID"]))
   jax.distributed.initialize(**kwargs)
   return True
+
+
+def device_line() -> str:
+  """e.g. 'devices:      8 cpu (4 per process × 2 processes)', printed by process 0."""
+  n = jax.process_count()
+  return (f"devices:      {jax.device_count()} {jax.default_backend()} "
+          f"({jax.local_device_count()} per process × {n} process{'es' if n > 1 else ''})")

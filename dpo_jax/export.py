@@ -14,15 +14,18 @@ def main(argv=None):
   p.add_argument("--dtype", default=None, help="weights dtype on disk (default: as trained)")
   p.add_argument("--max_shard_gb", type=float, default=5.0)
   args = p.parse_args(argv)
-  from dpo_jax import sharding   # noqa: PLC0415
+  import jax   # noqa: PLC0415
+  from dpo_jax import distributed, sharding   # noqa: PLC0415
   from dpo_jax.models import TINY, hf_io, load   # noqa: PLC0415
 
+  distributed.maybe_initialize()   # on a pod: every host runs this; process 0 writes
   cfg = load.model_config(args.checkpoint, TINY)
   mesh = sharding.make_mesh()
   params = load.load_params(args.checkpoint, cfg, mesh, sharding.DEFAULT_RULES)
   hf_io.save_hf(args.out, cfg, params, tokenizer=load.load_tokenizer(args.checkpoint),
                 dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
-  print(f"exported {args.checkpoint} -> {args.out}")
+  if jax.process_index() == 0:
+    print(f"exported {args.checkpoint} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,7 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = os.path.abspath(flags.FLAGS.workdir)
   if jax.process_index() == 0:
-    print(f"devices:      {jax.device_count()} {jax.default_backend()} "
-          f"({jax.local_device_count()} per process × {jax.process_count()} process"
-          f"{'es' if jax.process_count() > 1 else ''})",
-          flush=True)
+    print(distributed.device_line(), flush=True)
   try:
     if "stages" in config:   # several stages, each in workdir/<stage>
       results = pipeline.run(config, workdir)

@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from dpo_jax import score, writers
+
 
 def bootstrap(correct: dict[str, np.ndarray], margins: dict[str, np.ndarray], n: int,
               seed: int = 0) -> dict:
@@ -52,9 +54,10 @@ def bootstrap(correct: dict[str, np.ndarray], margins: dict[str, np.ndarray], n:
 def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=1024,
                  max_prompt_length=512, split="train"):
   """{model: (correct [N] 0/1, margin [N])} from dpo_jax's scoring path."""
-  from dpo_jax import evaluate, sharding   # noqa: PLC0415
+  from dpo_jax import distributed, evaluate, sharding   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
+  distributed.maybe_initialize()
   mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
   source, rows = preference.load_rows(data, split)
   opts = preference.TokenizeOptions(max_length, max_prompt_length)
@@ -99,12 +102,18 @@ def main(argv=None):
   p.add_argument("--split", default="train")
   p.add_argument("--out", default=None, help="write the ranking as JSON")
   a = p.parse_args(argv)
+  score.check_lengths(p, a)
   scored = score_models(a.models, a.data, ref=a.ref, beta=a.beta, batch_size=a.batch_size,
                         max_length=a.max_length, max_prompt_length=a.max_prompt_length,
                         split=a.split)
   result = bootstrap({m: c for m, (c, _) in scored.items()},
                      {m: g for m, (_, g) in scored.items()}, a.bootstrap, a.seed)
   result["score"] = "implicit reward" if a.ref else "log-prob"
+  if a.out:   # every process holds the same ranking and writes the same file
+    writers.write_atomic(a.out, lambda f: json.dump(result, f, indent=1))
+  import jax   # noqa: PLC0415
+  if jax.process_index() != 0:
+    return result
   print(f"{result['pairs']} pairs, score = {result['score']}, {a.bootstrap} bootstrap "
         "resamples (95% intervals)")
   print("| rank | model | accuracy | margin | P(beats next) |\n|---|---|---|---|---|")
@@ -113,9 +122,6 @@ def main(argv=None):
           f"[{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}] | {r['margin']:.3f} "
           f"[{r['margin_ci'][0]:.3f}, {r['margin_ci'][1]:.3f}] | "
           f"{r.get('beats_next', float('nan')):.2f} |")
-  if a.out:
-    with open(a.out, "w") as f:
-      json.dump(result, f, indent=1)
   return result
 
 

@@ -30,16 +30,29 @@ def parse_args(argv=None):
   p.add_argument("--truncation_mode", default="keep_end")
   p.add_argument("--split", default="train")
   p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  check_lengths(p, args)
+  return args
+
+
+def check_lengths(p: argparse.ArgumentParser, args):
+  """Refuses --max_prompt_length/--max_length the tokenizer cannot honour, naming the flags."""
+  if not 1 <= args.max_prompt_length < args.max_length:
+    p.error(f"--max_prompt_length={args.max_prompt_length} must be at least 1 and smaller than "
+            f"--max_length={args.max_length}")
 
 
 def main(argv=None):
   args = parse_args(argv)
   import numpy as np   # noqa: PLC0415
-  from dpo_jax import evaluate, sharding, writers   # noqa: PLC0415
+  import jax   # noqa: PLC0415
+  from dpo_jax import distributed, evaluate, sharding, writers   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
 
+  distributed.maybe_initialize()
+  if jax.process_index() == 0:
+    print(distributed.device_line(), file=sys.stderr)
   mesh = sharding.make_mesh()
   rules = sharding.DEFAULT_RULES
   tokenizer = load.load_tokenizer(args.model)
@@ -64,8 +77,10 @@ def main(argv=None):
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   rows = ({k: (int(v[i]) if k.endswith("_len") else float(v[i])) for k, v in out.items()}
           for i in range(len(examples)))
-  # Never leave a half-written output.
+  # Never leave a half-written output. Every process holds all scores and writes the same file.
   writers.write_atomic(args.out, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+  if jax.process_index() != 0:
+    return
   if "chosen_reward" in out:
     acc = float(np.mean(out["chosen_reward"] > out["rejected_reward"]))
     print(f"scored {len(examples)} pairs -> {args.out}; preference accuracy {acc:.3f}",

@@ -13,7 +13,6 @@ the same program.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -583,9 +582,6 @@ def check_finite(metrics: dict, step: int, policy: str, mgr):
       + (f"The last good checkpoint is step {latest} in {mgr.directory}. " if latest else
          "No checkpoint was written yet. ")
       + "Set config.nonfinite='skip' to skip such steps (they are counted in skipped_steps).")
-  writer.close()
-  mgr.close()
-  return last
 
 
 def print_summary(workdir: str, last: dict):

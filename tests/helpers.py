@@ -7,6 +7,15 @@ from dpo_jax import configlib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def xla_env(devices: int = 8, **extra) -> dict:
+  """This process's environment for a subprocess with `devices` fake CPU devices, keeping the
+  suite's other XLA flags (conftest.py)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+
+
 def config(spec: str = "configs/dpo.py:runlocal", **overrides):
   """Loads a config file relative to the repo root; overrides use dotted keys with '__'."""
   return configlib.load(os.path.join(REPO, spec),

@@ -1,6 +1,5 @@
 """dpo_jax.bench: the JSON contract, the FLOP formula, and the reference term."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import bench
-from helpers import REPO
+from helpers import REPO, xla_env
 
 TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
         "model.num_heads": 4, "model.num_kv_heads": 2, "model.vocab_size": 96,
@@ -63,8 +62,7 @@ def cli():
   """`python -m dpo_jax.bench --json` with --config overrides, on one CPU device; started at
   once and read when first needed, so that it compiles while the in-process test runs."""
   flags_ = [f"--config.{k}={v}" for k, v in TINY.items()]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_PLATFORMS": "cpu"}
+  env = xla_env(1, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "dpo_jax.bench", "--json", *flags_], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   result = {}

@@ -15,7 +15,7 @@ import numpy as np
 
 from dpo_jax import checkpoint, sharding, train, writers
 from dpo_jax.models import load
-from helpers import REPO, config
+from helpers import REPO, config, xla_env
 
 # Precomputed reference (a cache gathered over both processes) and prompt sharing (packed rows,
 # split by host) on a 3-axis mesh.
@@ -32,18 +32,25 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdir, n: int = 2, devices_each: int = 4):
+def run_processes(args, meanwhile, n: int = 2, devices_each: int = 4):
+  """`python *args` as n processes of one jax.distributed job, while this process runs
+  meanwhile(); returns each process's (stdout, stderr) after checking that all succeeded."""
   port = free_port()
-  cmd = [sys.executable, "-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal",
-         "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-  procs = []
-  for i in range(n):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}",
-           "DPO_JAX_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
-  return procs
+  procs = [subprocess.Popen(
+      [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env=xla_env(devices_each, DPO_JAX_DISTRIBUTED="1",
+                             JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                             JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)))
+      for i in range(n)]
+  try:
+    meanwhile()
+    outs = [p.communicate(timeout=900) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+  return outs
 
 
 def final_params(workdir, mesh, rules):
@@ -54,17 +61,12 @@ def final_params(workdir, mesh, rules):
 def test_two_processes_train_like_one(tmp_path):
   assert jax.device_count() == 8
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
-  procs = start_processes(multi)
-  try:
-    # Meanwhile, the same run in this process on its 8 devices.
-    cfg = config(**{k.replace(".", "__"): v for k, v in OVERRIDES.items()})
-    train.train_and_evaluate(cfg, str(single))
-    outs = [p.communicate(timeout=900) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, (out, err)) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+  # Meanwhile, the same run in this process on its 8 devices.
+  cfg = config(**{k.replace(".", "__"): v for k, v in OVERRIDES.items()})
+  outs = run_processes(
+      ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
+       *(f"--config.{k}={v}" for k, v in OVERRIDES.items())],
+      lambda: train.train_and_evaluate(cfg, str(single)))
   assert "devices:      8 cpu (4 per process × 2 processes)" in outs[0][0]
   assert "held-out:" in outs[0][0] and "held-out:" not in outs[1][0]   # process 0 reports
 
@@ -122,3 +124,61 @@ def test_processes_writing_the_same_file_do_not_collide(tmp_path, monkeypatch):
     writers.save_tokenizer(synthetic.tokenizer(), str(tok_dir))
   assert sorted(os.listdir(tmp_path)) == ["results.json", "tokenizer"]
   assert "tokenizer.json" in os.listdir(tok_dir)
+
+
+
+def run_tools(policy, ref, data, out):
+  """score, rank and export, as every host of a pod would run them."""
+  from dpo_jax import export, rank, score
+  lengths = ["--batch_size", "8", "--max_length", "96", "--max_prompt_length", "48"]
+  score.main(["--model", policy, "--ref", ref, "--data", data, "--out", f"{out}/scores.jsonl",
+              "--beta", "0.5", *lengths])
+  rank.main(["--models", policy, ref, "--data", data, "--bootstrap", "200",
+             "--out", f"{out}/ranking.json", *lengths])
+  export.main(["--checkpoint", policy, "--out", f"{out}/export", "--dtype", "bfloat16"])
+
+
+def test_two_processes_score_rank_and_export_like_one(tmp_path):
+  """The tools load a Hugging Face directory onto a mesh spanning both processes (FSDP shards on
+  each), gather the scores to every process and write each output once, as one process does."""
+  import json
+
+  from dpo_jax.data.tiny_tasks import ASSET
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  from dpo_jax.models import TINY, core, hf_io
+
+  assert jax.device_count() == 8
+  models = {}
+  for seed, name in enumerate(("policy", "ref")):
+    models[name] = str(tmp_path / name)
+    hf_io.save_hf(models[name], TINY, core.init_params(TINY, seed), tokenizer=byte_tokenizer())
+  data = tmp_path / "pairs.jsonl"
+  with open(ASSET) as f:
+    data.write_text("".join(f.readlines()[:20]))   # 20 pairs: 3 batches of 8, the last partial
+  one, two = tmp_path / "one", tmp_path / "two"
+  args = [models["policy"], models["ref"], str(data)]
+  outs = run_processes(
+      ["-c", "import sys; sys.path.insert(0, 'tests'); from test_multihost import run_tools; "
+       "run_tools(*sys.argv[1:])", *args, str(two)],
+      lambda: run_tools(*args, str(one)))   # meanwhile, one process with 8 devices
+  # Process 0 alone reports.
+  assert "devices:      8 cpu (4 per process × 2 processes)" in outs[0][1]
+  assert "scored 20 pairs" in outs[0][1] and "scored" not in outs[1][1]
+  for line in ("| 1 |", "exported"):
+    assert line in outs[0][0] and line not in outs[1][0]
+
+  rows = [[json.loads(x) for x in open(d / "scores.jsonl")] for d in (one, two)]
+  assert len(rows[0]) == len(rows[1]) == 20
+  for a, b in zip(*rows):
+    assert a.keys() == b.keys() and a["chosen_len"] == b["chosen_len"]
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  ranks = [json.load(open(d / "ranking.json")) for d in (one, two)]
+  assert [r["model"] for r in ranks[1]["ranking"]] == [r["model"] for r in ranks[0]["ranking"]]
+  for a, b in zip(ranks[0]["ranking"], ranks[1]["ranking"]):
+    np.testing.assert_allclose(b["margin"], a["margin"], rtol=1e-5, atol=1e-5)
+    assert b["accuracy"] == a["accuracy"] and b["accuracy_ci"] == a["accuracy_ci"]
+  # The export gathered every weight from both processes' shards: the same files, bit for bit.
+  for name in ("model.safetensors", "config.json", "tokenizer.json"):
+    assert (two / "export" / name).read_bytes() == (one / "export" / name).read_bytes(), name
+  assert not [f for d in (two, two / "export") for f in os.listdir(d) if ".tmp" in f]

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from dpo_jax import rank
 from dpo_jax.data.tokenizer import byte_tokenizer
@@ -54,3 +55,15 @@ def test_rank_cli_matches_torch_scores(tmp_path):
     np.testing.assert_allclose(r["margin"], margins.mean(), rtol=1e-4, atol=1e-4)
     assert r["accuracy"] == np.mean(margins > 0)
     assert r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1]
+
+
+def test_cli_lengths_are_checked_by_flag_name(capsys):
+  """score and rank refuse a prompt budget the tokenizer cannot honour before loading anything,
+  naming their own flags (the trainer names config.data.*)."""
+  from dpo_jax import score
+  for main, args in ((score.main, ["--model", "m", "--out", "o"]), (rank.main, ["--models", "m"])):
+    with pytest.raises(SystemExit) as e:
+      main([*args, "--data", "d", "--max_length", "96"])
+    assert e.value.code == 2
+    assert "--max_prompt_length=512 must be at least 1 and smaller than --max_length=96" in (
+        capsys.readouterr().err)

@@ -2,7 +2,6 @@
 checkpoints, NaN/Inf stop or skip, determinism, and CLI config errors naming the key."""
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 
 from dpo_jax import checkpoint, train, writers
-from helpers import REPO, config
+from helpers import REPO, config, xla_env
 
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ENV = xla_env()
 # Long enough to be interrupted mid-run; every step logged so that runs compare step by step.
 FLAGS = ["--config.progress=False", "--config.steps=40", "--config.log_every=1",
          "--config.eval_every=0", "--config.ckpt_every=8", "--config.keep_checkpoints=10"]

@@ -1,6 +1,5 @@
 """`python -m dpo_jax.score` against log-probs computed independently with PyTorch."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import numpy as np
 import torch
 
 from dpo_jax.data.tokenizer import byte_tokenizer
-from helpers import REPO
+from helpers import REPO, xla_env
 from helpers_hf import tiny_hf_model
 
 ROWS = [
@@ -38,7 +37,7 @@ def torch_logps(model, tokenizer, prompt, completion):
 
 
 def run_score(*args):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = xla_env()
   out = subprocess.run([sys.executable, "-m", "dpo_jax.score", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

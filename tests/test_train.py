@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import train, writers
-from helpers import REPO, config, unpaired_rows
+from helpers import REPO, config, unpaired_rows, xla_env
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -33,7 +33,7 @@ def test_main_cli_end_to_end(tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal",
          "--workdir", str(workdir), "--config.progress=False", "--config.steps=4"]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = xla_env()
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "held-out:" in out.stdout and "checkpoints:" in out.stdout

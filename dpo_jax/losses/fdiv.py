@@ -12,7 +12,6 @@ Matches TRL main loss_type="sigmoid" with f_divergence_type=... and f_alpha_dive
 except: exponents are clamped at 50 (TRL clamps alpha's at 80 in f32 and forward_kl's not at
 all), and TRL applies the f-score to every loss type while we only offer it for DPO.
 """
-import jax.numpy as jnp
 
 from dpo_jax.losses.core import (PairLogps, clamped_exp, grad_weight, log_sigmoid, register,
                                  reward_metrics, rewards)
