@@ -3,12 +3,15 @@ collectives between them) train like one process with 8 devices.
 
 Each process places only its rows of every batch (sharding.host_local_array), the reference
 cache is gathered from devices of both processes (sharding.to_host), and both processes write
-the workdir's shared files (writers.write_atomic).
+the workdir's shared files (writers.write_atomic). The score, rank and export tools run the same
+way, and a SIGTERM that reaches one process stops both at the same step.
 """
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -34,7 +37,7 @@ def free_port() -> int:
 
 def run_processes(args, meanwhile, n: int = 2, devices_each: int = 4):
   """`python *args` as n processes of one jax.distributed job, while this process runs
-  meanwhile(); returns each process's (stdout, stderr) after checking that all succeeded."""
+  meanwhile(processes); returns each process's (stdout, stderr) after checking that all succeeded."""
   port = free_port()
   procs = [subprocess.Popen(
       [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -43,7 +46,7 @@ def run_processes(args, meanwhile, n: int = 2, devices_each: int = 4):
                              JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)))
       for i in range(n)]
   try:
-    meanwhile()
+    meanwhile(procs)
     outs = [p.communicate(timeout=900) for p in procs]
   finally:
     for p in procs:
@@ -66,7 +69,7 @@ def test_two_processes_train_like_one(tmp_path):
   outs = run_processes(
       ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
        *(f"--config.{k}={v}" for k, v in OVERRIDES.items())],
-      lambda: train.train_and_evaluate(cfg, str(single)))
+      lambda _: train.train_and_evaluate(cfg, str(single)))
   assert "devices:      8 cpu (4 per process × 2 processes)" in outs[0][0]
   assert "held-out:" in outs[0][0] and "held-out:" not in outs[1][0]   # process 0 reports
 
@@ -94,6 +97,44 @@ def test_two_processes_train_like_one(tmp_path):
   rules = sharding.rules_from_config({})
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5),
                final_params(single, mesh, rules), final_params(multi, mesh, rules))
+
+
+PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "optim.lr": 1e-3,
+           "optim.eps": 1e-6, "progress": False}
+
+
+def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+  """SIGTERM reaches one host of a pod: the hosts agree on the flag after a step, all save that
+  step's checkpoint together and exit cleanly, and the same command resumes on both."""
+  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
+          *(f"--config.{k}={v}" for k, v in PREEMPT.items())]
+  cfg = config(**{k.replace(".", "__"): v for k, v in PREEMPT.items()})
+
+  def signal_host_1_then_run_here(procs):
+    metrics = multi / "metrics.jsonl"
+    while procs[1].poll() is None and not (metrics.exists()
+                                           and len(metrics.read_text().splitlines()) >= 2):
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    train.train_and_evaluate(cfg, str(single))   # the uninterrupted run, on 8 devices here
+
+  outs = run_processes(args, signal_host_1_then_run_here)
+  stopped = [int(out.split("after step ")[1].split(";")[0]) for out, _ in outs]
+  assert "preempted: stopped by a signal on another host after step" in outs[0][0]
+  assert "preempted: stopped by SIGTERM after step" in outs[1][0]
+  assert stopped[0] == stopped[1] and 2 <= stopped[0] < PREEMPT["steps"]
+  assert [r["step"] for r in writers.read_metrics(multi)] == list(range(1, stopped[0] + 1))
+  assert os.listdir(multi / "checkpoints" / str(stopped[0]))   # written by both, at that step
+
+  outs = run_processes(args, lambda _: None)   # the same command again: resumes on both hosts
+  assert "last step:" in outs[0][0]
+  one, two = writers.read_metrics(single), writers.read_metrics(multi)
+  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
+  for a, b in zip(one, two):
+    for k in a:
+      if not k.startswith("perf/"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
 
 
 def test_processes_writing_the_same_file_do_not_collide(tmp_path, monkeypatch):
@@ -160,7 +201,7 @@ def test_two_processes_score_rank_and_export_like_one(tmp_path):
   outs = run_processes(
       ["-c", "import sys; sys.path.insert(0, 'tests'); from test_multihost import run_tools; "
        "run_tools(*sys.argv[1:])", *args, str(two)],
-      lambda: run_tools(*args, str(one)))   # meanwhile, one process with 8 devices
+      lambda _: run_tools(*args, str(one)))   # meanwhile, one process with 8 devices
   # Process 0 alone reports.
   assert "devices:      8 cpu (4 per process × 2 processes)" in outs[0][1]
   assert "scored 20 pairs" in outs[0][1] and "scored" not in outs[1][1]
