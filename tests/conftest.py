@@ -2,9 +2,9 @@
 import os
 
 # LLVM -O0 for XLA's CPU code: the tests' programs are tiny, so compiling dominates their time
-# (about a fifth less with -O0). It changes the machine code only, not the HLO or its arithmetic,
-# and every comparison's both sides compile the same way. Subprocesses inherit it
-# (helpers.xla_env); the quickstart, bench and benchmarks/ compile at XLA's default level.
+# (about a fifth less with -O0). It changes how LLVM builds the machine code, not the HLO program
+# XLA optimises and runs. Subprocesses inherit it (helpers.xla_env); the quickstart, bench and
+# benchmarks/ compile at XLA's default level.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
