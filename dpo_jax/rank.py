@@ -103,6 +103,7 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="write the ranking as JSON")
   a = p.parse_args(argv)
   score.check_lengths(p, a)
+  import jax   # noqa: PLC0415  (after parsing: --help and flag errors stay fast)
   scored = score_models(a.models, a.data, ref=a.ref, beta=a.beta, batch_size=a.batch_size,
                         max_length=a.max_length, max_prompt_length=a.max_prompt_length,
                         split=a.split)
@@ -111,7 +112,6 @@ def main(argv=None):
   result["score"] = "implicit reward" if a.ref else "log-prob"
   if a.out:   # every process holds the same ranking and writes the same file
     writers.write_atomic(a.out, lambda f: json.dump(result, f, indent=1))
-  import jax   # noqa: PLC0415
   if jax.process_index() != 0:
     return result
   print(f"{result['pairs']} pairs, score = {result['score']}, {a.bootstrap} bootstrap "

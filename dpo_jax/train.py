@@ -557,6 +557,10 @@ class PreemptionFlag:
     self._set, self.signal_name = True, signal.Signals(signum).name
 
   def is_set(self) -> bool:
+    # With several processes this all-gather is a device collective queued behind the step just
+    # dispatched, so reading it waits for that step: the host cannot prepare the next batch
+    # while the devices compute (one process: no wait). A host-only agreement (the coordination
+    # service) would remove that wait; it is not built.
     if jax.process_count() == 1:
       return self._set
     from jax.experimental import multihost_utils   # noqa: PLC0415
