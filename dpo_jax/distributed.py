@@ -9,10 +9,14 @@ automatically). Single host: nothing to do.
 Every entry point that runs a model calls maybe_initialize(): training (dpo_jax.main) and the
 score, rank and export tools, so each runs on a pod the same way (the same command on every
 host). Calling it again in the same process does nothing.
+
+With several processes they also share the tokenising (tokenize_split, allgather_bytes), and a
+signal on one host stops every host after the same step (StopAgreement, host-side RPCs).
 """
 import os
 
 import jax
+import numpy as np
 
 
 def maybe_initialize() -> bool:
@@ -34,3 +38,88 @@ def device_line() -> str:
   n = jax.process_count()
   return (f"devices:      {jax.device_count()} {jax.default_backend()} "
           f"({jax.local_device_count()} per process × {n} process{'es' if n > 1 else ''})")
+
+
+def tokenize_split() -> dict:
+  """preference.tokenize_rows's keywords for sharing the tokenising among the processes: process i
+  of n tokenises every n-th row and the parts are exchanged (allgather_bytes). One process: {}."""
+  if jax.process_count() == 1:
+    return {}
+  return {"part": (jax.process_index(), jax.process_count()), "exchange": allgather_bytes}
+
+
+def allgather_bytes(blob: bytes, chunk: int = 1 << 26) -> list[bytes]:
+  """Every process's bytes, in process order, through a device all-gather (the interconnect,
+  not the coordinator) in chunks of at most `chunk` bytes per process."""
+  from jax.experimental import multihost_utils   # noqa: PLC0415
+  sizes = multihost_utils.process_allgather(np.int32(len(blob))).tolist()
+  longest = max(sizes)
+  data = np.zeros(longest, np.uint8)
+  data[:len(blob)] = np.frombuffer(blob, np.uint8)
+  parts = [multihost_utils.process_allgather(data[at:at + chunk])
+           for at in range(0, longest, chunk)]
+  whole = np.concatenate(parts, axis=1)
+  return [whole[p, :n].tobytes() for p, n in enumerate(sizes)]
+
+
+def kv_client():
+  """jax.distributed's key-value client (the coordination service), or None for one process."""
+  from jax._src import distributed   # noqa: PLC0415  (JAX has no public accessor for it)
+  return distributed.global_state.client
+
+
+class StopAgreement:
+  """Makes every process stop after the same step when one of them is told to stop.
+
+  Host-side only: the processes talk through jax.distributed's key-value store (one RPC per
+  step, about 0.4 ms), not through a device collective, which would queue behind the step just
+  dispatched and cost the host its lead over the devices.
+
+  A process told to stop posts a notice. Every process posts the step r at which it first sees a
+  notice, and all stop after step max(r) + LEAD. A process that reaches its own r + LEAD before
+  every process has posted waits there for the rest. That wait cannot deadlock, provided the
+  caller finishes step s - 1 before it asks about step s (train.py's loop does, reading each
+  step's NaN flag one step later): then no process is more than a step ahead of another, so
+  every process that has not posted yet reaches its next check needing from the others only
+  steps, checkpoints and logs up to r + 1, all of which a waiting process has already done.
+  """
+  LEAD = 2
+
+  def __init__(self, client, process: int, processes: int, namespace: str,
+               timeout_s: float = 1800):
+    self.client, self.process, self.processes = client, process, processes
+    self.ns, self.timeout_ms = namespace, int(timeout_s * 1000)
+    self.notified, self.mine, self.stop_at, self.notice = False, None, None, None
+
+  def should_stop(self, step: int, notice: str | None) -> bool:
+    """Called after every step with this process's own notice (None if it has none)."""
+    if self.stop_at is None:
+      if notice is not None and not self.notified:
+        self.client.key_value_set(f"{self.ns}/notice/{self.process}", notice)
+        self.notified = True
+      posted = dict(self.client.key_value_dir_get(f"{self.ns}/"))
+      notices = sorted(v for k, v in posted.items() if "/notice/" in k)
+      if not notices:
+        return False
+      self.notice = notice or notices[0]
+      if self.mine is None:
+        self.mine = step
+        self.client.key_value_set(f"{self.ns}/step/{self.process}", str(step))
+        posted[f"{self.ns}/step/{self.process}"] = str(step)
+      steps = {int(k.rsplit("/", 1)[1]): int(v) for k, v in posted.items() if "/step/" in k}
+      if len(steps) < self.processes and step >= self.mine + self.LEAD:
+        steps = self._wait_for_all(steps)
+      if len(steps) == self.processes:
+        self.stop_at = max(steps.values()) + self.LEAD
+    return self.stop_at is not None and step >= self.stop_at
+
+  def _wait_for_all(self, steps: dict) -> dict:
+    for p in range(self.processes):
+      if p not in steps:
+        try:
+          steps[p] = int(self.client.blocking_key_value_get(f"{self.ns}/step/{p}", self.timeout_ms))
+        except Exception as e:
+          raise RuntimeError(
+              f"process {self.process} is stopping ({self.notice}) but process {p} did not "
+              f"report its step within {self.timeout_ms / 1000:g} s") from e
+    return steps

@@ -59,7 +59,8 @@ def main(argv=None):
   opts = preference.TokenizeOptions(args.max_length, args.max_prompt_length,
                                     args.truncation_mode)
   source, rows = preference.load_rows(args.data, args.split)
-  examples, _ = preference.tokenize_rows(rows, tokenizer, opts, source, on_error="fail")
+  examples, _ = preference.tokenize_rows(rows, tokenizer, opts, source, on_error="fail",
+                                         **distributed.tokenize_split())
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
       tokenizer.eos_token_id or 0)
   buckets = preference.default_buckets(args.max_length)

@@ -13,6 +13,7 @@ the same program.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -24,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpo_jax import checkpoint, losses, reference, sharding, teacher, writers
+from dpo_jax import checkpoint, distributed, losses, reference, sharding, teacher, writers
 from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import ModelConfig
@@ -269,12 +270,13 @@ def load_data(config, tokenizer, pad_id: int):
   opts = preference.TokenizeOptions(config.data.max_length, config.data.max_prompt_length,
                                     config.data.truncation_mode)
   source, rows = preference.load_rows(config.data.train, config.data.split)
+  split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
   examples, skipped = preference.tokenize_rows(rows, tokenizer, opts, source,
-                                               config.data.on_error)
+                                               config.data.on_error, **split)
   if config.data.eval:
     esource, erows = preference.load_rows(config.data.eval, config.data.eval_split)
     eval_examples, eskipped = preference.tokenize_rows(erows, tokenizer, opts, esource,
-                                                       config.data.on_error)
+                                                       config.data.on_error, **split)
     skipped += eskipped
   else:   # hold out a deterministic fraction of the training rows
     n_eval = int(len(examples) * config.data.eval_fraction)
@@ -499,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if run.reference.update is not None and done % run.reference.every == 0:   # TR-DPO
         run.ref_params = run.reference.update(run.ref_params, state["params"])
       is_last = done == run.steps
-      stop = preempt.is_set()
+      stop = preempt.is_set(done)
       logs = every(done, config.log_every) or is_last
       if logs or stop or every(done, config.ckpt_every):
         check_finite(metrics, done, config.nonfinite, mgr)
@@ -538,13 +540,20 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-  """Turns SIGTERM (TPU preemption, scheduler kill) and SIGINT into a flag the loop checks after
-  each step; with several processes the flag is agreed on, so every host saves the same step."""
+  """Turns SIGTERM (TPU preemption, scheduler kill) and SIGINT into a stop after a step. One
+  process stops after the step it was signalled in; several agree on a step a little later
+  (distributed.StopAgreement), so every host saves the same step."""
+  _runs = itertools.count()   # one key namespace per training run in this process
 
   def __init__(self, signals=("SIGTERM", "SIGINT")):
     import signal   # noqa: PLC0415
     import threading   # noqa: PLC0415
-    self._set, self.signal_name, self._old = False, "a signal on another host", {}
+    self._set, self.signal_name, self._old = False, None, {}
+    self._agreement = None
+    if jax.process_count() > 1:
+      self._agreement = distributed.StopAgreement(
+          distributed.kv_client(), jax.process_index(), jax.process_count(),
+          f"dpo_jax/preempt/{next(PreemptionFlag._runs)}")
     if threading.current_thread() is not threading.main_thread():
       return   # signal handlers can only be installed from the main thread
     for name in signals:
@@ -556,15 +565,14 @@ class PreemptionFlag:
     del frame
     self._set, self.signal_name = True, signal.Signals(signum).name
 
-  def is_set(self) -> bool:
-    # With several processes this all-gather is a device collective queued behind the step just
-    # dispatched, so reading it waits for that step: the host cannot prepare the next batch
-    # while the devices compute (one process: no wait). A host-only agreement (the coordination
-    # service) would remove that wait; it is not built.
-    if jax.process_count() == 1:
+  def is_set(self, step: int) -> bool:
+    if self._agreement is None:
       return self._set
-    from jax.experimental import multihost_utils   # noqa: PLC0415
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._set))))
+    own = f"{self.signal_name} on process {jax.process_index()}" if self._set else None
+    stop = self._agreement.should_stop(step, own)
+    if stop and not self._set:
+      self.signal_name = self._agreement.notice
+    return stop
 
   def restore(self):
     import signal   # noqa: PLC0415
@@ -575,8 +583,10 @@ class PreemptionFlag:
 
 def check_finite(metrics: dict, step: int, policy: str, mgr):
   """config.nonfinite: 'stop' raises at the first step whose loss or gradient norm is NaN/Inf
-  (the step itself changed nothing, and no checkpoint is written after it); 'skip' goes on."""
-  if policy == "skip" or not float(metrics["nonfinite"]):
+  (the step itself changed nothing, and no checkpoint is written after it); 'skip' goes on.
+  It reads the flag under either policy: the loop calls it for step s - 1 after dispatching s,
+  which keeps the host one step ahead of the devices and no further (StopAgreement needs that)."""
+  if not float(metrics["nonfinite"]) or policy == "skip":
     return
   bad = {k: float(metrics[k]) for k in ("loss", "grad_norm")
          if not np.isfinite(float(metrics[k]))}

@@ -804,3 +804,67 @@ def test_ultrafeedback_binarized_layout():
   assert out["chosen"] == [{"role": "assistant", "content": "hello"}]
   with pytest.raises(P.DataError, match=r"uf.jsonl row 2: field 'prompt' is a string but"):
     P.normalize({**row, "prompt": "something else"}, "uf.jsonl row 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising shared among processes (distributed.tokenize_split)
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_as_processes(rows, tok, opts, source, on_error, count):
+  """tokenize_rows as each of `count` processes runs it; the exchange is done here."""
+  numbers = getattr(rows, "numbers", range(1, len(rows) + 1))
+  blobs = [P.pack_part(P.tokenize_part(rows, tok, opts, source, numbers, i, count))
+           for i in range(count)]
+  out = []
+  for i in range(count):
+    def exchange(mine, i=i):
+      assert mine == blobs[i]
+      return blobs
+    try:
+      out.append(P.tokenize_rows(rows, tok, opts, source, on_error, part=(i, count),
+                                 exchange=exchange))
+    except P.DataError as e:
+      out.append(str(e))
+  return out
+
+
+def outcome(rows, tok, opts, source, on_error):
+  try:
+    return P.tokenize_rows(rows, tok, opts, source, on_error)
+  except P.DataError as e:
+    return str(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.lists(_row, min_size=1, max_size=7), count=st.sampled_from([2, 3]),
+       word=st.booleans(), skip=st.booleans())
+def test_processes_sharing_the_rows_get_what_one_process_gets(rows, count, word, skip):
+  """Every process ends with the examples, skip count or first error (the same row named) that
+  one process tokenising every row gets, whichever process tokenised the bad or first row."""
+  tok = WORD if word else BYTE
+  whole = outcome(rows, tok, FUZZ_OPTS, "fuzz", "skip" if skip else "fail")
+  assert tokenize_as_processes(rows, tok, FUZZ_OPTS, "fuzz", "skip" if skip else "fail",
+                               count) == [whole] * count
+
+
+def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):
+  lines = [json.dumps(good(0)), "{bad", json.dumps(good(1)), "",
+           json.dumps({"prompt": "p", "completion": "c", "label": True}), json.dumps(good(2)),
+           json.dumps(good(3))]
+  source, rows = P.load_rows(write_jsonl(tmp_path / "d.jsonl", lines))
+  seen, render = [], P._render
+  monkeypatch.setattr(P, "_render", lambda tok, prompt, *a: seen.append(prompt) or
+                      render(tok, prompt, *a))
+  parts = [P.tokenize_part(rows, BYTE, OPTS, source, rows.numbers, i, 2) for i in (0, 1)]
+  assert [[j for j, _, _ in part] for part in parts] == [[0, 2, 4], [1, 3, 5]]
+  assert len(seen) == 2 * 5 - 1   # 5 readable rows, one unpaired: each rendered once, no more
+  assert parts[1][0] == (1, None, f"{source}: row 2: invalid JSON (Expecting property name "
+                                  f"enclosed in double quotes at column 2)")
+  for i in (0, 1):
+    for on_error in ("fail", "skip"):
+      assert tokenize_as_processes(rows, BYTE, OPTS, source, on_error, 2)[i] == outcome(
+          rows, BYTE, OPTS, source, on_error)
+  assert tokenize_as_processes(rows, BYTE, OPTS, source, "skip", 2)[0][1] == 2
+  with pytest.raises(ValueError, match=r"a part of the rows needs an exchange"):
+    P.tokenize_rows(rows, BYTE, OPTS, part=(0, 2))

@@ -6,17 +6,20 @@ cache is gathered from devices of both processes (sharding.to_host), and both pr
 the workdir's shared files (writers.write_atomic). The score, rank and export tools run the same
 way, and a SIGTERM that reaches one process stops both at the same step.
 """
+import concurrent.futures
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
+import pytest
 
-from dpo_jax import checkpoint, sharding, train, writers
+from dpo_jax import checkpoint, distributed, sharding, train, writers
 from dpo_jax.models import load
 from helpers import REPO, config, xla_env
 
@@ -104,8 +107,9 @@ PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "opt
 
 
 def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
-  """SIGTERM reaches one host of a pod: the hosts agree on the flag after a step, all save that
-  step's checkpoint together and exit cleanly, and the same command resumes on both."""
+  """SIGTERM reaches one host of a pod: the hosts agree on a step (StopAgreement, through the
+  coordination service), all save that step's checkpoint together and exit cleanly, and the
+  same command resumes on both."""
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
   args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
           *(f"--config.{k}={v}" for k, v in PREEMPT.items())]
@@ -121,7 +125,7 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
 
   outs = run_processes(args, signal_host_1_then_run_here)
   stopped = [int(out.split("after step ")[1].split(";")[0]) for out, _ in outs]
-  assert "preempted: stopped by a signal on another host after step" in outs[0][0]
+  assert "preempted: stopped by SIGTERM on process 1 after step" in outs[0][0]
   assert "preempted: stopped by SIGTERM after step" in outs[1][0]
   assert stopped[0] == stopped[1] and 2 <= stopped[0] < PREEMPT["steps"]
   assert [r["step"] for r in writers.read_metrics(multi)] == list(range(1, stopped[0] + 1))
@@ -135,6 +139,63 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     for k in a:
       if not k.startswith("perf/"):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
+
+
+class MemoryKV:
+  """The three calls of jax.distributed's key-value client that StopAgreement uses."""
+
+  def __init__(self):
+    self.kv, self.cond = {}, threading.Condition()
+
+  def key_value_set(self, key, value):
+    with self.cond:
+      assert key not in self.kv, key
+      self.kv[key] = value
+      self.cond.notify_all()
+
+  def key_value_dir_get(self, prefix):
+    with self.cond:
+      return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    with self.cond:
+      if not self.cond.wait_for(lambda: key in self.kv, timeout_ms / 1000):
+        raise TimeoutError(key)
+      return self.kv[key]
+
+
+def test_hosts_agree_on_the_stop_step_without_a_collective():
+  """Process 1 is signalled at step 2 and reaches step 4 (its step + LEAD) before process 0 has
+  seen the notice: it waits there, process 0 posts step 3, and both stop after step 5."""
+  kv = MemoryKV()
+  host = [distributed.StopAgreement(kv, p, 2, "run/0") for p in (0, 1)]
+  assert [host[0].should_stop(1, None), host[1].should_stop(1, None)] == [False, False]
+  assert not host[0].should_stop(2, None)
+  assert not host[1].should_stop(2, "SIGTERM on process 1")
+  assert not host[1].should_stop(3, None)
+
+  waiting = concurrent.futures.ThreadPoolExecutor(1).submit(host[1].should_stop, 4, None)
+  time.sleep(0.3)
+  assert not waiting.done()   # process 1 waits at 2 + LEAD for process 0's step
+  assert not host[0].should_stop(3, None)   # sees the notice: posts 3, so stop after 3 + LEAD
+  assert waiting.result(timeout=10) is False
+  for p in (0, 1):
+    assert [host[p].should_stop(s, None) for s in (4, 5)] == [False, True]
+    assert host[p].notice == "SIGTERM on process 1"
+  assert sorted(kv.kv) == ["run/0/notice/1", "run/0/step/0", "run/0/step/1"]
+
+  # Two signals at once, in another run of the same processes: one agreed step, no waiting.
+  host = [distributed.StopAgreement(kv, p, 2, "run/1") for p in (0, 1)]
+  assert not host[0].should_stop(7, "SIGINT on process 0")
+  assert not host[1].should_stop(7, "SIGTERM on process 1")
+  assert [[h.should_stop(s, None) for s in (8, 9)] for h in host] == [[False, True]] * 2
+
+  # A process that never reports: the wait ends with an error naming it.
+  lonely = distributed.StopAgreement(kv, 0, 2, "run/2", timeout_s=0.2)
+  assert not lonely.should_stop(1, "SIGTERM on process 0")
+  assert not lonely.should_stop(2, None)
+  with pytest.raises(RuntimeError, match="process 1 did not report its step within"):
+    lonely.should_stop(3, None)
 
 
 def test_processes_writing_the_same_file_do_not_collide(tmp_path, monkeypatch):
@@ -166,6 +227,62 @@ def test_processes_writing_the_same_file_do_not_collide(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["results.json", "tokenizer"]
   assert "tokenizer.json" in os.listdir(tok_dir)
 
+
+
+def tokenise_shared(data):
+  """Tokenises `data` as a process of a job does; prints how many sequences this process
+  rendered and what it ended with, and an exchange of bytes of different lengths."""
+  import dataclasses
+  import json
+
+  from dpo_jax import distributed
+  from dpo_jax.data import preference as P
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  distributed.maybe_initialize()
+  rendered, render = [], P._render
+  P._render = lambda tok, prompt, *a: rendered.append(prompt) or render(tok, prompt, *a)
+  source, rows = P.load_rows(data)
+  examples, skipped = P.tokenize_rows(rows, byte_tokenizer(), P.TokenizeOptions(96, 48), source,
+                                      "skip", **distributed.tokenize_split())
+  me = jax.process_index()
+  blobs = distributed.allgather_bytes(bytes([me]) * (3 + 4 * me), chunk=2)
+  print(json.dumps({"rendered": len(rendered), "skipped": skipped, "blobs": [b.hex() for b in blobs],
+                    "examples": [dataclasses.asdict(e) for e in examples]}))
+
+
+def test_processes_share_the_tokenising(tmp_path, monkeypatch):
+  """Each of 2 processes renders half of the rows and both end with every example, as one
+  process tokenising them all does (a bad line and a row of the other kind are skipped)."""
+  import dataclasses
+  import json
+
+  from dpo_jax.data import preference as P
+  from dpo_jax.data.tiny_tasks import ASSET
+  from dpo_jax.data.tokenizer import byte_tokenizer
+
+  data = tmp_path / "pairs.jsonl"
+  with open(ASSET) as f:
+    lines = f.readlines()[:21]
+  lines[4:4] = ["{bad\n", json.dumps({"prompt": "p", "completion": "c", "label": True}) + "\n"]
+  data.write_text("".join(lines))
+  outs = run_processes(["-c", "import sys; sys.path.insert(0, 'tests'); "
+                        "from test_multihost import tokenise_shared; tokenise_shared(sys.argv[1])",
+                        str(data)], lambda _: None)
+  got = [json.loads(out.splitlines()[-1]) for out, _ in outs]
+
+  rendered, render = [], P._render
+  monkeypatch.setattr(P, "_render", lambda tok, prompt, *a: rendered.append(prompt) or
+                      render(tok, prompt, *a))
+  source, rows = P.load_rows(str(data))
+  examples, skipped = P.tokenize_rows(rows, byte_tokenizer(), P.TokenizeOptions(96, 48), source,
+                                      "skip")
+  assert len(examples) == 21 and skipped == 2
+  for g in got:
+    assert g["examples"] == [dataclasses.asdict(e) for e in examples]
+    assert g["skipped"] == 2
+    assert g["blobs"] == ["000000", "01" * 7]
+  assert got[0]["rendered"] + got[1]["rendered"] == len(rendered) == 2 * 21 + 1
+  assert max(g["rendered"] for g in got) <= len(rendered) // 2 + 1
 
 
 def run_tools(policy, ref, data, out):

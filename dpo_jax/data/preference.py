@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Iterable, Optional, Sequence
@@ -353,11 +354,16 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
 
 
 def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
-                  source: str = "<rows>", on_error: str = "fail") -> tuple[list[Tokenized], int]:
+                  source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
+                  exchange=None) -> tuple[list[Tokenized], int]:
   """Validates and tokenises every row up front. Returns (examples, number of rows skipped).
 
   on_error="fail" raises on the first bad row; "skip" drops bad rows and counts them.
   The first good row decides whether the data set is paired or unpaired.
+
+  Shared work (several processes, distributed.tokenize_split()): process i of n tokenises rows
+  i, i + n, ... (part=(i, n)) and `exchange` hands every process all n parts (bytes), so each
+  process gets every example, and the same errors, after tokenising 1/n of the rows.
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"config.data.on_error must be fail or skip, got {on_error!r}")
@@ -365,40 +371,110 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   numbers = getattr(rows, "numbers", None)
   if numbers is None or len(numbers) != len(rows):
     numbers = range(1, len(rows) + 1)
-  out, skipped, paired = [], 0, None
-  for i, row in zip(numbers, rows):
-    where = f"{source}: row {i}"
+  index, count = part
+  if (exchange is None) != (count == 1):
+    raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
+                     f"exchange, and all rows none")
+  results = tokenize_part(rows, tokenizer, opts, source, numbers, index, count)
+  if exchange is not None:
+    results = sorted((r for blob in exchange(pack_part(results)) for r in unpack_part(blob)),
+                     key=lambda r: r[0])
+  return collect(results, numbers, source, on_error)
+
+
+def tokenize_part(rows, tokenizer, opts, source, numbers, index: int, count: int) -> list:
+  """[(row index, paired: bool | None, Tokenized | error message)] for rows index::count."""
+  out = []
+  for j in range(index, len(rows), count):
+    paired, ex = _tokenize_row(rows[j], tokenizer, opts, f"{source}: row {numbers[j]}")
+    out.append((j, paired, ex))
+  return out
+
+
+def _tokenize_row(row, tokenizer, opts, where: str):
+  try:
+    r = normalize(row, where)
+  except DataError as e:
+    return None, str(e)
+  paired = r["rejected"] is not None
+  try:
     try:
-      r = normalize(row, where)
-      is_paired = r["rejected"] is not None
-      if paired is not None and is_paired != paired:
-        raise DataError(f"{where}: a {_KINDS[is_paired]} row in a data set of "
-                        f"{_KINDS[paired]} rows")
-      try:
-        p_ids, c_ids = _render(tokenizer, r["prompt"], r["chosen"], r["conversational"],
-                               opts.add_bos)
-        r_ids = None
-        if r["rejected"] is not None:
-          _, r_ids = _render(tokenizer, r["prompt"], r["rejected"], r["conversational"],
+      p_ids, c_ids = _render(tokenizer, r["prompt"], r["chosen"], r["conversational"],
                              opts.add_bos)
-      except DataError:
-        raise
-      except Exception as e:   # a template or tokenizer failure on this row
-        raise DataError(f"{where}: cannot tokenise: {type(e).__name__}: {e}") from None
-      prompt, chosen = truncate(p_ids, c_ids, opts, where,
-                                "chosen" if is_paired else "completion")
-      rejected = None
-      if r_ids is not None:
-        _, rejected = truncate(p_ids, r_ids, opts, where, "rejected")
-      out.append(Tokenized(prompt, chosen, rejected, r["label"]))
-      paired = is_paired
+      r_ids = None
+      if paired:
+        _, r_ids = _render(tokenizer, r["prompt"], r["rejected"], r["conversational"],
+                           opts.add_bos)
     except DataError:
+      raise
+    except Exception as e:   # a template or tokenizer failure on this row
+      raise DataError(f"{where}: cannot tokenise: {type(e).__name__}: {e}") from None
+    prompt, chosen = truncate(p_ids, c_ids, opts, where, "chosen" if paired else "completion")
+    rejected = None
+    if r_ids is not None:
+      _, rejected = truncate(p_ids, r_ids, opts, where, "rejected")
+  except DataError as e:
+    return paired, str(e)
+  return paired, Tokenized(prompt, chosen, rejected, r["label"])
+
+
+def collect(results, numbers, source: str, on_error: str) -> tuple[list[Tokenized], int]:
+  """Applies on_error and the one-kind rule to per-row results, in row order."""
+  out, skipped, kind = [], 0, None
+  for j, paired, ex in results:
+    error = ex if isinstance(ex, str) else None
+    if paired is not None and kind is not None and paired != kind:   # before its own error
+      error = (f"{source}: row {numbers[j]}: a {_KINDS[paired]} row in a data set of "
+               f"{_KINDS[kind]} rows")
+    if error is not None:
       if on_error == "fail":
-        raise
+        raise DataError(error)
       skipped += 1
+      continue
+    out.append(ex)
+    kind = paired
   if not out:
     raise DataError(f"{source}: no usable rows ({skipped} skipped)")
   return out, skipped
+
+
+def pack_part(results) -> bytes:
+  """tokenize_part's results as bytes (numpy arrays, no pickle) for the exchange."""
+  ok = [not isinstance(ex, str) for _, _, ex in results]
+  good = [ex for (_, _, ex), g in zip(results, ok) if g]
+  lens = np.array([[len(e.prompt), len(e.chosen), -1 if e.rejected is None else len(e.rejected)]
+                   for e in good], np.int64).reshape(-1, 3)
+  tokens = np.array([t for e in good for seq in (e.prompt, e.chosen, e.rejected or ())
+                     for t in seq], np.int64)
+  small = tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 1 << 16)
+  tokens = tokens.astype(np.uint16 if small else np.int32)   # most vocabularies fit 16 bits
+  errors = [ex for (_, _, ex), g in zip(results, ok) if not g]
+  buf = io.BytesIO()
+  np.savez(buf, index=np.array([j for j, _, _ in results], np.int64),
+           paired=np.array([-1 if p is None else int(p) for _, p, _ in results], np.int8),
+           ok=np.array(ok, bool), lens=lens, tokens=tokens,
+           labels=np.array([e.label for e in good], np.float64),
+           errors=np.frombuffer(json.dumps(errors).encode(), np.uint8))
+  return buf.getvalue()
+
+
+def unpack_part(blob: bytes) -> list:
+  z = np.load(io.BytesIO(blob), allow_pickle=False)
+  errors = iter(json.loads(z["errors"].tobytes().decode()))
+  lens, tokens, labels = z["lens"], z["tokens"].tolist(), z["labels"].tolist()
+  offsets = np.concatenate([[0], np.cumsum(np.maximum(lens, 0).sum(1))]).tolist()
+  out, g = [], 0
+  for j, paired, ok in zip(z["index"].tolist(), z["paired"].tolist(), z["ok"].tolist()):
+    paired = None if paired < 0 else bool(paired)
+    if not ok:
+      out.append((j, paired, next(errors)))
+      continue
+    at, (lp, lc, lr) = offsets[g], lens[g].tolist()
+    rejected = None if lr < 0 else tokens[at + lp + lc:at + lp + lc + lr]
+    out.append((j, paired, Tokenized(tokens[at:at + lp], tokens[at + lp:at + lp + lc], rejected,
+                                     labels[g])))
+    g += 1
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
