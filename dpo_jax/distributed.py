@@ -10,6 +10,10 @@ Every entry point that runs a model calls maybe_initialize(): training (dpo_jax.
 score, rank and export tools, so each runs on a pod the same way (the same command on every
 host). Calling it again in the same process does nothing.
 
+A host that dies hard (SIGKILL, a lost VM) ends the job: if it ran the coordinator (process 0)
+the others abort at once, otherwise when its heartbeat times out (JAX's default 100 s;
+DPO_JAX_HEARTBEAT_TIMEOUT_S sets it). The same command then resumes from the last checkpoint.
+
 With several processes they also share the tokenising (tokenize_split, allgather_bytes), and a
 signal on one host stops every host after the same step (StopAgreement, host-side RPCs).
 """
@@ -29,6 +33,8 @@ def maybe_initialize() -> bool:
     kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                   num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                   process_id=int(os.environ["JAX_PROCESS_ID"]))
+  if "DPO_JAX_HEARTBEAT_TIMEOUT_S" in os.environ:   # how soon a dead host ends the job (JAX: 100)
+    kwargs["heartbeat_timeout_seconds"] = int(os.environ["DPO_JAX_HEARTBEAT_TIMEOUT_S"])
   jax.distributed.initialize(**kwargs)
   return True
 
@@ -71,17 +77,19 @@ def kv_client():
 class StopAgreement:
   """Makes every process stop after the same step when one of them is told to stop.
 
-  Host-side only: the processes talk through jax.distributed's key-value store (one RPC per
-  step, about 0.4 ms), not through a device collective, which would queue behind the step just
-  dispatched and cost the host its lead over the devices.
+  Host-side only: the processes talk through jax.distributed's key-value store (one or two RPCs
+  per step; a check took 1.4-1.7 ms in benchmarks/stop_check_cost.py), not through a device
+  collective, which would queue behind the step just dispatched and cost the host its lead over
+  the devices.
 
   A process told to stop posts a notice. Every process posts the step r at which it first sees a
   notice, and all stop after step max(r) + LEAD. A process that reaches its own r + LEAD before
   every process has posted waits there for the rest. That wait cannot deadlock, provided the
   caller finishes step s - 1 before it asks about step s (train.py's loop does, reading each
-  step's NaN flag one step later): then no process is more than a step ahead of another, so
-  every process that has not posted yet reaches its next check needing from the others only
-  steps, checkpoints and logs up to r + 1, all of which a waiting process has already done.
+  step's NaN flag one step later) and every step has a collective over all processes. Then no
+  process is more than a step ahead of another, so every process that has not posted yet
+  reaches its next check needing from the others only steps, checkpoints and logs up to r + 1,
+  all of which a waiting process has already done.
   """
   LEAD = 2
 

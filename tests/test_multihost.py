@@ -38,16 +38,21 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(args, meanwhile, n: int = 2, devices_each: int = 4):
-  """`python *args` as n processes of one jax.distributed job, while this process runs
-  meanwhile(processes); returns each process's (stdout, stderr) after checking that all succeeded."""
+def start_processes(args, n: int = 2, devices_each: int = 4, **env) -> list:
+  """`python *args` as n processes of one jax.distributed job."""
   port = free_port()
-  procs = [subprocess.Popen(
+  return [subprocess.Popen(
       [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, env=xla_env(devices_each, DPO_JAX_DISTRIBUTED="1",
                              JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                             JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)))
+                             JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i), **env))
       for i in range(n)]
+
+
+def run_processes(args, meanwhile, n: int = 2, devices_each: int = 4):
+  """start_processes, while this process runs meanwhile(processes); returns each process's
+  (stdout, stderr) after checking that all succeeded."""
+  procs = start_processes(args, n, devices_each)
   try:
     meanwhile(procs)
     outs = [p.communicate(timeout=900) for p in procs]
@@ -133,6 +138,43 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
 
   outs = run_processes(args, lambda _: None)   # the same command again: resumes on both hosts
   assert "last step:" in outs[0][0]
+  one, two = writers.read_metrics(single), writers.read_metrics(multi)
+  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
+  for a, b in zip(one, two):
+    for k in a:
+      if not k.startswith("perf/"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
+
+
+def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path):
+  """SIGKILL on process 1 (a lost VM) after the step-4 checkpoint: process 0 does not hang, it
+  fails when process 1's heartbeat times out (5 s here), and the same command, run again,
+  resumes from step 4 on both and ends as an uninterrupted run."""
+  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  settings = {**PREEMPT, "ckpt_every": 4}
+  args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
+          *(f"--config.{k}={v}" for k, v in settings.items())]
+  manifest = multi / "checkpoints" / "4" / checkpoint.MANIFEST
+  procs = start_processes(args, DPO_JAX_HEARTBEAT_TIMEOUT_S="5")
+  try:
+    while procs[1].poll() is None and not manifest.exists():
+      time.sleep(0.2)
+    procs[1].kill()
+    procs[1].communicate()
+    train.train_and_evaluate(config(**{k.replace(".", "__"): v for k, v in settings.items()}),
+                             str(single))   # the uninterrupted run, on 8 devices here
+    _, err = procs[0].communicate(timeout=300)   # raises if process 0 hangs
+  finally:
+    for p in procs:
+      p.kill()
+  # JAX ends it: "Terminating process because the JAX distributed service detected fatal errors"
+  # (after a collective's "Connection closed by peer" if it was in one).
+  assert procs[0].returncode != 0 and "detected fatal errors" in err, err[-3000:]
+  saved_at = manifest.stat().st_mtime_ns
+
+  outs = run_processes(args, lambda _: None)   # the same command again
+  assert "last step:" in outs[0][0]
+  assert manifest.stat().st_mtime_ns == saved_at   # resumed from it, not rewritten
   one, two = writers.read_metrics(single), writers.read_metrics(multi)
   assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
   for a, b in zip(one, two):
