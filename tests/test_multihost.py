@@ -111,6 +111,16 @@ PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "opt
            "optim.eps": 1e-6, "progress": False}
 
 
+def assert_same_metrics(single, multi, steps: int):
+  """Every logged value of the run in `multi` equals the one in `single` within 1e-5."""
+  one, two = writers.read_metrics(single), writers.read_metrics(multi)
+  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, steps + 1))
+  for a, b in zip(one, two):
+    for k in a:
+      if not k.startswith("perf/"):
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
+
+
 def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
   """SIGTERM reaches one host of a pod: the hosts agree on a step (StopAgreement, through the
   coordination service), all save that step's checkpoint together and exit cleanly, and the
@@ -138,18 +148,14 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
 
   outs = run_processes(args, lambda _: None)   # the same command again: resumes on both hosts
   assert "last step:" in outs[0][0]
-  one, two = writers.read_metrics(single), writers.read_metrics(multi)
-  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
-  for a, b in zip(one, two):
-    for k in a:
-      if not k.startswith("perf/"):
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
+  assert_same_metrics(single, multi, PREEMPT["steps"])
 
 
 def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path):
-  """SIGKILL on process 1 (a lost VM) after the step-4 checkpoint: process 0 does not hang, it
-  fails when process 1's heartbeat times out (5 s here), and the same command, run again,
-  resumes from step 4 on both and ends as an uninterrupted run."""
+  """SIGKILL on process 1 (a lost VM) after the step-4 checkpoint: process 0 does not hang, JAX
+  terminates it (after a failed collective, or when process 1's heartbeat times out: 5 s here),
+  and the same command, run again, resumes from step 4 on both and ends as an uninterrupted
+  run."""
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
   settings = {**PREEMPT, "ckpt_every": 4}
   args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
@@ -175,12 +181,7 @@ def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path):
   outs = run_processes(args, lambda _: None)   # the same command again
   assert "last step:" in outs[0][0]
   assert manifest.stat().st_mtime_ns == saved_at   # resumed from it, not rewritten
-  one, two = writers.read_metrics(single), writers.read_metrics(multi)
-  assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
-  for a, b in zip(one, two):
-    for k in a:
-      if not k.startswith("perf/"):
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
+  assert_same_metrics(single, multi, PREEMPT["steps"])
 
 
 class MemoryKV:
