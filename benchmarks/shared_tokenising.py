@@ -3,18 +3,16 @@
 tokenises every 2nd row, then the parts are exchanged with a device all-gather).
 
 The rows are conversational (the byte tokenizer's chat template), 2 user/assistant turns each.
-Process 0 prints one JSON line per layout: rows, seconds, and the exchange's share of them.
+Process 0 prints one JSON line per layout: rows, seconds, and how many of them process 0
+spent packing its part, in the exchange, and unpacking the other parts.
 
     python benchmarks/shared_tokenising.py [rows]
 """
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _launch
 
 
 def rows(n: int) -> list[dict]:
@@ -37,34 +35,34 @@ def worker(n: int, processes: int):
   opts = preference.TokenizeOptions(1024, 512)
   split = distributed.tokenize_split()
   exchange = split.get("exchange")
-  spent = [0.0]
-  if exchange:
-    def timed(blob):
+  spent = {"exchange": 0.0, "pack": 0.0, "unpack": 0.0}
+
+  def timed(name, fn):
+    def run(*args):
       t = time.perf_counter()
-      out = exchange(blob)
-      spent[0] += time.perf_counter() - t
+      out = fn(*args)
+      spent[name] += time.perf_counter() - t
       return out
-    split["exchange"] = timed
+    return run
+
+  if exchange:
+    split["exchange"] = timed("exchange", exchange)
+  preference.pack_part = timed("pack", preference.pack_part)
+  preference.unpack_part = timed("unpack", preference.unpack_part)
   t = time.perf_counter()
   examples, _ = preference.tokenize_rows(data, tok, opts, "bench", **split)
   wall = time.perf_counter() - t
   if jax.process_index() == 0:
     print(json.dumps({"processes": processes, "rows": len(examples), "seconds": round(wall, 2),
-                      "exchange_seconds": round(spent[0], 2)}), flush=True)
+                      **{f"{k}_seconds": round(v, 2) for k, v in spent.items()}}), flush=True)
 
 
 def main():
-  n = int(sys.argv[1]) if len(sys.argv) > 1 else 4000
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  subprocess.run([sys.executable, __file__, "worker", str(n), "1"], env=env, cwd=REPO, check=True)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs = [subprocess.Popen(
-      [sys.executable, __file__, "worker", str(n), "2"], cwd=REPO,
-      env={**env, "DPO_JAX_DISTRIBUTED": "1", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}) for i in (0, 1)]
-  sys.exit(max(p.wait() for p in procs))
+  n = sys.argv[1] if len(sys.argv) > 1 else "4000"
+  for processes in (1, 2):
+    status = _launch.processes([__file__, "worker", n, str(processes)], processes, 1)
+    if status:
+      sys.exit(status)
 
 
 if __name__ == "__main__":

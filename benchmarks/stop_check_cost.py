@@ -9,22 +9,22 @@ loop makes after dispatching each step. Process 0 prints one JSON line: the medi
 """
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _launch
+
+REPO = _launch.REPO
 
 
-def worker(process: int, port: int, workdir: str):
+def worker(workdir: str):
   import jax   # noqa: PLC0415
-  jax.distributed.initialize(f"localhost:{port}", 2, process)
   import numpy as np   # noqa: PLC0415
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import dpo   # noqa: PLC0415
-  from dpo_jax import train   # noqa: PLC0415
+  from dpo_jax import distributed, train   # noqa: PLC0415
+  distributed.maybe_initialize()
   cfg = dpo.get_config("runlocal")
   cfg.steps, cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.progress = 40, 10, 0, 100, False
   calls, is_set = [], train.PreemptionFlag.is_set
@@ -37,24 +37,18 @@ def worker(process: int, port: int, workdir: str):
 
   train.PreemptionFlag.is_set = timed
   last = train.train_and_evaluate(cfg, workdir)
-  if process == 0:
+  if jax.process_index() == 0:
     print(json.dumps({"is_set_ms_median": round(1e3 * float(np.median(calls[5:])), 3),
                       "step_s": last.get("perf/step_s"), "processes": 2, "devices_each": 4}))
 
 
 def main():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   with tempfile.TemporaryDirectory() as workdir:
-    procs = [subprocess.Popen([sys.executable, __file__, str(p), str(port), workdir], env=env,
-                              cwd=REPO) for p in (0, 1)]
-    sys.exit(max(p.wait() for p in procs))
+    sys.exit(_launch.processes([__file__, workdir], 2, 4))
 
 
 if __name__ == "__main__":
-  if len(sys.argv) == 4:
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  if len(sys.argv) == 2:
+    worker(sys.argv[1])
   else:
     main()

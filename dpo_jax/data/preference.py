@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import io
+import itertools
 import json
 import os
 from typing import Any, Iterable, Optional, Sequence
@@ -376,9 +377,10 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
     raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
                      f"exchange, and all rows none")
   results = tokenize_part(rows, tokenizer, opts, source, numbers, index, count)
-  if exchange is not None:
-    results = sorted((r for blob in exchange(pack_part(results)) for r in unpack_part(blob)),
-                     key=lambda r: r[0])
+  if exchange is not None:   # row j is item j // count of part j % count
+    parts = [results if p == index else unpack_part(blob)
+             for p, blob in enumerate(exchange(pack_part(results)))]
+    results = [parts[j % count][j // count] for j in range(len(rows))]
   return collect(results, numbers, source, on_error)
 
 
@@ -444,8 +446,8 @@ def pack_part(results) -> bytes:
   good = [ex for (_, _, ex), g in zip(results, ok) if g]
   lens = np.array([[len(e.prompt), len(e.chosen), -1 if e.rejected is None else len(e.rejected)]
                    for e in good], np.int64).reshape(-1, 3)
-  tokens = np.array([t for e in good for seq in (e.prompt, e.chosen, e.rejected or ())
-                     for t in seq], np.int64)
+  tokens = np.fromiter(itertools.chain.from_iterable(
+      seq for e in good for seq in (e.prompt, e.chosen, e.rejected or ())), np.int64)
   small = tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 1 << 16)
   tokens = tokens.astype(np.uint16 if small else np.int32)   # most vocabularies fit 16 bits
   errors = [ex for (_, _, ex), g in zip(results, ok) if not g]
