@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpo_jax import sharding, writers
+from dpo_jax.data import preference
 from dpo_jax.models import core, load, logprobs
 
 MODES = ("initial", "checkpoint", "none", "precomputed", "sync")
@@ -127,11 +128,16 @@ def _load(path, cfg, init_params, mesh, rules, dtype):
 
 
 def fingerprint_examples(examples) -> str:
-  h = hashlib.sha256()
-  for e in examples:
-    for part in (e.prompt, e.chosen, e.rejected or [], [int(e.label * 2)]):
-      h.update(np.asarray(part, np.int64).tobytes())
+  """A hash of every example's ids and label (each part as int64 bytes, then "|")."""
+  ex = preference.Examples.of(examples)
+  tokens, h = ex.tokens.astype(np.int64), hashlib.sha256()
+  for (lp, lc, lr), at, label in zip(ex.lens.tolist(), ex.starts.tolist(), ex.labels.tolist()):
+    cuts = (at, at + lp, at + lp + lc, at + lp + lc + max(lr, 0))
+    for a, b in zip(cuts, cuts[1:]):
+      h.update(tokens[a:b].tobytes())
       h.update(b"|")
+    h.update(np.int64(int(label * 2)).tobytes())
+    h.update(b"|")
   return h.hexdigest()
 
 

@@ -281,8 +281,8 @@ def load_data(config, tokenizer, pad_id: int):
   else:   # hold out a deterministic fraction of the training rows
     n_eval = int(len(examples) * config.data.eval_fraction)
     order = np.random.default_rng(config.seed).permutation(len(examples))
-    eval_examples = [examples[i] for i in order[:n_eval]]
-    examples = [examples[i] for i in sorted(order[n_eval:])]
+    eval_examples = examples.take(order[:n_eval])
+    examples = examples.take(np.sort(order[n_eval:]))
   buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
   share = config.data.share_prompt
   parts = config.data.score_parts

@@ -857,10 +857,11 @@ def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):
   monkeypatch.setattr(P, "_render", lambda tok, prompt, *a: seen.append(prompt) or
                       render(tok, prompt, *a))
   parts = [P.tokenize_part(rows, BYTE, OPTS, source, rows.numbers, i, 2) for i in (0, 1)]
-  assert [[j for j, _, _ in part] for part in parts] == [[0, 2, 4], [1, 3, 5]]
+  assert [part.index.tolist() for part in parts] == [[0, 2, 4], [1, 3, 5]]
   assert len(seen) == 2 * 5 - 1   # 5 readable rows, one unpaired: each rendered once, no more
-  assert parts[1][0] == (1, None, f"{source}: row 2: invalid JSON (Expecting property name "
-                                  f"enclosed in double quotes at column 2)")
+  assert (parts[1].index[0], parts[1].paired[0], parts[1].errors[0]) == (
+      1, -1, f"{source}: row 2: invalid JSON (Expecting property name enclosed in double "
+             f"quotes at column 2)")
   for i in (0, 1):
     for on_error in ("fail", "skip"):
       assert tokenize_as_processes(rows, BYTE, OPTS, source, on_error, 2)[i] == outcome(
@@ -868,3 +869,64 @@ def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):
   assert tokenize_as_processes(rows, BYTE, OPTS, source, "skip", 2)[0][1] == 2
   with pytest.raises(ValueError, match=r"a part of the rows needs an exchange"):
     P.tokenize_rows(rows, BYTE, OPTS, part=(0, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples: tokenised examples held as arrays
+# ---------------------------------------------------------------------------------------------
+
+
+_ids = st.lists(st.integers(0, (1 << 17) - 1), min_size=1, max_size=6)
+_example = st.builds(lambda p, c, r, paired, label: P.Tokenized(p, c, r if paired else None,
+                                                                 label),
+                     _ids, _ids, _ids, st.booleans(), st.sampled_from([0.0, 1.0, 0.25]))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ex=st.lists(_example, max_size=8), small=st.booleans(), data=st.data())
+def test_examples_behave_as_the_list_they_hold(ex, small, data):
+  """Examples against a plain list of Tokenized: items, slices, index arrays, lengths, dtype."""
+  if small:
+    ex = [P.Tokenized([t % 300 for t in e.prompt], [t % 300 for t in e.chosen],
+                      None if e.rejected is None else [t % 300 for t in e.rejected], e.label)
+          for e in ex]
+  e = P.Examples.of(ex)
+  assert len(e) == len(ex) and e == ex and list(e) == ex and P.Examples.of(e) is e
+  ids = [t for x in ex for seq in (x.prompt, x.chosen, x.rejected or []) for t in seq]
+  assert e.tokens.dtype == (np.uint16 if max(ids, default=0) < 1 << 16 else np.int32)
+  assert e.tokens.tolist() == ids
+  for i in range(-len(ex), len(ex)):
+    got = e[i]
+    assert got == ex[i] and isinstance(got.label, float)
+    assert all(type(t) is int for t in got.prompt + got.chosen + (got.rejected or []))
+  with pytest.raises(IndexError):
+    e[len(ex)]   # noqa: B018
+  start, stop = data.draw(st.integers(-9, 9)), data.draw(st.integers(-9, 9))
+  step = data.draw(st.sampled_from([1, 2, -1, -3]))
+  assert e[start:stop:step] == ex[start:stop:step]
+  idx = data.draw(st.lists(st.integers(0, max(len(ex) - 1, 0)), max_size=10)) if ex else []
+  assert e.take(idx) == [ex[i] for i in idx] == e[np.array(idx, np.int64)]
+  e.TAKE_BLOCK = 2   # several blocks
+  assert e.take(idx) == [ex[i] for i in idx] and e[::-1] == ex[::-1]
+  assert e.longest == max((len(x.prompt) + max(len(x.chosen), len(x.rejected or []))
+                           for x in ex), default=0)
+  assert P.Examples.concat([e, e.take(idx)]) == ex + [ex[i] for i in idx]
+
+
+def test_examples_reject_arrays_that_do_not_match():
+  with pytest.raises(ValueError, match=r"2 lengths and 2 labels for 5 tokens \(6 expected\)"):
+    P.Examples(np.arange(5), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0])
+  with pytest.raises(ValueError, match=r"must be integers that fit int32, got int64 from 0 to "
+                                       r"4294967296"):
+    P.Examples(np.array([0, 1 << 32]), [[1, 1, -1]], [1.0])
+
+
+def test_tokenised_data_sets_are_held_as_arrays():
+  """tokenize_rows returns Examples: 2 bytes a token for the byte tokenizer (ids < 264), the
+  rows in order, each as tokenising it alone gives it."""
+  rows = [good(i) for i in range(5)]
+  exs, _ = P.tokenize_rows(rows, BYTE, OPTS)
+  assert isinstance(exs, P.Examples) and exs.tokens.dtype == np.uint16
+  assert exs.tokens.nbytes == 2 * sum(len(e.prompt) + len(e.chosen) + len(e.rejected)
+                                      for e in exs)
+  assert list(exs) == [P.tokenize_rows([r], BYTE, OPTS)[0][0] for r in rows]

@@ -1,5 +1,6 @@
 """Reference modes: initial, checkpoint (dpo_jax or HF), none, precomputed (cached), sync."""
 import glob
+import hashlib
 import os
 import shutil
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import export, reference, train
+from dpo_jax.data.preference import Examples, Tokenized
 from helpers import config
 
 SMALL = dict(data__max_length=64, data__max_prompt_length=40, optim__lr=1e-2,
@@ -64,6 +66,21 @@ def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="reused"):   # changed reference weights
       train.setup(config(**SMALL, reference__mode="precomputed", seed=1),
                   workdir=str(tmp_path))
+
+
+def test_the_cache_key_of_the_examples_is_unchanged_by_holding_them_as_arrays():
+  """fingerprint_examples hashes each example's prompt, chosen, rejected ids and 2 * label as
+  int64 bytes, each followed by "|", as it did on lists, so caches written before still match."""
+  rng = np.random.default_rng(0)
+  ids = lambda: rng.integers(0, 100_000, rng.integers(1, 9)).tolist()   # noqa: E731
+  for paired in (True, False):
+    ex = [Tokenized(ids(), ids(), ids() if paired else None, float(i % 2)) for i in range(20)]
+    h = hashlib.sha256()
+    for e in ex:
+      for part in (e.prompt, e.chosen, e.rejected or [], [int(e.label * 2)]):
+        h.update(np.asarray(part, np.int64).tobytes() + b"|")
+    assert reference.fingerprint_examples(ex) == h.hexdigest()
+    assert reference.fingerprint_examples(Examples.of(ex)) == h.hexdigest()
 
 
 def test_checkpoint_reference_from_orbax_and_hf(tmp_path):

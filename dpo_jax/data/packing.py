@@ -314,17 +314,17 @@ class PackedBatches(preference.Batches):
     self.row_multiple = row_multiple
     self.share_prompt = share_prompt
     if share_prompt:   # fail now, naming the example, rather than at the step that draws it
-      longest = max((len(e.chosen) for e in self.examples), default=0)
-      for i, e in enumerate(self.examples):
-        second = (len(e.rejected) if e.rejected is not None
-                  else min(longest, max(max(self.buckets) - len(e.prompt), 1)))
-        n = len(e.prompt) + len(e.chosen) + second
-        if n > row_length:
-          raise ValueError(
-              f"example {i} has {n} tokens with its prompt shared ({len(e.prompt)} prompt + "
-              f"{len(e.chosen)} + {second} completion), more than config.data.row_length="
-              f"{row_length}; raise it (0 = twice max_length always fits) or set "
-              f"config.data.share_prompt=False")
+      prompt, chosen, rejected = self.examples.lens.T.astype(np.int64)
+      second = np.where(rejected >= 0, rejected, np.minimum(
+          chosen.max(initial=0), np.maximum(max(self.buckets) - prompt, 1)))
+      over = np.flatnonzero(prompt + chosen + second > row_length)
+      if over.size:
+        i = over[0]
+        raise ValueError(
+            f"example {i} has {prompt[i] + chosen[i] + second[i]} tokens with its prompt shared "
+            f"({prompt[i]} prompt + {chosen[i]} + {second[i]} completion), more than "
+            f"config.data.row_length={row_length}; raise it (0 = twice max_length always fits) "
+            f"or set config.data.share_prompt=False")
 
   def microbatches(self, step: int, k: int = 1) -> dict[str, np.ndarray]:
     idx = self.indices(step)

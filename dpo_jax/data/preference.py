@@ -35,10 +35,10 @@ completion ends with the tokenizer's EOS, which is scored).
 """
 from __future__ import annotations
 
+import array
 import collections.abc
 import dataclasses
 import io
-import itertools
 import json
 import os
 from typing import Any, Iterable, Optional, Sequence
@@ -356,7 +356,7 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
 
 def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
                   source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
-                  exchange=None) -> tuple[list[Tokenized], int]:
+                  exchange=None) -> tuple[Examples, int]:
   """Validates and tokenises every row up front. Returns (examples, number of rows skipped).
 
   on_error="fail" raises on the first bad row; "skip" drops bad rows and counts them.
@@ -376,24 +376,38 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   if (exchange is None) != (count == 1):
     raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
                      f"exchange, and all rows none")
-  results = tokenize_part(rows, tokenizer, opts, source, numbers, index, count)
-  if exchange is not None:   # row j is item j // count of part j % count
-    parts = [results if p == index else unpack_part(blob)
-             for p, blob in enumerate(exchange(pack_part(results)))]
-    results = [parts[j % count][j // count] for j in range(len(rows))]
-  return collect(results, numbers, source, on_error)
+  mine = tokenize_part(rows, tokenizer, opts, source, numbers, index, count)
+  parts = [mine]
+  if exchange is not None:
+    parts = [mine if p == index else unpack_part(blob)
+             for p, blob in enumerate(exchange(pack_part(mine)))]
+  return collect(parts, numbers, source, on_error)
 
 
-def tokenize_part(rows, tokenizer, opts, source, numbers, index: int, count: int) -> list:
-  """[(row index, paired: bool | None, Tokenized | error message)] for rows index::count."""
-  out = []
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """tokenize_part's results, one entry per row it was given, in order."""
+  index: np.ndarray            # [m] int64: the row's index in the data set
+  paired: np.ndarray           # [m] int8: 1 paired, 0 unpaired, -1 not known (did not normalise)
+  errors: list                 # [m] the row's error message, or None
+  examples: Examples           # the rows without an error, in order
+
+
+def tokenize_part(rows, tokenizer, opts, source, numbers, index: int, count: int) -> Part:
+  """Tokenises rows index, index + count, ... (every row: index=0, count=1)."""
+  js, paired, errors, good = [], [], [], _Builder()
   for j in range(index, len(rows), count):
-    paired, ex = _tokenize_row(rows[j], tokenizer, opts, f"{source}: row {numbers[j]}")
-    out.append((j, paired, ex))
-  return out
+    kind, ex = _tokenize_row(rows[j], tokenizer, opts, f"{source}: row {numbers[j]}")
+    js.append(j)
+    paired.append(-1 if kind is None else int(kind))
+    errors.append(ex if isinstance(ex, str) else None)
+    if errors[-1] is None:
+      good.add(ex)
+  return Part(np.array(js, np.int64), np.array(paired, np.int8), errors, good.build())
 
 
 def _tokenize_row(row, tokenizer, opts, where: str):
+  """(paired: bool | None, Tokenized | error message) for one row."""
   try:
     r = normalize(row, where)
   except DataError as e:
@@ -420,63 +434,174 @@ def _tokenize_row(row, tokenizer, opts, where: str):
   return paired, Tokenized(prompt, chosen, rejected, r["label"])
 
 
-def collect(results, numbers, source: str, on_error: str) -> tuple[list[Tokenized], int]:
-  """Applies on_error and the one-kind rule to per-row results, in row order."""
-  out, skipped, kind = [], 0, None
-  for j, paired, ex in results:
-    error = ex if isinstance(ex, str) else None
-    if paired is not None and kind is not None and paired != kind:   # before its own error
-      error = (f"{source}: row {numbers[j]}: a {_KINDS[paired]} row in a data set of "
-               f"{_KINDS[kind]} rows")
+def collect(parts: Sequence[Part], numbers, source: str, on_error: str) -> tuple[Examples, int]:
+  """Applies on_error and the one-kind rule to the rows of every part, in row order."""
+  offsets = np.cumsum([0] + [len(p.examples) for p in parts])
+  rows = sorted((j, p, k) for p, part in enumerate(parts)
+                for k, j in enumerate(part.index.tolist()))
+  kinds = [part.paired.tolist() for part in parts]
+  at = [(np.cumsum([e is None for e in part.errors], dtype=np.int64) - 1).tolist()
+        for part in parts]   # item k of part p is example at[p][k] of that part
+  keep, skipped, kind = [], 0, None
+  for j, p, k in rows:
+    paired, error = kinds[p][k], parts[p].errors[k]
+    if paired >= 0 and kind is not None and paired != kind:   # before its own error
+      error = (f"{source}: row {numbers[j]}: a {_KINDS[bool(paired)]} row in a data set of "
+               f"{_KINDS[bool(kind)]} rows")
     if error is not None:
       if on_error == "fail":
         raise DataError(error)
       skipped += 1
       continue
-    out.append(ex)
+    keep.append(offsets[p] + at[p][k])
     kind = paired
-  if not out:
+  if not keep:
     raise DataError(f"{source}: no usable rows ({skipped} skipped)")
-  return out, skipped
+  examples = Examples.concat([p.examples for p in parts])
+  if np.array_equal(keep, np.arange(len(examples))):   # every example, in order
+    return examples, skipped
+  return examples.take(keep), skipped
 
 
-def pack_part(results) -> bytes:
-  """tokenize_part's results as bytes (numpy arrays, no pickle) for the exchange."""
-  ok = [not isinstance(ex, str) for _, _, ex in results]
-  good = [ex for (_, _, ex), g in zip(results, ok) if g]
-  lens = np.array([[len(e.prompt), len(e.chosen), -1 if e.rejected is None else len(e.rejected)]
-                   for e in good], np.int64).reshape(-1, 3)
-  tokens = np.fromiter(itertools.chain.from_iterable(
-      seq for e in good for seq in (e.prompt, e.chosen, e.rejected or ())), np.int64)
-  small = tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 1 << 16)
-  tokens = tokens.astype(np.uint16 if small else np.int32)   # most vocabularies fit 16 bits
-  errors = [ex for (_, _, ex), g in zip(results, ok) if not g]
+def pack_part(part: Part) -> bytes:
+  """A Part as bytes (numpy arrays, no pickle) for the exchange."""
   buf = io.BytesIO()
-  np.savez(buf, index=np.array([j for j, _, _ in results], np.int64),
-           paired=np.array([-1 if p is None else int(p) for _, p, _ in results], np.int8),
-           ok=np.array(ok, bool), lens=lens, tokens=tokens,
-           labels=np.array([e.label for e in good], np.float64),
-           errors=np.frombuffer(json.dumps(errors).encode(), np.uint8))
+  ex = part.examples
+  np.savez(buf, index=part.index, paired=part.paired, lens=ex.lens, tokens=ex.tokens,
+           labels=ex.labels, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8))
   return buf.getvalue()
 
 
-def unpack_part(blob: bytes) -> list:
+def unpack_part(blob: bytes) -> Part:
   z = np.load(io.BytesIO(blob), allow_pickle=False)
-  errors = iter(json.loads(z["errors"].tobytes().decode()))
-  lens, tokens, labels = z["lens"], z["tokens"].tolist(), z["labels"].tolist()
-  offsets = np.concatenate([[0], np.cumsum(np.maximum(lens, 0).sum(1))]).tolist()
-  out, g = [], 0
-  for j, paired, ok in zip(z["index"].tolist(), z["paired"].tolist(), z["ok"].tolist()):
-    paired = None if paired < 0 else bool(paired)
-    if not ok:
-      out.append((j, paired, next(errors)))
-      continue
-    at, (lp, lc, lr) = offsets[g], lens[g].tolist()
-    rejected = None if lr < 0 else tokens[at + lp + lc:at + lp + lc + lr]
-    out.append((j, paired, Tokenized(tokens[at:at + lp], tokens[at + lp:at + lp + lc], rejected,
-                                     labels[g])))
-    g += 1
-  return out
+  return Part(z["index"], z["paired"], json.loads(z["errors"].tobytes().decode()),
+              Examples(z["tokens"], z["lens"], z["labels"]))
+
+
+class Examples(collections.abc.Sequence):
+  """Tokenized examples held as arrays: every example's prompt, chosen and rejected ids one after
+  another in one flat array (uint16 when every id fits, else int32), with [N, 3] lengths
+  (rejected -1: unpaired) and [N] labels. A Python list of ids costs 36 bytes a token above id
+  256; this costs 2 or 4, and the parts of a shared tokenising are exchanged as they are.
+
+  examples[i] is a Tokenized (lists of ints); examples[slice or index array] is an Examples.
+  """
+  TAKE_BLOCK = 4096   # examples gathered at a time by take()
+
+  def __init__(self, tokens: np.ndarray, lens: np.ndarray, labels: np.ndarray):
+    self.tokens = _narrow(np.asarray(tokens))
+    self.lens = np.asarray(lens, np.int32).reshape(-1, 3)
+    self.labels = np.asarray(labels, np.float64).reshape(-1)
+    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
+    self.starts = np.cumsum(sizes) - sizes
+    if len(self.labels) != len(self.lens) or sizes.sum() != self.tokens.size:
+      raise ValueError(f"{len(self.lens)} lengths and {len(self.labels)} labels for "
+                       f"{self.tokens.size} tokens ({sizes.sum()} expected)")
+
+  @classmethod
+  def of(cls, examples: Sequence[Tokenized]) -> Examples:
+    """examples as an Examples (itself when it is one)."""
+    if isinstance(examples, Examples):
+      return examples
+    b = _Builder()
+    for e in examples:
+      b.add(e)
+    return b.build()
+
+  @classmethod
+  def concat(cls, parts: Sequence[Examples]) -> Examples:
+    if len(parts) == 1:
+      return parts[0]
+    return Examples(np.concatenate([p.tokens for p in parts]),
+                    np.concatenate([p.lens for p in parts]),
+                    np.concatenate([p.labels for p in parts]))
+
+  def __len__(self) -> int:
+    return len(self.lens)
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.take(np.arange(len(self))[i])
+    if not isinstance(i, (int, np.integer)):
+      return self.take(i)
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"example {i} of {len(self)}")
+    i = int(i) % len(self)
+    (lp, lc, lr), at = self.lens[i].tolist(), int(self.starts[i])
+    ids = self.tokens[at:at + lp + lc + max(lr, 0)].tolist()
+    return Tokenized(ids[:lp], ids[lp:lp + lc], None if lr < 0 else ids[lp + lc:],
+                     float(self.labels[i]))
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def take(self, idx) -> Examples:
+    """The examples at the given indices, in that order."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    lens = self.lens[idx]
+    sizes = np.maximum(lens, 0).sum(1, dtype=np.int64)
+    to = np.cumsum(sizes) - sizes
+    out = np.empty(int(sizes.sum()), self.tokens.dtype)
+    for a in range(0, len(idx), self.TAKE_BLOCK):   # bounds the int64 positions array
+      b = slice(a, a + self.TAKE_BLOCK)
+      n = int(sizes[b].sum())
+      at = np.repeat(self.starts[idx[b]] - to[b], sizes[b]) + np.arange(to[a], to[a] + n)
+      out[to[a]:to[a] + n] = self.tokens[at]
+    return Examples(out, lens, self.labels[idx])
+
+  @property
+  def longest(self) -> int:
+    """The longest sequence: prompt + the longer completion (0 with no examples)."""
+    return int((self.lens[:, 0] + self.lens[:, 1:].max(1)).max(initial=0))
+
+  @property
+  def nbytes(self) -> int:
+    return self.tokens.nbytes + self.lens.nbytes + self.labels.nbytes + self.starts.nbytes
+
+  def __eq__(self, other):
+    if isinstance(other, Examples):
+      return (np.array_equal(self.lens, other.lens) and np.array_equal(self.labels, other.labels)
+              and np.array_equal(self.tokens, other.tokens))
+    if isinstance(other, collections.abc.Sequence) and not isinstance(other, (str, bytes)):
+      return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+    return NotImplemented
+
+  __hash__ = None
+
+  def __repr__(self):
+    return (f"Examples({len(self)} examples, {self.tokens.size} tokens as "
+            f"{self.tokens.dtype})")
+
+
+class _Builder:
+  """Appends Tokenized examples to growing arrays (4 bytes a token)."""
+
+  def __init__(self):
+    self.tokens, self.lens, self.labels = array.array("i"), array.array("i"), array.array("d")
+
+  def add(self, e: Tokenized):
+    self.lens.extend((len(e.prompt), len(e.chosen),
+                      -1 if e.rejected is None else len(e.rejected)))
+    for ids in (e.prompt, e.chosen, e.rejected or ()):
+      self.tokens.extend(ids)
+    self.labels.append(e.label)
+
+  def build(self) -> Examples:
+    return Examples(np.frombuffer(self.tokens, np.int32),
+                    np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64))
+
+
+def _narrow(tokens: np.ndarray) -> np.ndarray:
+  """Token ids as uint16 when every id fits (most vocabularies), else int32."""
+  if tokens.dtype == np.uint16:
+    return tokens
+  if tokens.size == 0:
+    return tokens.astype(np.uint16)
+  low, high = tokens.min(), tokens.max()
+  if tokens.dtype.kind not in "iu" or low < np.iinfo(np.int32).min or high > np.iinfo(np.int32).max:
+    raise ValueError(f"token ids must be integers that fit int32, got {tokens.dtype} from "
+                     f"{low} to {high}")
+  return tokens.astype(np.uint16 if 0 <= low and high < 1 << 16 else np.int32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,11 +718,11 @@ class Batches:
       raise ValueError(f"config.batch_size={batch_size} must be >= 1")
     if batch_size > len(examples):
       raise ValueError(f"config.batch_size={batch_size} exceeds the {len(examples)} examples")
-    longest = max(len(e.prompt) + max(len(e.chosen), len(e.rejected or ())) for e in examples)
-    if longest > max(buckets):
-      raise ValueError(f"an example of {longest} tokens does not fit the largest bucket "
+    examples = Examples.of(examples)
+    if examples.longest > max(buckets):
+      raise ValueError(f"an example of {examples.longest} tokens does not fit the largest bucket "
                        f"{max(buckets)} of config.data.buckets={tuple(buckets)}")
-    self.examples, self.batch_size = list(examples), batch_size
+    self.examples, self.batch_size = examples, batch_size
     self.seed, self.buckets, self.pad_id, self.shuffle = seed, tuple(buckets), pad_id, shuffle
     self._perms: dict[int, np.ndarray] = {}
     self.columns = dict(columns or {})   # per-example [N, 2] values, e.g. cached ref log-probs

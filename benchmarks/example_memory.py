@@ -1,0 +1,78 @@
+"""Memory of a tokenised data set: preference.tokenize_rows's Examples (token ids in one uint16 or
+int32 array) against the same examples as a list of Tokenized holding Python lists of ints (what
+tokenize_rows returned before it held arrays), measured with tracemalloc.
+
+The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn Zipf-like with
+ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
+of its own (CPython caches -5..256 only): a real vocabulary's case.
+
+    python benchmarks/example_memory.py [rows]
+"""
+import gc
+import json
+import sys
+import tracemalloc
+
+import numpy as np
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from dpo_jax.data import preference
+
+VOCAB = 50_000
+TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' </s> ' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}")
+
+
+def tokenizer():
+  specials = ["<pad>", "<s>", "</s>", "<unk>", "<user>", "<assistant>"]
+  vocab = {s: i for i, s in enumerate(specials + [f"w{i}" for i in range(VOCAB)])}
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.add_special_tokens(specials)
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+      unk_token="<unk>", chat_template=TEMPLATE)
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+  rng = np.random.default_rng(seed)
+  word = rng.permutation(VOCAB)   # a word's id does not follow its frequency rank
+  say = lambda k: " ".join(f"w{word[i]}" for i in rng.zipf(1.2, k) % VOCAB)   # noqa: E731
+  return [{"prompt": [{"role": "user", "content": say(rng.integers(50, 300))}],
+           "chosen": [{"role": "assistant", "content": say(rng.integers(50, 400))}],
+           "rejected": [{"role": "assistant", "content": say(rng.integers(50, 400))}]}
+          for _ in range(n)]
+
+
+def held(make):
+  """(object, bytes still allocated after make() returns, peak bytes during it)."""
+  gc.collect()
+  tracemalloc.start()
+  base = tracemalloc.get_traced_memory()[0]
+  out = make()
+  now, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  return out, now - base, peak - base
+
+
+def main():
+  n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+  data, tok = rows(n), tokenizer()
+  opts = preference.TokenizeOptions(1024, 512)
+  (examples, _), arrays, arrays_peak = held(
+      lambda: preference.tokenize_rows(data, tok, opts, "bench"))
+  as_lists, lists, _ = held(lambda: list(examples))
+  tokens = examples.tokens.size
+  big = float((examples.tokens > 256).mean())
+  print(json.dumps({
+      "rows": n, "tokens": tokens, "ids_above_256": round(big, 3),
+      "token_dtype": str(examples.tokens.dtype),
+      "arrays_bytes": arrays, "arrays_bytes_per_token": round(arrays / tokens, 2),
+      "arrays_peak_bytes": arrays_peak,
+      "lists_bytes": lists, "lists_bytes_per_token": round(lists / tokens, 2),
+      "lists_over_arrays": round(lists / arrays, 1), "same_examples": as_lists == examples}))
+
+
+if __name__ == "__main__":
+  main()
