@@ -1,17 +1,26 @@
-"""Memory of a tokenised data set: preference.tokenize_rows's Examples (token ids in one uint16 or
-int32 array) against the same examples as a list of Tokenized holding Python lists of ints (what
-tokenize_rows returned before it held arrays), measured with tracemalloc.
+"""Host memory of a data set, measured with tracemalloc:
+- the tokenised examples: preference.tokenize_rows's Examples (token ids in one uint16 or int32
+  array) against the same examples as a list of Tokenized holding Python lists of ints (what
+  tokenize_rows returned before it held arrays);
+- the rows before tokenising: preference.load_rows on a JSONL file and on a `save_to_disk`
+  directory (rows parsed or converted when indexed) against all rows as dicts (what it returned
+  before), with the seconds to load and to read half of the rows (one process of two).
 
 The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn Zipf-like with
 ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
 of its own (CPython caches -5..256 only): a real vocabulary's case.
 
-    python benchmarks/example_memory.py [rows]
+    python benchmarks/example_memory.py [rows]   # three JSON lines
 """
 import gc
 import json
+import os
 import sys
+import tempfile
+import time
 import tracemalloc
+
+import datasets
 
 import numpy as np
 import transformers
@@ -72,6 +81,28 @@ def main():
       "arrays_peak_bytes": arrays_peak,
       "lists_bytes": lists, "lists_bytes_per_token": round(lists / tokens, 2),
       "lists_over_arrays": round(lists / arrays, 1), "same_examples": as_lists == examples}))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "rows.jsonl")
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in data)
+    datasets.Dataset.from_list(data).save_to_disk(os.path.join(tmp, "ds"))
+    for kind, src in (("jsonl", path), ("save_to_disk", os.path.join(tmp, "ds"))):
+      t = time.perf_counter()
+      _, loaded = preference.load_rows(src)
+      load = time.perf_counter() - t
+      _ = [loaded[j] for j in range(0, len(loaded), 2)]
+      half = time.perf_counter() - t - load
+      (_, loaded), lazy, _ = held(lambda: preference.load_rows(src))   # noqa: B023
+      t = time.perf_counter()
+      every = list(loaded)
+      convert = time.perf_counter() - t
+      del every
+      _, dicts, _ = held(lambda: list(loaded))   # noqa: B023
+      print(json.dumps({
+          "rows": n, "source": kind, "file_bytes": os.path.getsize(path) if kind == "jsonl"
+          else None, "load_seconds": round(load, 3), "half_the_rows_seconds": round(half, 3),
+          "held_bytes": lazy, "all_rows_as_dicts_bytes": dicts,
+          "all_rows_as_dicts_seconds": round(convert, 3)}))
 
 
 if __name__ == "__main__":

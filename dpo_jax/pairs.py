@@ -63,7 +63,7 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
   ids = [preference.encode_prompt(tok, p) for p in prompts for _ in range(sampling.n)]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+  pad = preference.pad_id(tok)
   tokens = []
   for start in range(0, len(ids), sampling.batch_size):
     chunk = ids[start:start + sampling.batch_size]
@@ -135,7 +135,7 @@ def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[f
               for p, rs in zip(prompts, responses) for ids, _ in rs]
   longest = max(len(e.prompt) + len(e.chosen) for e in examples)
   buckets = preference.default_buckets(max(32, longest))
-  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  pad = preference.pad_id(tok)
   out = evaluate.score_pairs(model.cfg, model.params, examples, mesh=mesh, rules=rules,
                              batch_size=64, buckets=buckets, pad_id=pad)["chosen_logps"]
   it = iter(out.tolist())

@@ -70,7 +70,7 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
       examples, _ = preference.tokenize_rows(rows, tok, opts, source, on_error="fail",
                                              **distributed.tokenize_split())
       cfg = load.model_config(path, TINY)
-      pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+      pad = preference.pad_id(tok)
       cache[path] = evaluate.score_pairs(cfg, load.load_params(path, cfg, mesh, rules),
                                          examples, mesh=mesh, rules=rules,
                                          batch_size=batch_size, buckets=buckets, pad_id=pad)

@@ -61,8 +61,7 @@ def main(argv=None):
   source, rows = preference.load_rows(args.data, args.split)
   examples, _ = preference.tokenize_rows(rows, tokenizer, opts, source, on_error="fail",
                                          **distributed.tokenize_split())
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-      tokenizer.eos_token_id or 0)
+  pad_id = preference.pad_id(tokenizer)
   buckets = preference.default_buckets(args.max_length)
 
   def scores(path):

@@ -311,8 +311,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
   numerics = {k: config.model[k] for k in load.NUMERICS}
   model_cfg = load.model_config(config.model.init, scratch_model(config.model), **numerics)
   tokenizer = load.load_tokenizer(config.model.tokenizer or config.model.init)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-      tokenizer.eos_token_id or 0)
+  pad_id = preference.pad_id(tokenizer)
   train_data, eval_examples, _ = load_data(config, tokenizer, pad_id)
 
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import re
+import types
 
 import datasets
 import numpy as np
@@ -275,6 +276,31 @@ def test_source_dataset_objects(tmp_path):
     P.load_rows(dd, "validation")
   name, rows = P.load_rows(ROWS)
   assert name == "<rows>" and rows == ROWS
+  name, rows = P.load_rows(ds.to_iterable_dataset())   # no random access: read as a list
+  assert name == "<dataset>" and _same(rows)
+
+
+def test_a_process_reads_only_the_rows_it_tokenises(tmp_path, monkeypatch):
+  """JSON lines are parsed, and a dataset's rows converted from Arrow, when they are indexed:
+  process 1 of 2 reads rows 1, 3, 5 and no other. Indexing behaves as a list's."""
+  lines = [json.dumps(good(i)) for i in range(6)]
+  path = write_jsonl(tmp_path / "d.jsonl", lines)
+  datasets.Dataset.from_list([good(i) for i in range(6)]).save_to_disk(str(tmp_path / "ds"))
+  parsed, read, parse, getitem = [], [], P._parse_line, datasets.Dataset.__getitem__
+  monkeypatch.setattr(P, "_parse_line", lambda line: parsed.append(line) or parse(line))
+  monkeypatch.setattr(datasets.Dataset, "__getitem__",
+                      lambda self, k: read.append(k) or getitem(self, k))
+  for src, seen, want in ((path, parsed, [lines[1], lines[3], lines[5]]),
+                          (str(tmp_path / "ds"), read, [1, 3, 5])):
+    source, rows = P.load_rows(src)
+    seen.clear()
+    numbers = getattr(rows, "numbers", range(1, 7))
+    part = P.tokenize_part(rows, BYTE, OPTS, source, numbers, 1, 2)
+    assert part.index.tolist() == [1, 3, 5] and seen == want
+    assert len(rows) == 6 and _same(rows[:5]) and rows[-1] == rows[5] == good(5)
+    assert rows[::-2] == [good(5), good(3), good(1)]
+    with pytest.raises(IndexError):
+      rows[6]   # noqa: B018
 
 
 def test_source_save_to_disk(tmp_path):
@@ -930,3 +956,11 @@ def test_tokenised_data_sets_are_held_as_arrays():
   assert exs.tokens.nbytes == 2 * sum(len(e.prompt) + len(e.chosen) + len(e.rejected)
                                       for e in exs)
   assert list(exs) == [P.tokenize_rows([r], BYTE, OPTS)[0][0] for r in rows]
+
+
+def test_padding_id_is_the_pad_token_else_eos_else_zero():
+  """One rule for every tool (train, score, rank, pairs): pad, else EOS, else 0."""
+  assert P.pad_id(BYTE) == BYTE.pad_token_id == BYTE.convert_tokens_to_ids("<|pad|>")
+  tok = lambda pad, eos: types.SimpleNamespace(pad_token_id=pad, eos_token_id=eos)   # noqa: E731
+  assert [P.pad_id(tok(5, 7)), P.pad_id(tok(None, 7)), P.pad_id(tok(None, None)),
+          P.pad_id(tok(0, 7))] == [5, 7, 0, 0]

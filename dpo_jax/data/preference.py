@@ -78,13 +78,41 @@ class _Rows(list):
     self.numbers = list(numbers)
 
 
+class _LazyRows(collections.abc.Sequence):
+  """Rows read when they are indexed: each process of a shared tokenising
+  (distributed.tokenize_split) parses or converts only its own rows. `read(j)` gives row j."""
+
+  def __init__(self, count: int, read, numbers=None):
+    self._count, self._read = count, read
+    if numbers is not None:
+      self.numbers = numbers
+
+  def __len__(self) -> int:
+    return self._count
+
+  def __getitem__(self, j):
+    if isinstance(j, slice):
+      return [self[i] for i in range(len(self))[j]]
+    return self._read(range(len(self))[j])   # IndexError past the end, as a list
+
+
 @dataclasses.dataclass(frozen=True)
 class _BadRow:
   """A JSONL line that could not be read as an object; fails in normalize()."""
   message: str
 
 
-def _read_jsonl(path: str) -> _Rows:
+def _parse_line(line: str):
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    return _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+  if not isinstance(row, dict):
+    return _BadRow(f"expected a JSON object, got {type(row).__name__}")
+  return row
+
+
+def _read_jsonl(path: str):
   with open(path, encoding="utf-8-sig") as f:
     text = f.read()
   if path.endswith(".json") and text.lstrip().startswith("["):
@@ -96,20 +124,21 @@ def _read_jsonl(path: str) -> _Rows:
       return _Rows([r if isinstance(r, dict) else _BadRow(
           f"expected a JSON object, got {type(r).__name__}") for r in rows],
                    range(1, len(rows) + 1))
-  rows, numbers = [], []
+  lines, numbers = [], []
   for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 is not a newline
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      row = _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
-    else:
-      if not isinstance(row, dict):
-        row = _BadRow(f"expected a JSON object, got {type(row).__name__}")
-    rows.append(row)
-    numbers.append(i)
-  return _Rows(rows, numbers)
+    if line.strip():
+      lines.append(line)
+      numbers.append(i)
+  return _LazyRows(len(lines), lambda j: _parse_line(lines[j]), numbers)
+
+
+def _dataset_rows(ds):
+  """A datasets.Dataset's rows as dicts, converted from Arrow one at a time when read (the
+  table stays memory-mapped); any other iterable of rows (an IterableDataset) as a list."""
+  import datasets   # noqa: PLC0415 (heavy import, only when needed)
+  if isinstance(ds, datasets.Dataset):
+    return _LazyRows(len(ds), lambda j: dict(ds[j]))
+  return [dict(r) for r in ds]
 
 
 def _dataset_name(ds, default: str) -> str:
@@ -123,16 +152,17 @@ def _pick_split(name: str, ds, split: str):
   return f"{name}[{split}]", ds[split]
 
 
-def load_rows(source: Any, split: str = "train") -> tuple[str, list[dict]]:
-  """Returns (a name for error messages, the rows)."""
+def load_rows(source: Any, split: str = "train") -> tuple[str, Sequence[dict]]:
+  """Returns (a name for error messages, the rows). JSON lines and `datasets` rows are parsed or
+  converted when indexed, so a process that tokenises a part of them reads only that part."""
   if isinstance(source, (list, tuple)):
     return "<rows>", list(source)
   if isinstance(source, collections.abc.Mapping):   # a datasets.DatasetDict: one split of it
     name, ds = _pick_split(_dataset_name(next(iter(source.values()), None), "<dataset>"),
                            source, split)
-    return name, [dict(r) for r in ds]
+    return name, _dataset_rows(ds)
   if not isinstance(source, (str, os.PathLike)):   # a datasets.Dataset or similar
-    return _dataset_name(source, "<dataset>"), [dict(r) for r in source]
+    return _dataset_name(source, "<dataset>"), _dataset_rows(source)
   source = os.fspath(source)
   if source.endswith((".jsonl", ".json")) and not os.path.isdir(source):
     return source, _read_jsonl(source)
@@ -148,7 +178,7 @@ def load_rows(source: Any, split: str = "train") -> tuple[str, list[dict]]:
     ds = datasets.load_dataset(source, split=split)
   if isinstance(ds, datasets.DatasetDict):
     source, ds = _pick_split(source, ds, split)
-  return source, [dict(r) for r in ds]
+  return source, _dataset_rows(ds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +324,14 @@ def _encode(tokenizer, text: str) -> list[int]:
 def _messages(msgs: list[dict]) -> list[dict]:
   # Rows from `datasets` carry every key of the unified message struct, absent ones as None.
   return [{k: v for k, v in m.items() if v is not None} for m in msgs]
+
+
+def pad_id(tokenizer) -> int:
+  """The id that fills padding: the tokenizer's pad token, else its EOS, else 0. Padding is
+  masked out of attention and the loss, so any id serves; this one keeps batches readable."""
+  if tokenizer.pad_token_id is not None:
+    return tokenizer.pad_token_id
+  return tokenizer.eos_token_id or 0
 
 
 def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
