@@ -4,13 +4,15 @@
   tokenize_rows returned before it held arrays);
 - the rows before tokenising: preference.load_rows on a JSONL file and on a `save_to_disk`
   directory (rows parsed or converted when indexed) against all rows as dicts (what it returned
-  before), with the seconds to load and to read half of the rows (one process of two).
+  before), with the seconds to load and to read half of the rows (one process of two);
+- the tokenised-data cache (preference.tokenize_cached): tokenising and writing it, then reading
+  it as a rerun does.
 
 The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn Zipf-like with
 ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
 of its own (CPython caches -5..256 only): a real vocabulary's case.
 
-    python benchmarks/example_memory.py [rows]   # three JSON lines
+    python benchmarks/example_memory.py [rows]   # four JSON lines
 """
 import gc
 import json
@@ -103,6 +105,16 @@ def main():
           else None, "load_seconds": round(load, 3), "half_the_rows_seconds": round(half, 3),
           "held_bytes": lazy, "all_rows_as_dicts_bytes": dicts,
           "all_rows_as_dicts_seconds": round(convert, 3)}))
+    cache = os.path.join(tmp, "data_cache")   # a rerun reads the tokenised data
+    _, loaded = preference.load_rows(path)
+    timing = {}
+    for run in ("tokenise_and_write", "read"):
+      t = time.perf_counter()
+      preference.tokenize_cached(cache, loaded, tok, opts, "bench")
+      timing[f"{run}_seconds"] = round(time.perf_counter() - t, 3)
+    print(json.dumps({"rows": n, "cache": "W/data_cache", **timing,
+                      "cache_file_bytes": sum(os.path.getsize(os.path.join(cache, f))
+                                              for f in os.listdir(cache))}))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ class StopAgreement:
   notice, and all stop after step max(r) + LEAD. A process that reaches its own r + LEAD before
   every process has posted waits there for the rest. That wait cannot deadlock, provided the
   caller finishes step s - 1 before it asks about step s (train.py's loop does, reading each
-  step's NaN flag one step later) and every step has a collective over all processes. Then no
+  step's NaN flag one step later) and every step has a collective over all processes (train's
+  does: sharding.make_mesh spans every device of every process, and the loss is a mean over the
+  global batch, so its gradient is reduced across all of them). Then no
   process is more than a step ahead of another, so every process that has not posted yet
   reaches its next check needing from the others only steps, checkpoints and logs up to r + 1,
   all of which a waiting process has already done.

@@ -17,7 +17,7 @@ import itertools
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -228,7 +228,7 @@ class Run:
   tokenizer: Any
   spec: losses.LossSpec
   train_data: preference.Batches
-  eval_examples: list
+  eval_examples: Sequence
   eval_columns: dict
   state: dict
   state_shardings: Any
@@ -266,17 +266,19 @@ def scratch_model(model_cfg: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**{k: v for k, v in model_cfg.items() if k in fields})
 
 
-def load_data(config, tokenizer, pad_id: int):
+def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
   opts = preference.TokenizeOptions(config.data.max_length, config.data.max_prompt_length,
                                     config.data.truncation_mode)
+  # W/data_cache: a rerun of the same job (a resume) reads the examples instead of tokenising.
+  cache = os.path.join(workdir, "data_cache") if workdir and config.data.cache else None
   source, rows = preference.load_rows(config.data.train, config.data.split)
   split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
-  examples, skipped = preference.tokenize_rows(rows, tokenizer, opts, source,
-                                               config.data.on_error, **split)
+  examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
+                                                 config.data.on_error, **split)
   if config.data.eval:
     esource, erows = preference.load_rows(config.data.eval, config.data.eval_split)
-    eval_examples, eskipped = preference.tokenize_rows(erows, tokenizer, opts, esource,
-                                                       config.data.on_error, **split)
+    eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
+                                                         config.data.on_error, **split)
     skipped += eskipped
   else:   # hold out a deterministic fraction of the training rows
     n_eval = int(len(examples) * config.data.eval_fraction)
@@ -312,7 +314,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
   model_cfg = load.model_config(config.model.init, scratch_model(config.model), **numerics)
   tokenizer = load.load_tokenizer(config.model.tokenizer or config.model.init)
   pad_id = preference.pad_id(tokenizer)
-  train_data, eval_examples, _ = load_data(config, tokenizer, pad_id)
+  train_data, eval_examples, _ = load_data(config, tokenizer, pad_id, workdir)
 
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
   if isinstance(train_data, packing.PackedBatches):

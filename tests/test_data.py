@@ -964,3 +964,61 @@ def test_padding_id_is_the_pad_token_else_eos_else_zero():
   tok = lambda pad, eos: types.SimpleNamespace(pad_token_id=pad, eos_token_id=eos)   # noqa: E731
   assert [P.pad_id(tok(5, 7)), P.pad_id(tok(None, 7)), P.pad_id(tok(None, None)),
           P.pad_id(tok(0, 7))] == [5, 7, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenised-data cache (preference.tokenize_cached)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokenised_data_is_cached_and_invalidated(tmp_path, monkeypatch):
+  calls, tokenise = [], P.tokenize_rows
+  monkeypatch.setattr(P, "tokenize_rows", lambda *a, **k: calls.append(1) or tokenise(*a, **k))
+  cache = str(tmp_path / "cache")
+  lines = [json.dumps(good(i)) for i in range(4)] + ["{bad"]
+  path = write_jsonl(tmp_path / "d.jsonl", lines)
+
+  def run(src=path, tok=BYTE, opts=OPTS, on_error="skip"):
+    calls.clear()
+    out = P.tokenize_cached(cache, P.load_rows(src)[1], tok, opts, "s", on_error)
+    return out, len(calls)
+
+  want = tokenise(P.load_rows(path)[1], BYTE, OPTS, "s", "skip")
+  assert run() == (want, 1) and run() == (want, 0)   # tokenised, then read
+  assert len(os.listdir(cache)) == 1 and want[1] == 1
+  assert run(opts=P.TokenizeOptions(64, 16))[1] == 1            # other options
+  assert run(tok=word_tokenizer())[1] == 1                      # another tokenizer
+  with pytest.raises(P.DataError, match="row 5: invalid JSON"):   # on_error is in the key
+    run(on_error="fail")
+  write_jsonl(tmp_path / "d.jsonl", lines[:3])                  # the file changed
+  assert run() == (tokenise(P.load_rows(path)[1], BYTE, OPTS, "s"), 1)
+  assert len(os.listdir(cache)) == 4
+  for name in os.listdir(cache):                                # unreadable: tokenise again
+    (tmp_path / "cache" / name).write_bytes(b"not an npz")
+  assert run() == (tokenise(P.load_rows(path)[1], BYTE, OPTS, "s"), 1) and run()[1] == 0
+  # a dataset's fingerprint and a list's JSON are keys too; a slow tokenizer is not cached
+  datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+  assert run(str(tmp_path / "ds"))[1] == 1 and run(str(tmp_path / "ds"))[1] == 0
+  assert run(ROWS)[1] == 1 and run(ROWS)[1] == 0 and run(ROWS[:2])[1] == 1
+  slow = types.SimpleNamespace(**{k: getattr(BYTE, k) for k in (
+      "bos_token_id", "eos_token_id", "chat_template")})
+  assert P.cache_key(ROWS, slow, OPTS, "fail") is None
+  assert P.cache_key(P._LazyRows(2, ROWS.__getitem__), BYTE, OPTS, "fail") is None
+
+
+@pytest.mark.parametrize("other_has_it", [True, False])
+def test_processes_read_the_cache_only_when_all_have_it(tmp_path, other_has_it):
+  """Process 0 of 2 finds the cache: it reads it if process 1 does too, else both tokenise (the
+  exchange of parts is collective)."""
+  cache = str(tmp_path / "cache")
+  whole = P.tokenize_cached(cache, ROWS, BYTE, OPTS)
+  theirs = P.pack_part(P.tokenize_part(ROWS, BYTE, OPTS, "<rows>", range(1, 6), 1, 2))
+  sent = []
+
+  def exchange(mine):
+    sent.append(mine)
+    if len(sent) == 1:   # do all processes have the cache?
+      return [mine, b"1" if other_has_it else b"0"]
+    return [mine, theirs]
+  got = P.tokenize_cached(cache, ROWS, BYTE, OPTS, part=(0, 2), exchange=exchange)
+  assert got == whole and sent[0] == b"1" and len(sent) == (1 if other_has_it else 2)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import train, writers
+from dpo_jax.data import preference
 from helpers import REPO, config, unpaired_rows, xla_env
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -149,3 +150,20 @@ def _with_loss_key(key, value):
   cfg.unlock()
   cfg.loss[key] = value
   return cfg
+
+
+def test_a_rerun_reads_the_tokenised_data_from_the_cache(tmp_path, monkeypatch):
+  """W/data_cache holds the tokenised rows: the same job set up again (a resume) tokenises
+  nothing and gets the same examples; data.cache=False tokenises."""
+  cfg = config(eval_every=0)
+  first = train.setup(cfg, workdir=str(tmp_path))
+  assert len(os.listdir(tmp_path / "data_cache")) == 1
+
+  def tokenise(*args, **kwargs):
+    raise AssertionError("tokenised again")
+  monkeypatch.setattr(preference, "tokenize_rows", tokenise)
+  again = train.setup(cfg, workdir=str(tmp_path))
+  assert again.train_data.examples == first.train_data.examples
+  assert again.eval_examples == first.eval_examples and len(first.eval_examples) > 0
+  with pytest.raises(AssertionError, match="tokenised again"):
+    train.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))

@@ -38,12 +38,16 @@ from __future__ import annotations
 import array
 import collections.abc
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+
+from dpo_jax import writers
 
 ROLES = ("system", "user", "assistant", "tool")
 ON_ERROR = ("fail", "skip")
@@ -71,19 +75,20 @@ class Tokenized:
 
 
 class _Rows(list):
-  """A list of rows that remembers each row's number (JSONL line) for error messages."""
+  """A list of rows that remembers each row's number (JSONL line) for error messages and a hash
+  of their source (tokenize_cached's key)."""
 
-  def __init__(self, rows, numbers):
+  def __init__(self, rows, numbers, fingerprint=None):
     super().__init__(rows)
-    self.numbers = list(numbers)
+    self.numbers, self.fingerprint = list(numbers), fingerprint
 
 
 class _LazyRows(collections.abc.Sequence):
   """Rows read when they are indexed: each process of a shared tokenising
   (distributed.tokenize_split) parses or converts only its own rows. `read(j)` gives row j."""
 
-  def __init__(self, count: int, read, numbers=None):
-    self._count, self._read = count, read
+  def __init__(self, count: int, read, numbers=None, fingerprint=None):
+    self._count, self._read, self.fingerprint = count, read, fingerprint
     if numbers is not None:
       self.numbers = numbers
 
@@ -115,6 +120,7 @@ def _parse_line(line: str):
 def _read_jsonl(path: str):
   with open(path, encoding="utf-8-sig") as f:
     text = f.read()
+  fingerprint = hashlib.sha256(text.encode()).hexdigest()
   if path.endswith(".json") and text.lstrip().startswith("["):
     try:
       rows = json.loads(text)
@@ -123,13 +129,13 @@ def _read_jsonl(path: str):
     if isinstance(rows, list):
       return _Rows([r if isinstance(r, dict) else _BadRow(
           f"expected a JSON object, got {type(r).__name__}") for r in rows],
-                   range(1, len(rows) + 1))
+                   range(1, len(rows) + 1), fingerprint)
   lines, numbers = [], []
   for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 is not a newline
     if line.strip():
       lines.append(line)
       numbers.append(i)
-  return _LazyRows(len(lines), lambda j: _parse_line(lines[j]), numbers)
+  return _LazyRows(len(lines), lambda j: _parse_line(lines[j]), numbers, fingerprint)
 
 
 def _dataset_rows(ds):
@@ -137,7 +143,8 @@ def _dataset_rows(ds):
   table stays memory-mapped); any other iterable of rows (an IterableDataset) as a list."""
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
   if isinstance(ds, datasets.Dataset):
-    return _LazyRows(len(ds), lambda j: dict(ds[j]))
+    return _LazyRows(len(ds), lambda j: dict(ds[j]),
+                     fingerprint=getattr(ds, "_fingerprint", None))
   return [dict(r) for r in ds]
 
 
@@ -420,6 +427,63 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
     parts = [mine if p == index else unpack_part(blob)
              for p, blob in enumerate(exchange(pack_part(mine)))]
   return collect(parts, numbers, source, on_error)
+
+
+CACHE_FORMAT = "dpo_jax examples 1"   # change when Examples or tokenising changes
+
+
+def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOptions,
+                    source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
+                    exchange=None) -> tuple[Examples, int]:
+  """tokenize_rows, kept in cache_dir/<key>.npz: a rerun (a resumed job) reads the examples
+  instead of tokenising again. The key hashes the rows' source (a JSONL file's text, a dataset's
+  fingerprint, a list's JSON), the tokenizer (its tokenizer.json, chat template, BOS and EOS),
+  the options and on_error; without a source hash or a fast tokenizer nothing is cached.
+
+  Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
+  """
+  key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
+  path = None if key is None else os.path.join(cache_dir, f"{key[:32]}.npz")
+  cached = None
+  if path is not None and os.path.exists(path):
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        cached = Examples(z["tokens"], z["lens"], z["labels"]), int(z["skipped"])
+    except (OSError, ValueError, KeyError, EOFError) as e:   # unreadable: tokenise again
+      print(f"{path}: not a readable tokenised-data cache ({type(e).__name__}: {e}); "
+            f"tokenising again", file=sys.stderr)
+  if exchange is not None:   # tokenize_rows below is collective: every process or none
+    if not all(b == b"1" for b in exchange(b"0" if cached is None else b"1")):
+      cached = None
+  if cached is not None:
+    return cached
+  examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange)
+  if path is not None:
+    os.makedirs(cache_dir, exist_ok=True)
+    writers.write_atomic(path, lambda f: np.savez(
+        f, tokens=examples.tokens, lens=examples.lens, labels=examples.labels,
+        skipped=np.int64(skipped)), mode="wb")
+  return examples, skipped
+
+
+def cache_key(rows, tokenizer, opts: TokenizeOptions, on_error: str) -> Optional[str]:
+  """tokenize_cached's key, or None when the rows or the tokenizer cannot be hashed."""
+  data = getattr(rows, "fingerprint", None)
+  if data is None and isinstance(rows, (list, tuple)):
+    try:
+      data = hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode()).hexdigest()
+    except (TypeError, ValueError):
+      return None
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if data is None or backend is None:
+    return None
+  h = hashlib.sha256()
+  for part in (CACHE_FORMAT, data, backend.to_str(), type(tokenizer).__name__,
+               repr(getattr(tokenizer, "chat_template", None)),
+               repr((tokenizer.bos_token_id, tokenizer.eos_token_id)),
+               repr(dataclasses.astuple(opts)), on_error):
+    h.update(part.encode() + b"\0")
+  return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
