@@ -1022,3 +1022,6 @@ def test_processes_read_the_cache_only_when_all_have_it(tmp_path, other_has_it):
     return [mine, theirs]
   got = P.tokenize_cached(cache, ROWS, BYTE, OPTS, part=(0, 2), exchange=exchange)
   assert got == whole and sent[0] == b"1" and len(sent) == (1 if other_has_it else 2)
+  sent.clear()   # no cache: no agreement, only the exchange of parts
+  assert P.tokenize_cached(None, ROWS, BYTE, OPTS, part=(0, 2), exchange=lambda mine: (
+      sent.append(mine) or [mine, theirs])) == whole and len(sent) == 1

@@ -452,7 +452,7 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
     except (OSError, ValueError, KeyError, EOFError) as e:   # unreadable: tokenise again
       print(f"{path}: not a readable tokenised-data cache ({type(e).__name__}: {e}); "
             f"tokenising again", file=sys.stderr)
-  if exchange is not None:   # tokenize_rows below is collective: every process or none
+  if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
     if not all(b == b"1" for b in exchange(b"0" if cached is None else b"1")):
       cached = None
   if cached is not None:
