@@ -162,14 +162,12 @@ def cached_columns(prefix: str, graphdef, params, mesh, rules, *, chunk: int, st
   def columns(examples, split):
     key = hashlib.sha256((weights_key + fingerprint_examples(examples)).encode()).hexdigest()
     path = os.path.join(workdir, f"{prefix}_cache", f"{split}-{key[:20]}.npz")
-    if os.path.exists(path):
-      with np.load(path) as f:
-        return {k: f[k] for k in f.files}
+    cols = writers.read_npz(path)
+    if cols is not None:
+      return cols
     cols = _precompute(score, params, examples, mesh, rules, batch_size, buckets, pad_id,
                        stats, prefix)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # A kill mid-write never leaves a cache that looks complete.
-    writers.write_atomic(path, lambda f: np.savez(f, **cols), mode="wb")
+    writers.write_npz(path, cols)   # a kill mid-write never leaves a cache that looks complete
     return cols
   return columns
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -27,6 +28,26 @@ def write_atomic(path: str, write, mode: str = "w"):
   with open(tmp, mode) as f:
     write(f)
   os.replace(tmp, path)
+
+
+def write_npz(path: str, arrays: dict):
+  """A cache of arrays: the directory made, the file renamed into place (see write_atomic)."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
+
+
+def read_npz(path: str) -> dict | None:
+  """A cache written by write_npz, or None when there is none or it cannot be read (said on
+  stderr: the caller computes it again and overwrites it)."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except (OSError, ValueError, EOFError) as e:
+    print(f"{path}: not a readable cache ({type(e).__name__}: {e}); computing it again",
+          file=sys.stderr)
+    return None
 
 
 def save_tokenizer(tokenizer, directory: str):

@@ -66,6 +66,10 @@ def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="reused"):   # changed reference weights
       train.setup(config(**SMALL, reference__mode="precomputed", seed=1),
                   workdir=str(tmp_path))
+    with open(files[1], "wb") as f:   # an unreadable cache is computed again
+      f.write(b"not an npz")
+    with pytest.raises(AssertionError, match="reused"):
+      train.setup(cfg, workdir=str(tmp_path))
 
 
 def test_the_cache_key_of_the_examples_is_unchanged_by_holding_them_as_arrays():

@@ -42,7 +42,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -74,18 +73,11 @@ class Tokenized:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Rows(list):
-  """A list of rows that remembers each row's number (JSONL line) for error messages and a hash
-  of their source (tokenize_cached's key)."""
-
-  def __init__(self, rows, numbers, fingerprint=None):
-    super().__init__(rows)
-    self.numbers, self.fingerprint = list(numbers), fingerprint
-
-
 class _LazyRows(collections.abc.Sequence):
   """Rows read when they are indexed: each process of a shared tokenising
-  (distributed.tokenize_split) parses or converts only its own rows. `read(j)` gives row j."""
+  (distributed.tokenize_split) parses or converts only its own rows. `read(j)` gives row j;
+  `numbers` are the rows' numbers for error messages (JSONL lines), `fingerprint` a hash of their
+  source (tokenize_cached's key)."""
 
   def __init__(self, count: int, read, numbers=None, fingerprint=None):
     self._count, self._read, self.fingerprint = count, read, fingerprint
@@ -109,12 +101,14 @@ class _BadRow:
 
 def _parse_line(line: str):
   try:
-    row = json.loads(line)
+    return _object(json.loads(line))
   except json.JSONDecodeError as e:
     return _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
-  if not isinstance(row, dict):
-    return _BadRow(f"expected a JSON object, got {type(row).__name__}")
-  return row
+
+
+def _object(value):
+  return value if isinstance(value, dict) else _BadRow(
+      f"expected a JSON object, got {type(value).__name__}")
 
 
 def _read_jsonl(path: str):
@@ -127,9 +121,8 @@ def _read_jsonl(path: str):
     except json.JSONDecodeError:
       rows = None
     if isinstance(rows, list):
-      return _Rows([r if isinstance(r, dict) else _BadRow(
-          f"expected a JSON object, got {type(r).__name__}") for r in rows],
-                   range(1, len(rows) + 1), fingerprint)
+      return _LazyRows(len(rows), lambda j: _object(rows[j]), range(1, len(rows) + 1),
+                       fingerprint)
   lines, numbers = [], []
   for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 is not a newline
     if line.strip():
@@ -444,14 +437,10 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
   path = None if key is None else os.path.join(cache_dir, f"{key[:32]}.npz")
+  z = None if path is None else writers.read_npz(path)
   cached = None
-  if path is not None and os.path.exists(path):
-    try:
-      with np.load(path, allow_pickle=False) as z:
-        cached = Examples(z["tokens"], z["lens"], z["labels"]), int(z["skipped"])
-    except (OSError, ValueError, KeyError, EOFError) as e:   # unreadable: tokenise again
-      print(f"{path}: not a readable tokenised-data cache ({type(e).__name__}: {e}); "
-            f"tokenising again", file=sys.stderr)
+  if z is not None and {"tokens", "lens", "labels", "skipped"} <= set(z):
+    cached = Examples(z["tokens"], z["lens"], z["labels"]), int(z["skipped"])
   if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
     if not all(b == b"1" for b in exchange(b"0" if cached is None else b"1")):
       cached = None
@@ -459,10 +448,8 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
     return cached
   examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange)
   if path is not None:
-    os.makedirs(cache_dir, exist_ok=True)
-    writers.write_atomic(path, lambda f: np.savez(
-        f, tokens=examples.tokens, lens=examples.lens, labels=examples.labels,
-        skipped=np.int64(skipped)), mode="wb")
+    writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
+                             "labels": examples.labels, "skipped": np.int64(skipped)})
   return examples, skipped
 
 
