@@ -6,16 +6,21 @@
   directory (rows parsed or converted when indexed) against all rows as dicts (what it returned
   before), with the seconds to load and to read half of the rows (one process of two);
 - the tokenised-data cache (preference.tokenize_cached): tokenising and writing it, then reading
-  it as a rerun does.
+  it as a rerun does;
+- processes on one host holding the cached examples (4 by default): the ids mapped from the cache
+  file, as tokenize_cached hands them back, against the same arrays read into each process's
+  memory (what it did before), with each process's resident, proportional (PSS) and private
+  bytes from /proc/self/smaps_rollup, and the time to read 10,000 random examples.
 
 The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn Zipf-like with
 ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
 of its own (CPython caches -5..256 only): a real vocabulary's case.
 
-    python benchmarks/example_memory.py [rows]   # four JSON lines
+    python benchmarks/example_memory.py [rows] [processes]   # five JSON lines
 """
 import gc
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -28,6 +33,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from dpo_jax import writers
 from dpo_jax.data import preference
 
 VOCAB = 50_000
@@ -67,8 +73,63 @@ def held(make):
   return out, now - base, peak - base
 
 
+def smaps() -> dict:
+  """This process's resident, proportional and private bytes (Linux)."""
+  out = {}
+  with open("/proc/self/smaps_rollup") as f:
+    for line in f:
+      name, _, value = line.partition(":")
+      if value.strip().endswith("kB"):
+        out[name] = int(value.split()[0]) * 1024
+  return {"rss": out["Rss"], "pss": out["Pss"],
+          "private": out["Private_Clean"] + out["Private_Dirty"]}
+
+
+def hold(path: str, mapped: bool, barrier, results):
+  """One process: the cached examples, every id read; measured while every process holds them."""
+  gc.collect()
+  before = smaps()
+  z = writers.read_npz(path, mapped=("tokens",) if mapped else ())
+  examples = preference.Examples(z["tokens"], z["lens"], z["labels"], z.get("starts"),
+                                 narrow=False)
+  checksum = int(examples.tokens.sum(dtype=np.int64))   # every page touched
+  barrier.wait()
+  after = smaps()
+  idx = np.random.default_rng(os.getpid()).integers(0, len(examples), 10_000)
+  t = time.perf_counter()
+  for i in idx:
+    examples[i]
+  access = time.perf_counter() - t
+  barrier.wait()   # stay alive until every process has measured
+  results.put({"checksum": checksum, "access_seconds": access,
+               **{k: after[k] - before[k] for k in after}})
+
+
+def shared(path: str, processes: int) -> dict:
+  ctx = multiprocessing.get_context("spawn")
+  out = {"processes": processes, "cache_file_bytes": os.path.getsize(path)}
+  for mapped in (True, False):
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=hold, args=(path, mapped, barrier, results))
+             for _ in range(processes)]
+    for p in procs:
+      p.start()
+    got = [results.get() for _ in procs]
+    for p in procs:
+      p.join()
+    assert len({g["checksum"] for g in got}) == 1
+    kind = "mapped" if mapped else "in_memory"
+    for k in ("rss", "pss", "private"):
+      out[f"{kind}_{k}_bytes_per_process"] = int(np.mean([g[k] for g in got]))
+    out[f"{kind}_pss_bytes_all_processes"] = int(sum(g["pss"] for g in got))
+    out[f"{kind}_10000_examples_seconds"] = round(float(np.median(
+        [g["access_seconds"] for g in got])), 3)
+  return out
+
+
 def main():
   n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+  processes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
   data, tok = rows(n), tokenizer()
   opts = preference.TokenizeOptions(1024, 512)
   (examples, _), arrays, arrays_peak = held(
@@ -112,9 +173,11 @@ def main():
       t = time.perf_counter()
       preference.tokenize_cached(cache, loaded, tok, opts, "bench")
       timing[f"{run}_seconds"] = round(time.perf_counter() - t, 3)
+    [name] = os.listdir(cache)
     print(json.dumps({"rows": n, "cache": "W/data_cache", **timing,
-                      "cache_file_bytes": sum(os.path.getsize(os.path.join(cache, f))
-                                              for f in os.listdir(cache))}))
+                      "cache_file_bytes": os.path.getsize(os.path.join(cache, name))}))
+    print(json.dumps({"rows": n, "cache_held_by": "processes on one host",
+                      **shared(os.path.join(cache, name), processes)}))
 
 
 if __name__ == "__main__":

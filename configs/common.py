@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.buckets = ()              # () = powers of two from 32 up to max_length
   c.data.on_error = "fail"         # fail | skip (bad rows are counted)
   c.data.cache = True              # keep the tokenised data in W/data_cache (a rerun reads it)
+  c.data.cache_keep = 4            # W/data_cache keeps the files written or read last (0: all)
   c.data.packing = False           # several sequences per row, segment ids (data/packing.py)
   c.data.share_prompt = False      # pack each pair as [prompt | chosen | rejected]: the prompt
                                    # is computed once (implies packing; data/packing.py)

@@ -130,11 +130,12 @@ def _load(path, cfg, init_params, mesh, rules, dtype):
 def fingerprint_examples(examples) -> str:
   """A hash of every example's ids and label (each part as int64 bytes, then "|")."""
   ex = preference.Examples.of(examples)
-  tokens, h = ex.tokens.astype(np.int64), hashlib.sha256()
+  h = hashlib.sha256()
   for (lp, lc, lr), at, label in zip(ex.lens.tolist(), ex.starts.tolist(), ex.labels.tolist()):
-    cuts = (at, at + lp, at + lp + lc, at + lp + lc + max(lr, 0))
+    ids = ex.tokens[at:at + lp + lc + max(lr, 0)].astype(np.int64)   # one example at a time
+    cuts = (0, lp, lp + lc, ids.size)
     for a, b in zip(cuts, cuts[1:]):
-      h.update(tokens[a:b].tobytes())
+      h.update(ids[a:b].tobytes())
       h.update(b"|")
     h.update(np.int64(int(label * 2)).tobytes())
     h.update(b"|")

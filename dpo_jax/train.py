@@ -271,14 +271,18 @@ def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
                                     config.data.truncation_mode)
   # W/data_cache: a rerun of the same job (a resume) reads the examples instead of tokenising.
   cache = os.path.join(workdir, "data_cache") if workdir and config.data.cache else None
+  keep = config.data.cache_keep
+  if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+    raise ValueError(f"config.data.cache_keep={keep!r} must be an integer >= 0 (0: keep every "
+                     f"file of W/data_cache)")
   source, rows = preference.load_rows(config.data.train, config.data.split)
   split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
   examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
-                                                 config.data.on_error, **split)
+                                                 config.data.on_error, **split, keep=keep)
   if config.data.eval:
     esource, erows = preference.load_rows(config.data.eval, config.data.eval_split)
     eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
-                                                         config.data.on_error, **split)
+                                                         config.data.on_error, **split, keep=keep)
     skipped += eskipped
   else:   # hold out a deterministic fraction of the training rows
     n_eval = int(len(examples) * config.data.eval_fraction)

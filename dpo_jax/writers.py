@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import sys
+import zipfile
 
 import numpy as np
 
@@ -36,18 +38,72 @@ def write_npz(path: str, arrays: dict):
   write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
 
 
-def read_npz(path: str) -> dict | None:
+def prune(directory: str, keep: int, suffix: str = ".npz"):
+  """Deletes all but the `keep` most recently written or used files of `directory` whose names
+  end in `suffix` (not the temporary files of write_atomic); keep=0 deletes nothing. A file
+  another process deleted first, or one mapped by a reader, is no error (the mapping stays)."""
+  if keep <= 0 or not os.path.isdir(directory):
+    return
+  names = [n for n in os.listdir(directory) if n.endswith(suffix) and ".tmp" not in n]
+  stamps = []
+  for n in names:
+    try:
+      stamps.append((os.stat(os.path.join(directory, n)).st_mtime_ns, n))
+    except FileNotFoundError:
+      pass
+  for _, n in sorted(stamps, reverse=True)[keep:]:
+    try:
+      os.remove(os.path.join(directory, n))
+    except FileNotFoundError:
+      pass
+
+
+def read_npz(path: str, mapped: tuple[str, ...] = ()) -> dict | None:
   """A cache written by write_npz, or None when there is none or it cannot be read (said on
-  stderr: the caller computes it again and overwrites it)."""
+  stderr: the caller computes it again and overwrites it).
+
+  The arrays named in `mapped` are mapped read-only from the file instead of read into memory:
+  processes on one host share their pages, and they need not fit in memory. A rename over the
+  file leaves a mapping on the old contents.
+  """
   if not os.path.exists(path):
     return None
   try:
     with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  except (OSError, ValueError, EOFError) as e:
+      return {k: (_map_member(z.zip, k) if k in mapped else z[k]) for k in z.files}
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     print(f"{path}: not a readable cache ({type(e).__name__}: {e}); computing it again",
           file=sys.stderr)
     return None
+
+
+def _map_member(zf: zipfile.ZipFile, name: str) -> np.ndarray:
+  """The array `name` of an npz (np.savez stores members uncompressed) as a read-only memmap of
+  the file np.load opened (a file renamed over the path since is not the one mapped)."""
+  info = zf.getinfo(f"{name}.npy")
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise ValueError(f"{name} is compressed, so it cannot be mapped")
+  f = zf.fp
+  f.seek(info.header_offset)
+  local = f.read(30)   # the local file header: the name and extra field lengths end it
+  if len(local) != 30 or local[:4] != b"PK\x03\x04":
+    raise ValueError(f"no local header for {name}")
+  name_len, extra_len = struct.unpack("<HH", local[26:30])
+  f.seek(info.header_offset + 30 + name_len + extra_len)
+  version = np.lib.format.read_magic(f)
+  if version not in ((1, 0), (2, 0)):
+    raise ValueError(f"{name}: npy format {version} is not mapped")
+  read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                 else np.lib.format.read_array_header_2_0)
+  shape, fortran, dtype = read_header(f)
+  offset = f.tell()
+  if fortran or dtype.hasobject or len(shape) != 1:
+    raise ValueError(f"{name} is not a flat array")
+  if offset + dtype.itemsize * shape[0] > os.fstat(f.fileno()).st_size:
+    raise ValueError(f"{name} runs past the end of the file")
+  if shape[0] == 0:
+    return np.zeros(0, dtype)
+  return np.asarray(np.memmap(f, dtype, "r", offset, shape))   # the mapping outlives the file
 
 
 def save_tokenizer(tokenizer, directory: str):

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from dpo_jax import writers
 from dpo_jax.data import preference as P
 from dpo_jax.data.tokenizer import byte_tokenizer
 
@@ -931,17 +932,37 @@ def test_examples_behave_as_the_list_they_hold(ex, small, data):
   step = data.draw(st.sampled_from([1, 2, -1, -3]))
   assert e[start:stop:step] == ex[start:stop:step]
   idx = data.draw(st.lists(st.integers(0, max(len(ex) - 1, 0)), max_size=10)) if ex else []
-  assert e.take(idx) == [ex[i] for i in idx] == e[np.array(idx, np.int64)]
-  e.TAKE_BLOCK = 2   # several blocks
-  assert e.take(idx) == [ex[i] for i in idx] and e[::-1] == ex[::-1]
+  view = e.take(idx)
+  assert view == [ex[i] for i in idx] == e[np.array(idx, np.int64)]
+  assert view.tokens is e.tokens   # a view: no ids copied
+  view.COMPACT_BLOCK = 2   # compact() in several blocks
+  own = view.compact()
+  assert own == [ex[i] for i in idx] and own.contiguous and own.compact() is own
+  assert own.tokens.dtype == e.tokens.dtype
+  assert own.tokens.tolist() == [t for i in idx for x in [ex[i]]
+                                 for seq in (x.prompt, x.chosen, x.rejected or []) for t in seq]
+  assert e.contiguous and view.contiguous == (idx == list(range(len(ex))))
+  assert e[::-1] == ex[::-1]
   assert e.longest == max((len(x.prompt) + max(len(x.chosen), len(x.rejected or []))
                            for x in ex), default=0)
-  assert P.Examples.concat([e, e.take(idx)]) == ex + [ex[i] for i in idx]
+  both = P.Examples.concat([e, view, view[::-1]])
+  assert both == ex + [ex[i] for i in idx] + [ex[i] for i in idx][::-1]
+  assert both[len(ex):].take(range(len(idx))) == [ex[i] for i in idx]   # a view of a view
 
 
 def test_examples_reject_arrays_that_do_not_match():
-  with pytest.raises(ValueError, match=r"2 lengths and 2 labels for 5 tokens \(6 expected\)"):
+  with pytest.raises(ValueError, match=r"2 lengths for 5 tokens \(6 expected\)"):
     P.Examples(np.arange(5), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0])
+  with pytest.raises(ValueError, match=r"2 lengths and 1 labels"):
+    P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0])
+  with pytest.raises(ValueError, match=r"2 starts for 2 examples do not lie within 6 tokens"):
+    P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0], starts=[0, 4])
+  with pytest.raises(ValueError, match=r"1 starts for 2 examples"):
+    P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0], starts=[0])
+  with pytest.raises(ValueError, match=r"must be a flat uint16 or int32 array, got int64"):
+    P.Examples(np.arange(3), [[1, 1, 1]], [1.0], narrow=False)
+  overlapping = P.Examples(np.arange(4), [[1, 1, 1], [1, 1, 1]], [1.0, 0.0], starts=[1, 0])
+  assert list(overlapping) == [P.Tokenized([1], [2], [3], 1.0), P.Tokenized([0], [1], [2], 0.0)]
   with pytest.raises(ValueError, match=r"must be integers that fit int32, got int64 from 0 to "
                                        r"4294967296"):
     P.Examples(np.array([0, 1 << 32]), [[1, 1, -1]], [1.0])
@@ -1004,6 +1025,68 @@ def test_tokenised_data_is_cached_and_invalidated(tmp_path, monkeypatch):
       "bos_token_id", "eos_token_id", "chat_template")})
   assert P.cache_key(ROWS, slow, OPTS, "fail") is None
   assert P.cache_key(P._LazyRows(2, ROWS.__getitem__), BYTE, OPTS, "fail") is None
+
+
+def test_cached_ids_are_mapped_from_the_file(tmp_path, monkeypatch):
+  """tokenize_cached hands back the ids mapped from its file (also right after writing it), a
+  rename over the file leaves a mapping on the old contents, and a file written before "starts",
+  one with starts out of range, or a compressed one are handled."""
+  calls, tokenise = [], P.tokenize_rows
+  monkeypatch.setattr(P, "tokenize_rows", lambda *a, **k: calls.append(1) or tokenise(*a, **k))
+  cache = str(tmp_path / "cache")
+  rows = [good(i) for i in range(6)] + [{"prompt": "p"}]
+  want = tokenise(rows, BYTE, OPTS, "s", "skip")
+
+  def run():
+    calls.clear()
+    out = P.tokenize_cached(cache, rows, BYTE, OPTS, "s", "skip")
+    return out, len(calls)
+
+  (first, skipped), n = run()
+  assert (first, skipped) == want and n == 1 and skipped == 1
+  assert isinstance(first.tokens.base, np.memmap) and not first.tokens.flags.writeable
+  (again, _), n = run()
+  assert again == first and n == 0 and isinstance(again.tokens.base, np.memmap)
+  view = again.take([4, 0])
+  assert view.tokens is again.tokens and view == [want[0][4], want[0][0]]
+  [path] = [os.path.join(cache, f) for f in os.listdir(cache)]
+  ex = want[0]
+  writers.write_npz(path, {"tokens": ex.tokens[::-1].copy(), "lens": ex.lens, "labels": ex.labels,
+                           "skipped": np.int64(1)})   # replaced under the mapping; no "starts"
+  assert first == want[0] and again == want[0]
+  (old, _), n = run()
+  assert n == 0 and old.tokens.tolist() == ex.tokens[::-1].tolist() and old != want[0]
+  writers.write_npz(path, {"tokens": ex.tokens, "lens": ex.lens, "labels": ex.labels,
+                           "starts": ex.starts + 1, "skipped": np.int64(1)})
+  assert run() == (want, 1)   # starts past the end: tokenised again
+  with open(path, "wb") as f:
+    np.savez_compressed(f, tokens=ex.tokens, lens=ex.lens, labels=ex.labels, starts=ex.starts,
+                        skipped=np.int64(1))
+  assert run() == (want, 1) and run() == (want, 0)   # compressed: not mapped, written again
+  assert P.tokenize_cached(None, rows, BYTE, OPTS, "s", "skip") == want   # no cache: in memory
+
+
+def test_the_cache_keeps_the_files_used_last(tmp_path):
+  """keep=K: after a write the directory holds the K files written or read last; a file mapped
+  by a reader survives its deletion; temporary and other files are left alone; keep=0 keeps all."""
+  cache = tmp_path / "cache"
+  run = lambda n, keep=2: P.tokenize_cached(str(cache), ROWS[:n], BYTE, OPTS, keep=keep)[0]  # noqa: E731
+  held = run(1)
+  names = lambda: sorted(os.listdir(cache))   # noqa: E731
+  first = names()
+  run(2)
+  assert len(names()) == 2
+  os.utime(cache / first[0], ns=(1, 1))   # written long ago,
+  assert run(1) == held                     # but read now: it is the newest
+  (cache / "x.tmp0.npz").write_bytes(b"")   # a write in progress (write_atomic)
+  (cache / "notes.txt").write_bytes(b"")
+  third = run(3)
+  assert first[0] in names() and len(names()) == 4   # 1 and 3 rows, and the other two files
+  assert third == P.tokenize_rows(ROWS[:3], BYTE, OPTS)[0]
+  run(4)
+  assert first[0] not in names() and held == P.tokenize_rows(ROWS[:1], BYTE, OPTS)[0]
+  run(5, keep=0)
+  assert len(names()) == 5
 
 
 @pytest.mark.parametrize("other_has_it", [True, False])

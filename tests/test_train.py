@@ -165,5 +165,10 @@ def test_a_rerun_reads_the_tokenised_data_from_the_cache(tmp_path, monkeypatch):
   again = train.setup(cfg, workdir=str(tmp_path))
   assert again.train_data.examples == first.train_data.examples
   assert again.eval_examples == first.eval_examples and len(first.eval_examples) > 0
+  # the hold-out split is two views of the ids mapped from the cache file: nothing copied
+  assert again.train_data.examples.tokens is again.eval_examples.tokens
+  assert isinstance(again.eval_examples.tokens.base, np.memmap)
   with pytest.raises(AssertionError, match="tokenised again"):
     train.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"config.data.cache_keep=-1 must be an integer >= 0"):
+    train.setup(config(eval_every=0, data__cache_keep=-1), workdir=str(tmp_path))

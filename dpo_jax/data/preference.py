@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -427,30 +428,51 @@ CACHE_FORMAT = "dpo_jax examples 1"   # change when Examples or tokenising chang
 
 def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOptions,
                     source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
-                    exchange=None) -> tuple[Examples, int]:
+                    exchange=None, keep: int = 0) -> tuple[Examples, int]:
   """tokenize_rows, kept in cache_dir/<key>.npz: a rerun (a resumed job) reads the examples
-  instead of tokenising again. The key hashes the rows' source (a JSONL file's text, a dataset's
+  instead of tokenising again. After writing a file, cache_dir keeps the `keep` files written or
+  read last (0: every file). The key hashes the rows' source (a JSONL file's text, a dataset's
   fingerprint, a list's JSON), the tokenizer (its tokenizer.json, chat template, BOS and EOS),
   the options and on_error; without a source hash or a fast tokenizer nothing is cached.
 
+  The token ids come back mapped from the file, also right after writing it: processes on one
+  host share one copy in the page cache, and the ids need not fit in memory.
   Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
   path = None if key is None else os.path.join(cache_dir, f"{key[:32]}.npz")
-  z = None if path is None else writers.read_npz(path)
-  cached = None
-  if z is not None and {"tokens", "lens", "labels", "skipped"} <= set(z):
-    cached = Examples(z["tokens"], z["lens"], z["labels"]), int(z["skipped"])
+  cached = None if path is None else _read_examples(path)
   if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
     if not all(b == b"1" for b in exchange(b"0" if cached is None else b"1")):
       cached = None
   if cached is not None:
     return cached
   examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange)
-  if path is not None:
-    writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
-                             "labels": examples.labels, "skipped": np.int64(skipped)})
-  return examples, skipped
+  if path is None:
+    return examples, skipped
+  writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
+                           "labels": examples.labels, "starts": examples.starts,
+                           "skipped": np.int64(skipped)})
+  writers.prune(cache_dir, keep)
+  return _read_examples(path) or (examples, skipped)
+
+
+def _read_examples(path: str) -> Optional[tuple[Examples, int]]:
+  """tokenize_cached's file as (examples with mapped ids, skipped), or None."""
+  z = writers.read_npz(path, mapped=("tokens",))
+  if z is None or not {"tokens", "lens", "labels", "skipped"} <= set(z):
+    return None
+  try:   # files written before "starts" hold the examples one after another
+    out = (Examples(z["tokens"], z["lens"], z["labels"], z.get("starts"), narrow=False),
+           int(z["skipped"]))
+  except ValueError as e:
+    print(f"{path}: not a readable cache ({e}); computing it again", file=sys.stderr)
+    return None
+  try:
+    os.utime(path)   # used now: writers.prune keeps the files used last
+  except OSError:
+    pass
+  return out
 
 
 def cache_key(rows, tokenizer, opts: TokenizeOptions, on_error: str) -> Optional[str]:
@@ -555,7 +577,7 @@ def collect(parts: Sequence[Part], numbers, source: str, on_error: str) -> tuple
 def pack_part(part: Part) -> bytes:
   """A Part as bytes (numpy arrays, no pickle) for the exchange."""
   buf = io.BytesIO()
-  ex = part.examples
+  ex = part.examples.compact()
   np.savez(buf, index=part.index, paired=part.paired, lens=ex.lens, tokens=ex.tokens,
            labels=ex.labels, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8))
   return buf.getvalue()
@@ -569,23 +591,44 @@ def unpack_part(blob: bytes) -> Part:
 
 class Examples(collections.abc.Sequence):
   """Tokenized examples held as arrays: every example's prompt, chosen and rejected ids one after
-  another in one flat array (uint16 when every id fits, else int32), with [N, 3] lengths
-  (rejected -1: unpaired) and [N] labels. A Python list of ids costs 36 bytes a token above id
-  256; this costs 2 or 4, and the parts of a shared tokenising are exchanged as they are.
+  another in a flat token array (uint16 when every id fits, else int32), with [N, 3] lengths
+  (rejected -1: unpaired), [N] labels and [N] starts (where each example's ids begin). A Python
+  list of ids costs 36 bytes a token above id 256; this costs 2 or 4, and the parts of a shared
+  tokenising are exchanged as they are.
 
-  examples[i] is a Tokenized (lists of ints); examples[slice or index array] is an Examples.
+  examples[i] is a Tokenized (lists of ints). examples[slice or index array] and take() are
+  Examples on the same token array (no ids copied, so a view of a mapped cache stays mapped);
+  compact() copies the ids into an array of their own, in order.
   """
-  TAKE_BLOCK = 4096   # examples gathered at a time by take()
+  COMPACT_BLOCK = 4096   # examples gathered at a time by compact()
 
-  def __init__(self, tokens: np.ndarray, lens: np.ndarray, labels: np.ndarray):
-    self.tokens = _narrow(np.asarray(tokens))
+  def __init__(self, tokens: np.ndarray, lens: np.ndarray, labels: np.ndarray,
+               starts: Optional[np.ndarray] = None, narrow: bool = True):
+    """starts None: the examples follow each other in `tokens`. narrow=False keeps the tokens'
+    dtype (uint16 or int32) without reading them to choose it."""
+    tokens = np.asarray(tokens)
+    if narrow:
+      tokens = _narrow(tokens)
+    elif tokens.dtype not in (np.uint16, np.int32) or tokens.ndim != 1:
+      raise ValueError(f"token ids must be a flat uint16 or int32 array, got {tokens.dtype} "
+                       f"{tokens.shape}")
+    self.tokens = tokens
     self.lens = np.asarray(lens, np.int32).reshape(-1, 3)
     self.labels = np.asarray(labels, np.float64).reshape(-1)
     sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
-    self.starts = np.cumsum(sizes) - sizes
-    if len(self.labels) != len(self.lens) or sizes.sum() != self.tokens.size:
-      raise ValueError(f"{len(self.lens)} lengths and {len(self.labels)} labels for "
-                       f"{self.tokens.size} tokens ({sizes.sum()} expected)")
+    if len(self.labels) != len(self.lens):
+      raise ValueError(f"{len(self.lens)} lengths and {len(self.labels)} labels")
+    if starts is None:
+      if sizes.sum() != self.tokens.size:
+        raise ValueError(f"{len(self.lens)} lengths for {self.tokens.size} tokens "
+                         f"({sizes.sum()} expected)")
+      self.starts = np.cumsum(sizes) - sizes
+    else:
+      self.starts = np.asarray(starts, np.int64).reshape(-1)
+      if (len(self.starts) != len(self.lens) or (self.starts < 0).any()
+          or (self.starts + sizes > self.tokens.size).any()):
+        raise ValueError(f"{len(self.starts)} starts for {len(self.lens)} examples do not lie "
+                         f"within {self.tokens.size} tokens")
 
   @classmethod
   def of(cls, examples: Sequence[Tokenized]) -> Examples:
@@ -601,9 +644,11 @@ class Examples(collections.abc.Sequence):
   def concat(cls, parts: Sequence[Examples]) -> Examples:
     if len(parts) == 1:
       return parts[0]
+    shift = np.cumsum([0] + [p.tokens.size for p in parts[:-1]])
     return Examples(np.concatenate([p.tokens for p in parts]),
                     np.concatenate([p.lens for p in parts]),
-                    np.concatenate([p.labels for p in parts]))
+                    np.concatenate([p.labels for p in parts]),
+                    np.concatenate([p.starts + s for p, s in zip(parts, shift)]))
 
   def __len__(self) -> int:
     return len(self.lens)
@@ -625,18 +670,31 @@ class Examples(collections.abc.Sequence):
     return (self[i] for i in range(len(self)))
 
   def take(self, idx) -> Examples:
-    """The examples at the given indices, in that order."""
+    """The examples at the given indices, in that order, on the same token array."""
     idx = np.asarray(idx, np.int64).reshape(-1)
-    lens = self.lens[idx]
-    sizes = np.maximum(lens, 0).sum(1, dtype=np.int64)
+    return Examples(self.tokens, self.lens[idx], self.labels[idx], self.starts[idx],
+                    narrow=False)
+
+  @property
+  def contiguous(self) -> bool:
+    """Whether the ids are the examples' own, one after another from the first token."""
+    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
+    return sizes.sum() == self.tokens.size and np.array_equal(self.starts, np.cumsum(sizes) - sizes)
+
+  def compact(self) -> Examples:
+    """The same examples with their ids copied, in order, into an array of their own (itself
+    when it is so already)."""
+    if self.contiguous:
+      return self
+    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
     to = np.cumsum(sizes) - sizes
     out = np.empty(int(sizes.sum()), self.tokens.dtype)
-    for a in range(0, len(idx), self.TAKE_BLOCK):   # bounds the int64 positions array
-      b = slice(a, a + self.TAKE_BLOCK)
+    for a in range(0, len(self), self.COMPACT_BLOCK):   # bounds the int64 positions array
+      b = slice(a, a + self.COMPACT_BLOCK)
       n = int(sizes[b].sum())
-      at = np.repeat(self.starts[idx[b]] - to[b], sizes[b]) + np.arange(to[a], to[a] + n)
+      at = np.repeat(self.starts[b] - to[b], sizes[b]) + np.arange(to[a], to[a] + n)
       out[to[a]:to[a] + n] = self.tokens[at]
-    return Examples(out, lens, self.labels[idx])
+    return Examples(out, self.lens, self.labels, narrow=False)
 
   @property
   def longest(self) -> int:
@@ -645,12 +703,13 @@ class Examples(collections.abc.Sequence):
 
   @property
   def nbytes(self) -> int:
+    """Bytes of the arrays it holds (the whole token array, also when it is shared)."""
     return self.tokens.nbytes + self.lens.nbytes + self.labels.nbytes + self.starts.nbytes
 
   def __eq__(self, other):
     if isinstance(other, Examples):
       return (np.array_equal(self.lens, other.lens) and np.array_equal(self.labels, other.labels)
-              and np.array_equal(self.tokens, other.tokens))
+              and np.array_equal(self.compact().tokens, other.compact().tokens))
     if isinstance(other, collections.abc.Sequence) and not isinstance(other, (str, bytes)):
       return len(self) == len(other) and all(a == b for a, b in zip(self, other))
     return NotImplemented
@@ -658,8 +717,7 @@ class Examples(collections.abc.Sequence):
   __hash__ = None
 
   def __repr__(self):
-    return (f"Examples({len(self)} examples, {self.tokens.size} tokens as "
-            f"{self.tokens.dtype})")
+    return f"Examples({len(self)} examples on {self.tokens.size} tokens as {self.tokens.dtype})"
 
 
 class _Builder:
