@@ -741,6 +741,42 @@ def test_template_failure_is_a_row_error():
     P.tokenize_rows([row], tok, OPTS, "s")
 
 
+class CountingTokenizer:
+  """BYTE, counting the texts of each encoding call and failing on any text with "BOOM"."""
+
+  def __init__(self, tok):
+    self.tok, self.calls = tok, []
+
+  def __getattr__(self, name):
+    return getattr(self.tok, name)
+
+  def __call__(self, texts, **kwargs):
+    self.calls.append(len(texts))
+    if any("BOOM" in t for t in texts):
+      raise RuntimeError("BOOM")
+    return self.tok(texts, **kwargs)
+
+
+def test_rows_are_encoded_in_batches_and_a_failing_row_is_named(monkeypatch):
+  """A block of rows is encoded in one call; when that call fails, each row is encoded alone, so
+  the error names the row and the other rows are kept, as if the bad row were not there."""
+  rows = [good(i) for i in range(5)] + [CHAT_OK]
+  tok = CountingTokenizer(BYTE)
+  got = P.tokenize_rows(rows, tok, OPTS, "s")
+  assert tok.calls == [6 * 3] and got == P.tokenize_rows(rows, BYTE, OPTS, "s")
+  assert got[0][0].chosen == byte_ids("good 0") + [EOS]   # the ids alone, then EOS
+  monkeypatch.setattr(P, "ENCODE_BLOCK", 4)
+  tok.calls.clear()
+  assert P.tokenize_rows(rows, tok, OPTS, "s") == got and tok.calls == [4 * 3, 2 * 3]
+  rows[2] = {**good(2), "rejected": "bad BOOM"}
+  tok.calls.clear()
+  with pytest.raises(P.DataError, match=r"^s: row 3: cannot tokenise: RuntimeError: BOOM$"):
+    P.tokenize_rows(rows, tok, OPTS, "s")
+  assert tok.calls == [12, 3, 3, 3, 3, 6]   # the block fails: its 4 rows alone; then block 2
+  examples, skipped = P.tokenize_rows(rows, tok, OPTS, "s", on_error="skip")
+  assert skipped == 1 and examples == list(got[0][:2]) + list(got[0][3:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Fuzz: any JSON-like row is either a valid batch or a DataError
 # ---------------------------------------------------------------------------------------------
@@ -885,7 +921,7 @@ def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):
                       render(tok, prompt, *a))
   parts = [P.tokenize_part(rows, BYTE, OPTS, source, rows.numbers, i, 2) for i in (0, 1)]
   assert [part.index.tolist() for part in parts] == [[0, 2, 4], [1, 3, 5]]
-  assert len(seen) == 2 * 5 - 1   # 5 readable rows, one unpaired: each rendered once, no more
+  assert len(seen) == 5   # 5 readable rows: each rendered once, by one process
   assert (parts[1].index[0], parts[1].paired[0], parts[1].errors[0]) == (
       1, -1, f"{source}: row 2: invalid JSON (Expecting property name enclosed in double "
              f"quotes at column 2)")

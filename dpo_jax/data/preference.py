@@ -347,21 +347,29 @@ def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
   return _encode(tokenizer, text)
 
 
-def _render(tokenizer, prompt, completion, conversational: bool, add_bos: bool):
-  """(prompt_ids, completion_ids) for one sequence."""
+def _render(tokenizer, prompt, completions: list, conversational: bool) -> list[str]:
+  """The texts one row encodes: [prompt, completion, ...] (conversations through the chat
+  template: the prompt with the generation prompt, each completion as the rest of the full
+  conversation's text)."""
   if not conversational:
-    prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
-    completion_ids = _encode(tokenizer, completion)
-    if tokenizer.eos_token_id is not None:
-      completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return prompt_ids, completion_ids
-  prompt, completion = _messages(prompt), _messages(completion)
+    return [prompt, *completions]
+  prompt = _messages(prompt)
   prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-  full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-  if not full_text.startswith(prompt_text):
-    raise ValueError("the chat template renders the prompt differently inside the full "
-                     "conversation; cannot split prompt and completion")
-  return _encode(tokenizer, prompt_text), _encode(tokenizer, full_text[len(prompt_text):])
+  texts = [prompt_text]
+  for completion in completions:
+    full_text = tokenizer.apply_chat_template(prompt + _messages(completion), tokenize=False)
+    if not full_text.startswith(prompt_text):
+      raise ValueError("the chat template renders the prompt differently inside the full "
+                       "conversation; cannot split prompt and completion")
+    texts.append(full_text[len(prompt_text):])
+  return texts
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+  """Every text's ids in one call (a fast tokenizer encodes a batch on all its threads)."""
+  if not texts:
+    return []
+  return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def _check_options(opts: TokenizeOptions):
@@ -504,45 +512,71 @@ class Part:
   examples: Examples           # the rows without an error, in order
 
 
+ENCODE_BLOCK = 64   # rows rendered, then encoded in one batched tokenizer call
+
+
 def tokenize_part(rows, tokenizer, opts, source, numbers, index: int, count: int) -> Part:
-  """Tokenises rows index, index + count, ... (every row: index=0, count=1)."""
+  """Tokenises rows index, index + count, ... (every row: index=0, count=1), ENCODE_BLOCK rows
+  at a time: each row is validated and rendered to texts, then the block's texts are encoded in
+  one call. If that call fails, each row is encoded alone, so the error names its row."""
   js, paired, errors, good = [], [], [], _Builder()
-  for j in range(index, len(rows), count):
-    kind, ex = _tokenize_row(rows[j], tokenizer, opts, f"{source}: row {numbers[j]}")
-    js.append(j)
-    paired.append(-1 if kind is None else int(kind))
-    errors.append(ex if isinstance(ex, str) else None)
-    if errors[-1] is None:
-      good.add(ex)
+  todo = range(index, len(rows), count)
+  for a in range(0, len(todo), ENCODE_BLOCK):
+    block = [(j, f"{source}: row {numbers[j]}") for j in todo[a:a + ENCODE_BLOCK]]
+    rendered = [_render_row(rows[j], tokenizer, where) for j, where in block]
+    texts = [t for _, r in rendered if not isinstance(r, str) for t in r[0]]
+    try:
+      ids = iter(_encode_many(tokenizer, texts))
+    except Exception:   # noqa: BLE001 (one row's text: each row is encoded alone below)
+      ids = None
+    for (j, where), (kind, r) in zip(block, rendered):
+      if not isinstance(r, str):
+        r = _finish_row(r, ids, tokenizer, opts, where)
+      js.append(j)
+      paired.append(-1 if kind is None else int(kind))
+      errors.append(r if isinstance(r, str) else None)
+      if errors[-1] is None:
+        good.add(r)
   return Part(np.array(js, np.int64), np.array(paired, np.int8), errors, good.build())
 
 
-def _tokenize_row(row, tokenizer, opts, where: str):
-  """(paired: bool | None, Tokenized | error message) for one row."""
+def _render_row(row, tokenizer, where: str):
+  """(paired: bool | None, (texts, normalised row) | error message) for one row."""
   try:
     r = normalize(row, where)
   except DataError as e:
     return None, str(e)
   paired = r["rejected"] is not None
+  completions = [r["chosen"]] + ([r["rejected"]] if paired else [])
   try:
-    try:
-      p_ids, c_ids = _render(tokenizer, r["prompt"], r["chosen"], r["conversational"],
-                             opts.add_bos)
-      r_ids = None
-      if paired:
-        _, r_ids = _render(tokenizer, r["prompt"], r["rejected"], r["conversational"],
-                           opts.add_bos)
-    except DataError:
-      raise
-    except Exception as e:   # a template or tokenizer failure on this row
-      raise DataError(f"{where}: cannot tokenise: {type(e).__name__}: {e}") from None
-    prompt, chosen = truncate(p_ids, c_ids, opts, where, "chosen" if paired else "completion")
-    rejected = None
-    if r_ids is not None:
-      _, rejected = truncate(p_ids, r_ids, opts, where, "rejected")
+    return paired, (_render(tokenizer, r["prompt"], completions, r["conversational"]), r)
+  except Exception as e:   # noqa: BLE001 (a template failure on this row)
+    return paired, f"{where}: cannot tokenise: {type(e).__name__}: {e}"
+
+
+def _finish_row(rendered, ids, tokenizer, opts, where: str):
+  """A rendered row's Tokenized, or its error message: its ids are the next ones of `ids`, or,
+  when the block's batched call failed (ids None), encoded here alone."""
+  texts, r = rendered
+  try:
+    encoded = ([next(ids) for _ in texts] if ids is not None
+               else _encode_many(tokenizer, texts))
+  except Exception as e:   # noqa: BLE001 (a tokenizer failure on this row)
+    return f"{where}: cannot tokenise: {type(e).__name__}: {e}"
+  prompt_ids, *completions = encoded
+  if not r["conversational"]:   # strings: BOS before the prompt, EOS after each completion
+    if opts.add_bos and tokenizer.bos_token_id is not None:
+      prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if tokenizer.eos_token_id is not None:
+      completions = [c + [tokenizer.eos_token_id] for c in completions]
+  paired = r["rejected"] is not None
+  try:
+    prompt, chosen = truncate(prompt_ids, completions[0], opts, where,
+                              "chosen" if paired else "completion")
+    rejected = truncate(prompt_ids, completions[1], opts, where, "rejected")[1] if paired else None
   except DataError as e:
-    return paired, str(e)
-  return paired, Tokenized(prompt, chosen, rejected, r["label"])
+    return str(e)
+  return Tokenized(prompt, chosen, rejected, r["label"])
 
 
 def collect(parts: Sequence[Part], numbers, source: str, on_error: str) -> tuple[Examples, int]:
