@@ -741,6 +741,16 @@ def test_template_failure_is_a_row_error():
     P.tokenize_rows([row], tok, OPTS, "s")
 
 
+def test_a_prompt_for_sampling_is_encoded_as_training_encodes_it():
+  """encode_prompt (sampling, pairs) and tokenize_rows share the rendering and special tokens."""
+  chat = {**CHAT_OK, "prompt": [MSG("system", "be brief"), MSG("user", "hi")]}
+  for row in (good(3), chat):
+    assert P.encode_prompt(BYTE, row["prompt"]) == tok1(row).prompt
+  assert P.encode_prompt(BYTE, "q3 ") == [BOS] + byte_ids("q3 ")
+  assert P.encode_prompt(BYTE, "q3 ", add_bos=False) == byte_ids("q3 ")
+  assert tok1(good(3), opts=dataclasses.replace(OPTS, add_bos=False)).prompt == byte_ids("q3 ")
+
+
 class CountingTokenizer:
   """BYTE, counting the texts of each encoding call and failing on any text with "BOOM"."""
 

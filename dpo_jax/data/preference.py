@@ -318,10 +318,6 @@ class TokenizeOptions:
   add_bos: bool = True                # strings only; chat templates add their own
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _messages(msgs: list[dict]) -> list[dict]:
   # Rows from `datasets` carry every key of the unified message struct, absent ones as None.
   return [{k: v for k, v in m.items() if v is not None} for m in msgs]
@@ -337,14 +333,9 @@ def pad_id(tokenizer) -> int:
 
 def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
   """A prompt's token ids exactly as training sees them (for sampling from it)."""
-  if isinstance(prompt, str):
-    ids = _encode(tokenizer, prompt)
-    if add_bos and tokenizer.bos_token_id is not None:
-      ids = [tokenizer.bos_token_id] + ids
-    return ids
-  text = tokenizer.apply_chat_template(_messages(prompt), add_generation_prompt=True,
-                                       tokenize=False)
-  return _encode(tokenizer, text)
+  conversational = not isinstance(prompt, str)
+  texts = _render(tokenizer, prompt, [], conversational)
+  return _with_specials(tokenizer, _encode_many(tokenizer, texts), conversational, add_bos)[0]
 
 
 def _render(tokenizer, prompt, completions: list, conversational: bool) -> list[str]:
@@ -370,6 +361,18 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
   if not texts:
     return []
   return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _with_specials(tokenizer, encoded: list[list[int]], conversational: bool, add_bos: bool):
+  """(prompt ids, [completion ids, ...]) from _render's texts encoded: string rows get BOS
+  before the prompt and EOS after each completion (chat templates write their own)."""
+  prompt_ids, *completions = encoded
+  if not conversational:
+    if add_bos and tokenizer.bos_token_id is not None:
+      prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    if tokenizer.eos_token_id is not None:
+      completions = [c + [tokenizer.eos_token_id] for c in completions]
+  return prompt_ids, completions
 
 
 def _check_options(opts: TokenizeOptions):
@@ -563,12 +566,7 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
                else _encode_many(tokenizer, texts))
   except Exception as e:   # noqa: BLE001 (a tokenizer failure on this row)
     return f"{where}: cannot tokenise: {type(e).__name__}: {e}"
-  prompt_ids, *completions = encoded
-  if not r["conversational"]:   # strings: BOS before the prompt, EOS after each completion
-    if opts.add_bos and tokenizer.bos_token_id is not None:
-      prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    if tokenizer.eos_token_id is not None:
-      completions = [c + [tokenizer.eos_token_id] for c in completions]
+  prompt_ids, completions = _with_specials(tokenizer, encoded, r["conversational"], opts.add_bos)
   paired = r["rejected"] is not None
   try:
     prompt, chosen = truncate(prompt_ids, completions[0], opts, where,
@@ -755,21 +753,33 @@ class Examples(collections.abc.Sequence):
 
 
 class _Builder:
-  """Appends Tokenized examples to growing arrays (4 bytes a token)."""
+  """Appends Tokenized examples to growing arrays: the ids as uint16 until one does not fit,
+  then as int32, so the built Examples takes the ids' buffer as it is (2 bytes a token for most
+  vocabularies, with no second copy)."""
 
   def __init__(self):
-    self.tokens, self.lens, self.labels = array.array("i"), array.array("i"), array.array("d")
+    self.tokens, self.lens, self.labels = array.array("H"), array.array("i"), array.array("d")
 
   def add(self, e: Tokenized):
     self.lens.extend((len(e.prompt), len(e.chosen),
                       -1 if e.rejected is None else len(e.rejected)))
     for ids in (e.prompt, e.chosen, e.rejected or ()):
-      self.tokens.extend(ids)
+      n = len(self.tokens)
+      try:
+        self.tokens.extend(ids)
+      except OverflowError:   # an id past 65535: int32 from here on
+        del self.tokens[n:]
+        if self.tokens.typecode == "i":
+          raise
+        self.tokens = array.array("i", self.tokens)
+        self.tokens.extend(ids)
     self.labels.append(e.label)
 
   def build(self) -> Examples:
-    return Examples(np.frombuffer(self.tokens, np.int32),
-                    np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64))
+    wide = self.tokens.typecode == "i"
+    return Examples(np.frombuffer(self.tokens, np.int32 if wide else np.uint16),
+                    np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64),
+                    narrow=wide)
 
 
 def _narrow(tokens: np.ndarray) -> np.ndarray:
