@@ -310,9 +310,8 @@ def generate_text(cfg: ModelConfig, params, tokenizer, prompts: Sequence, *,
   if eos_id == -1:
     eos_id = tokenizer.eos_token_id
   if pad_id is None:
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None),
-                  0)
-  ids = [encode_prompt(tokenizer, p, add_bos) for p in prompts]
+    pad_id = preference.pad_id(tokenizer)
+  ids = preference.encode_prompts(tokenizer, prompts, add_bos)
   out = sample(cfg, params, ids, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                **kw)
   out["prompt_tokens"] = ids

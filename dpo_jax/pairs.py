@@ -62,7 +62,7 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
   from dpo_jax import generate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
-  ids = [preference.encode_prompt(tok, p) for p in prompts for _ in range(sampling.n)]
+  ids = [ids for ids in preference.encode_prompts(tok, prompts) for _ in range(sampling.n)]
   pad = preference.pad_id(tok)
   tokens = []
   for start in range(0, len(ids), sampling.batch_size):
@@ -130,9 +130,9 @@ def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[f
   from dpo_jax import evaluate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
-  examples = [preference.Tokenized(preference.encode_prompt(tok, p), list(ids) or [tok.eos_token_id],
+  examples = [preference.Tokenized(p, list(ids) or [tok.eos_token_id],
                                    list(ids) or [tok.eos_token_id])
-              for p, rs in zip(prompts, responses) for ids, _ in rs]
+              for p, rs in zip(preference.encode_prompts(tok, prompts), responses) for ids, _ in rs]
   longest = max(len(e.prompt) + len(e.chosen) for e in examples)
   buckets = preference.default_buckets(max(32, longest))
   pad = preference.pad_id(tok)

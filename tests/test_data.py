@@ -749,6 +749,11 @@ def test_a_prompt_for_sampling_is_encoded_as_training_encodes_it():
   assert P.encode_prompt(BYTE, "q3 ") == [BOS] + byte_ids("q3 ")
   assert P.encode_prompt(BYTE, "q3 ", add_bos=False) == byte_ids("q3 ")
   assert tok1(good(3), opts=dataclasses.replace(OPTS, add_bos=False)).prompt == byte_ids("q3 ")
+  prompts = [good(3)["prompt"], chat["prompt"], "q4 "]
+  tok = CountingTokenizer(BYTE)
+  assert P.encode_prompts(tok, prompts) == [tok1(good(3)).prompt, tok1(chat).prompt,
+                                           [BOS] + byte_ids("q4 ")]
+  assert tok.calls == [3]   # every prompt in one call
 
 
 class CountingTokenizer:

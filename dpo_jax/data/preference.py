@@ -331,11 +331,18 @@ def pad_id(tokenizer) -> int:
   return tokenizer.eos_token_id or 0
 
 
+def encode_prompts(tokenizer, prompts: Sequence, add_bos: bool = True) -> list[list[int]]:
+  """Prompts' token ids exactly as training sees them (for sampling from them), encoded in one
+  batched tokenizer call."""
+  chats = [not isinstance(p, str) for p in prompts]
+  texts = [_render(tokenizer, p, [], chat)[0] for p, chat in zip(prompts, chats)]
+  return [_with_specials(tokenizer, [ids], chat, add_bos)[0]
+          for ids, chat in zip(_encode_many(tokenizer, texts), chats)]
+
+
 def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
-  """A prompt's token ids exactly as training sees them (for sampling from it)."""
-  conversational = not isinstance(prompt, str)
-  texts = _render(tokenizer, prompt, [], conversational)
-  return _with_specials(tokenizer, _encode_many(tokenizer, texts), conversational, add_bos)[0]
+  """One prompt's token ids exactly as training sees them (encode_prompts)."""
+  return encode_prompts(tokenizer, [prompt], add_bos)[0]
 
 
 def _render(tokenizer, prompt, completions: list, conversational: bool) -> list[str]:
@@ -647,7 +654,7 @@ class Examples(collections.abc.Sequence):
     self.tokens = tokens
     self.lens = np.asarray(lens, np.int32).reshape(-1, 3)
     self.labels = np.asarray(labels, np.float64).reshape(-1)
-    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
+    self.sizes = sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)   # ids an example
     if len(self.labels) != len(self.lens):
       raise ValueError(f"{len(self.lens)} lengths and {len(self.labels)} labels")
     if starts is None:
@@ -710,7 +717,7 @@ class Examples(collections.abc.Sequence):
   @property
   def contiguous(self) -> bool:
     """Whether the ids are the examples' own, one after another from the first token."""
-    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
+    sizes = self.sizes
     return sizes.sum() == self.tokens.size and np.array_equal(self.starts, np.cumsum(sizes) - sizes)
 
   def compact(self) -> Examples:
@@ -718,7 +725,7 @@ class Examples(collections.abc.Sequence):
     when it is so already)."""
     if self.contiguous:
       return self
-    sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)
+    sizes = self.sizes
     to = np.cumsum(sizes) - sizes
     out = np.empty(int(sizes.sum()), self.tokens.dtype)
     for a in range(0, len(self), self.COMPACT_BLOCK):   # bounds the int64 positions array
@@ -736,7 +743,8 @@ class Examples(collections.abc.Sequence):
   @property
   def nbytes(self) -> int:
     """Bytes of the arrays it holds (the whole token array, also when it is shared)."""
-    return self.tokens.nbytes + self.lens.nbytes + self.labels.nbytes + self.starts.nbytes
+    return (self.tokens.nbytes + self.lens.nbytes + self.labels.nbytes + self.starts.nbytes
+            + self.sizes.nbytes)
 
   def __eq__(self, other):
     if isinstance(other, Examples):
