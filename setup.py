@@ -13,14 +13,14 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
-    "tensorboardX==2.6.5",
     "tqdm",
     "numpy",
 ]
 
 EXTRAS = {
     # torch 2.13.0 is the CPU build on local disk; it is the PyTorch reference in parity tests.
-    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0"],
+    # tensorboard reads the event files back (writers.EventFile writes them without it).
+    "test": ["pytest", "pytest-xdist", "hypothesis", "torch==2.13.0", "tensorboard==2.21.0"],
     "plot": ["matplotlib"],
 }
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import struct
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -125,8 +127,7 @@ class MetricsWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     truncate_after(self.path, start_step)
-    from tensorboardX import SummaryWriter   # noqa: PLC0415
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
+    self._tb = EventFile(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
   def write(self, step: int, metrics: dict, timing: dict | None = None):
     """metrics go to metrics.jsonl and TensorBoard; timing (wall-clock, not reproducible)
@@ -138,14 +139,90 @@ class MetricsWriter:
       f.write(json.dumps(row) + "\n")
       f.flush()
       os.fsync(f.fileno())
-    for k, v in {**row, **(timing or {})}.items():
-      if k != "step" and isinstance(v, float) and math.isfinite(v):
-        self._tb.add_scalar(k, v, step)
-    self._tb.flush()
+    self._tb.scalars(step, {k: v for k, v in {**row, **(timing or {})}.items()
+                            if k != "step" and isinstance(v, float) and math.isfinite(v)})
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+class EventFile:
+  """A TensorBoard event file of scalars: Event protocol buffers in TFRecord framing, encoded
+  here (tensorboardX, used before, imports torch when it is installed: 1.6-2 s at every start).
+
+  The file begins with a SessionLog START at purge_step, so TensorBoard drops the steps from
+  purge_step on that earlier files (an interrupted run) hold. Files sort by name in the order
+  they were opened, which is the order TensorBoard reads them in.
+  """
+
+  def __init__(self, directory: str, purge_step: int):
+    os.makedirs(directory, exist_ok=True)
+    ns = time.time_ns()
+    name = f"events.out.tfevents.{ns // 10**9:010d}.{socket.gethostname()}.{ns % 10**9:09d}"
+    self.path = os.path.join(directory, name)
+    self._f = open(self.path, "ab")
+    self._write(purge_step, _pb_bytes(3, b"brain.Event:2"))   # Event.file_version
+    self._write(purge_step, _pb_bytes(7, _pb_key(1, 0) + _varint(1)))   # SessionLog START
+
+  def scalars(self, step: int, values: dict[str, float]):
+    """One Event at `step` with a Summary.Value(tag, simple_value) per entry."""
+    summary = b"".join(_pb_bytes(1, _pb_bytes(1, tag.encode()) + _pb_key(2, 5)
+                                 + struct.pack("<f", value)) for tag, value in values.items())
+    self._write(step, _pb_bytes(5, summary))
+
+  def _write(self, step: int, fields: bytes):
+    event = (_pb_key(1, 1) + struct.pack("<d", time.time())   # wall_time
+             + _pb_key(2, 0) + _varint(step) + fields)
+    header = struct.pack("<Q", len(event))
+    self._f.write(header + struct.pack("<I", masked_crc32c(header))
+                  + event + struct.pack("<I", masked_crc32c(event)))
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while n > 0x7F:
+    out.append(n & 0x7F | 0x80)
+    n >>= 7
+  return bytes(out + bytes([n]))
+
+
+def _pb_key(field: int, wire_type: int) -> bytes:
+  return _varint(field << 3 | wire_type)
+
+
+def _pb_bytes(field: int, payload: bytes) -> bytes:
+  """A length-delimited protobuf field (a string or an embedded message)."""
+  return _pb_key(field, 2) + _varint(len(payload)) + payload
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for i in range(256):
+    for _ in range(8):
+      i = (i >> 1) ^ 0x82F63B78 if i & 1 else i >> 1
+    table.append(i)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), which TFRecord framing uses."""
+  crc = 0xFFFFFFFF
+  for b in data:
+    crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _py(v):

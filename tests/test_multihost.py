@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import checkpoint, distributed, sharding, train, writers
+from dpo_jax.data.tiny_tasks import ASSET
 from dpo_jax.models import load
 from helpers import REPO, config, xla_env
 
@@ -72,11 +73,16 @@ def final_params(workdir, mesh, rules):
 def test_two_processes_train_like_one(tmp_path):
   assert jax.device_count() == 8
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  # 80 pairs (72 to train, 8 held out): the reference pass scores each of them.
+  data = tmp_path / "pairs.jsonl"
+  with open(ASSET) as f:
+    data.write_text("".join(f.readlines()[:80]))
+  overrides = {**OVERRIDES, "data.train": str(data)}
   # Meanwhile, the same run in this process on its 8 devices.
-  cfg = config(**{k.replace(".", "__"): v for k, v in OVERRIDES.items()})
+  cfg = config(**{k.replace(".", "__"): v for k, v in overrides.items()})
   outs = run_processes(
       ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
-       *(f"--config.{k}={v}" for k, v in OVERRIDES.items())],
+       *(f"--config.{k}={v}" for k, v in overrides.items())],
       lambda _: train.train_and_evaluate(cfg, str(single)))
   assert "devices:      8 cpu (4 per process × 2 processes)" in outs[0][0]
   assert "held-out:" in outs[0][0] and "held-out:" not in outs[1][0]   # process 0 reports
@@ -111,6 +117,22 @@ PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "opt
            "optim.eps": 1e-6, "progress": False}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The PREEMPT run in this process on its 8 devices, never interrupted: run when a test first
+  asks for it (while that test's processes run), then shared. The preemption tests compare
+  with it; their processes have one device each (host-side agreement and resume are what they
+  test; the sharding across processes is test_two_processes_train_like_one's)."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+
+  def get():
+    if not (workdir / "metrics.jsonl").exists():
+      train.train_and_evaluate(config(**{k.replace(".", "__"): v for k, v in PREEMPT.items()}),
+                               str(workdir))
+    return workdir
+  return get
+
+
 def assert_same_metrics(single, multi, steps: int):
   """Every logged value of the run in `multi` equals the one in `single` within 1e-5."""
   one, two = writers.read_metrics(single), writers.read_metrics(multi)
@@ -121,14 +143,13 @@ def assert_same_metrics(single, multi, steps: int):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=f"{a['step']}:{k}")
 
 
-def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path, uninterrupted):
   """SIGTERM reaches one host of a pod: the hosts agree on a step (StopAgreement, through the
   coordination service), all save that step's checkpoint together and exit cleanly, and the
   same command resumes on both."""
-  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  multi = tmp_path / "two_processes"
   args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
           *(f"--config.{k}={v}" for k, v in PREEMPT.items())]
-  cfg = config(**{k.replace(".", "__"): v for k, v in PREEMPT.items()})
 
   def signal_host_1_then_run_here(procs):
     metrics = multi / "metrics.jsonl"
@@ -136,9 +157,9 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
                                            and len(metrics.read_text().splitlines()) >= 2):
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    train.train_and_evaluate(cfg, str(single))   # the uninterrupted run, on 8 devices here
+    uninterrupted()
 
-  outs = run_processes(args, signal_host_1_then_run_here)
+  outs = run_processes(args, signal_host_1_then_run_here, devices_each=1)
   stopped = [int(out.split("after step ")[1].split(";")[0]) for out, _ in outs]
   assert "preempted: stopped by SIGTERM on process 1 after step" in outs[0][0]
   assert "preempted: stopped by SIGTERM after step" in outs[1][0]
@@ -146,29 +167,28 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
   assert [r["step"] for r in writers.read_metrics(multi)] == list(range(1, stopped[0] + 1))
   assert os.listdir(multi / "checkpoints" / str(stopped[0]))   # written by both, at that step
 
-  outs = run_processes(args, lambda _: None)   # the same command again: resumes on both hosts
-  assert "last step:" in outs[0][0]
-  assert_same_metrics(single, multi, PREEMPT["steps"])
+  outs = run_processes(args, lambda _: None, devices_each=1)   # the same command again
+  assert "last step:" in outs[0][0]   # resumed on both hosts and finished
+  assert_same_metrics(uninterrupted(), multi, PREEMPT["steps"])
 
 
-def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path):
+def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path, uninterrupted):
   """SIGKILL on process 1 (a lost VM) after the step-4 checkpoint: process 0 does not hang, JAX
   terminates it (after a failed collective, or when process 1's heartbeat times out: 5 s here),
   and the same command, run again, resumes from step 4 on both and ends as an uninterrupted
   run."""
-  multi, single = tmp_path / "two_processes", tmp_path / "one_process"
+  multi = tmp_path / "two_processes"
   settings = {**PREEMPT, "ckpt_every": 4}
   args = ["-m", "dpo_jax.main", "--config", "configs/dpo.py:runlocal", "--workdir", str(multi),
           *(f"--config.{k}={v}" for k, v in settings.items())]
   manifest = multi / "checkpoints" / "4" / checkpoint.MANIFEST
-  procs = start_processes(args, DPO_JAX_HEARTBEAT_TIMEOUT_S="5")
+  procs = start_processes(args, devices_each=1, DPO_JAX_HEARTBEAT_TIMEOUT_S="5")
   try:
     while procs[1].poll() is None and not manifest.exists():
       time.sleep(0.2)
     procs[1].kill()
     procs[1].communicate()
-    train.train_and_evaluate(config(**{k.replace(".", "__"): v for k, v in settings.items()}),
-                             str(single))   # the uninterrupted run, on 8 devices here
+    uninterrupted()   # meanwhile (checkpoints do not change the metrics)
     _, err = procs[0].communicate(timeout=300)   # raises if process 0 hangs
   finally:
     for p in procs:
@@ -178,10 +198,10 @@ def test_a_host_killed_hard_ends_the_job_and_the_rerun_resumes(tmp_path):
   assert procs[0].returncode != 0 and "detected fatal errors" in err, err[-3000:]
   saved_at = manifest.stat().st_mtime_ns
 
-  outs = run_processes(args, lambda _: None)   # the same command again
+  outs = run_processes(args, lambda _: None, devices_each=1)   # the same command again
   assert "last step:" in outs[0][0]
   assert manifest.stat().st_mtime_ns == saved_at   # resumed from it, not rewritten
-  assert_same_metrics(single, multi, PREEMPT["steps"])
+  assert_same_metrics(uninterrupted(), multi, PREEMPT["steps"])
 
 
 class MemoryKV:
@@ -300,7 +320,6 @@ def test_processes_share_the_tokenising(tmp_path, monkeypatch):
   import json
 
   from dpo_jax.data import preference as P
-  from dpo_jax.data.tiny_tasks import ASSET
   from dpo_jax.data.tokenizer import byte_tokenizer
 
   data = tmp_path / "pairs.jsonl"
@@ -344,7 +363,6 @@ def test_two_processes_score_rank_and_export_like_one(tmp_path):
   each), gather the scores to every process and write each output once, as one process does."""
   import json
 
-  from dpo_jax.data.tiny_tasks import ASSET
   from dpo_jax.data.tokenizer import byte_tokenizer
   from dpo_jax.models import TINY, core, hf_io
 

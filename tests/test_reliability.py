@@ -16,7 +16,8 @@ from helpers import REPO, config, xla_env
 
 ENV = xla_env()
 # Long enough to be interrupted mid-run; every step logged so that runs compare step by step.
-FLAGS = ["--config.progress=False", "--config.steps=40", "--config.log_every=1",
+STEPS = 24
+FLAGS = ["--config.progress=False", f"--config.steps={STEPS}", "--config.log_every=1",
          "--config.eval_every=0", "--config.ckpt_every=8", "--config.keep_checkpoints=10"]
 
 
@@ -80,7 +81,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted
   assert proc.returncode == 0, err[-3000:]
   assert "preempted: stopped by SIGTERM after step" in out
   stopped = int(out.split("after step ")[1].split(";")[0])
-  assert 3 <= stopped < 40
+  assert 3 <= stopped < STEPS
   steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
   assert steps[-1] == stopped   # the checkpoint of the step it stopped at
   assert logged_steps(workdir) == stopped

@@ -11,6 +11,7 @@ import pytest
 from dpo_jax import train, writers
 from dpo_jax.data import preference
 from helpers import REPO, config, unpaired_rows, xla_env
+from tensorboard.backend.event_processing import event_accumulator
 
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -43,12 +44,47 @@ def test_main_cli_end_to_end(tmp_path):
   for key in ("step", "loss", "grad_norm", "learning_rate", "lambda", *TRL_METRICS):
     assert key in rows[-1], key
   assert "eval/rewards/accuracies" in rows[-1]
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir / "tensorboard"))
+  # TensorBoard's own reader (it checks every record's CRC) sees every logged value, and the
+  # step time, which metrics.jsonl leaves out.
+  scalars = tensorboard_scalars(workdir / "tensorboard")
+  step_s = scalars.pop("perf/step_s")   # from the steps after the first (compiling) ones
+  assert step_s and all(step in (2, 4) and t > 0 for step, t in step_s)
+  assert scalars == {k: [(r["step"], np.float32(r[k])) for r in rows if k in r]
+                     for k in {k for r in rows for k in r if k != "step"}}
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   before = (workdir / "metrics.jsonl").read_text()
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def tensorboard_scalars(directory) -> dict:
+  """{tag: [(step, value)]} as TensorBoard shows them."""
+  acc = event_accumulator.EventAccumulator(str(directory))
+  acc.Reload()
+  return {tag: [(e.step, np.float32(e.value)) for e in acc.Scalars(tag)]
+          for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(tmp_path):
+  """A writer started after step 3 (a resume) makes TensorBoard drop the earlier file's steps
+  4-5, which the resumed run logs again, as metrics.jsonl drops them."""
+  w = writers.MetricsWriter(str(tmp_path), 0)
+  for step in range(1, 6):
+    w.write(step, {"loss": float(step), "accuracy": 0.5}, {"perf/step_s": 0.1})
+  w.close()
+  w = writers.MetricsWriter(str(tmp_path), 3)
+  for step in range(4, 7):
+    w.write(step, {"loss": 10.0 * step, "accuracy": 0.25, "nan": float("nan")})
+  w.close()
+  assert len(os.listdir(tmp_path / "tensorboard")) == 2
+  assert tensorboard_scalars(tmp_path / "tensorboard") == {
+      "loss": [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)],
+      "accuracy": [(1, 0.5), (2, 0.5), (3, 0.5), (4, 0.25), (5, 0.25), (6, 0.25)],
+      "perf/step_s": [(1, np.float32(0.1)), (2, np.float32(0.1)), (3, np.float32(0.1))]}
+  assert [r["loss"] for r in writers.read_metrics(str(tmp_path))] == [1, 2, 3, 40, 50, 60]
+  # TFRecord's checksum: CRC-32C's check value (the CRC catalogue's "123456789").
+  assert writers.crc32c(b"123456789") == 0xE3069283
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
