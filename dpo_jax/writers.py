@@ -167,8 +167,10 @@ class EventFile:
 
   def scalars(self, step: int, values: dict[str, float]):
     """One Event at `step` with a Summary.Value(tag, simple_value) per entry."""
-    summary = b"".join(_pb_bytes(1, _pb_bytes(1, tag.encode()) + _pb_key(2, 5)
-                                 + struct.pack("<f", value)) for tag, value in values.items())
+    with np.errstate(over="ignore"):   # float32, as TensorBoard stores it: past its range, ±inf
+      summary = b"".join(_pb_bytes(1, _pb_bytes(1, tag.encode()) + _pb_key(2, 5)
+                                   + np.array(value, "<f4").tobytes())
+                         for tag, value in values.items())
     self._write(step, _pb_bytes(5, summary))
 
   def _write(self, step: int, fields: bytes):

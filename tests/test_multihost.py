@@ -1,5 +1,6 @@
 """Multi-host: two processes with 4 CPU devices each (jax.distributed on localhost, gloo
-collectives between them) train like one process with 8 devices.
+collectives between them) train like one process with 8 devices. (The preemption tests give
+each process one device: they test the hosts' agreement and resume.)
 
 Each process places only its rows of every batch (sharding.host_local_array), the reference
 cache is gathered from devices of both processes (sharding.to_host), and both processes write
@@ -8,6 +9,7 @@ way, and a SIGTERM that reaches one process stops both at the same step.
 """
 import concurrent.futures
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,12 +125,14 @@ def uninterrupted(tmp_path_factory):
   asks for it (while that test's processes run), then shared. The preemption tests compare
   with it; their processes have one device each (host-side agreement and resume are what they
   test; the sharding across processes is test_two_processes_train_like_one's)."""
-  workdir = tmp_path_factory.mktemp("uninterrupted")
+  workdir, done = tmp_path_factory.mktemp("uninterrupted"), []
 
   def get():
-    if not (workdir / "metrics.jsonl").exists():
+    if not done:   # a run that failed is run again (on a fresh workdir) by the next test
+      shutil.rmtree(workdir, ignore_errors=True)
       train.train_and_evaluate(config(**{k.replace(".", "__"): v for k, v in PREEMPT.items()}),
                                str(workdir))
+      done.append(True)
     return workdir
   return get
 

@@ -75,13 +75,15 @@ def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(tmp_path):
   w.close()
   w = writers.MetricsWriter(str(tmp_path), 3)
   for step in range(4, 7):
-    w.write(step, {"loss": 10.0 * step, "accuracy": 0.25, "nan": float("nan")})
+    w.write(step, {"loss": 10.0 * step, "accuracy": 0.25, "nan": float("nan"),
+                   "huge": 1e39})   # finite in float64; TensorBoard's float32 holds inf
   w.close()
   assert len(os.listdir(tmp_path / "tensorboard")) == 2
   assert tensorboard_scalars(tmp_path / "tensorboard") == {
       "loss": [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50), (6, 60)],
       "accuracy": [(1, 0.5), (2, 0.5), (3, 0.5), (4, 0.25), (5, 0.25), (6, 0.25)],
-      "perf/step_s": [(1, np.float32(0.1)), (2, np.float32(0.1)), (3, np.float32(0.1))]}
+      "perf/step_s": [(1, np.float32(0.1)), (2, np.float32(0.1)), (3, np.float32(0.1))],
+      "huge": [(4, np.inf), (5, np.inf), (6, np.inf)]}
   assert [r["loss"] for r in writers.read_metrics(str(tmp_path))] == [1, 2, 3, 40, 50, 60]
   # TFRecord's checksum: CRC-32C's check value (the CRC catalogue's "123456789").
   assert writers.crc32c(b"123456789") == 0xE3069283
