@@ -34,10 +34,29 @@ def write_atomic(path: str, write, mode: str = "w"):
   os.replace(tmp, path)
 
 
+NPZ_CHUNK = 1 << 20   # bytes of an array written at a time (np.savez copies up to 16 MiB)
+
+
 def write_npz(path: str, arrays: dict):
-  """A cache of arrays: the directory made, the file renamed into place (see write_atomic)."""
+  """A cache of arrays: the directory made, the file renamed into place (see write_atomic).
+
+  The file is np.savez's (members stored, not compressed, so read_npz can map them), but each
+  array is written NPZ_CHUNK bytes at a time from its own memory: an array mapped from a file
+  is never copied whole."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  write_atomic(path, lambda f: np.savez(f, **arrays), mode="wb")
+
+  def write(f):
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+      for name, a in arrays.items():
+        a = np.asarray(a)
+        a = a if a.flags.c_contiguous else a.copy()   # (ascontiguousarray makes 0-d 1-d)
+        with z.open(f"{name}.npy", "w", force_zip64=True) as out:
+          np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(a))
+          data = a.reshape(-1).view(np.uint8)
+          for at in range(0, data.size, NPZ_CHUNK):
+            out.write(data[at:at + NPZ_CHUNK])
+
+  write_atomic(path, write, mode="wb")
 
 
 def prune(directory: str, keep: int, suffix: str = ".npz"):

@@ -43,6 +43,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -411,17 +412,26 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
   return prompt_ids, completion_ids[:room]
 
 
+ROUND_ROWS = 4096   # rows tokenised (by all processes together) between two stores of examples
+
+
 def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
                   source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
-                  exchange=None) -> tuple[Examples, int]:
+                  exchange=None, spill_dir: Optional[str] = None,
+                  round_rows: int = ROUND_ROWS) -> tuple[Examples, int]:
   """Validates and tokenises every row up front. Returns (examples, number of rows skipped).
 
   on_error="fail" raises on the first bad row; "skip" drops bad rows and counts them.
   The first good row decides whether the data set is paired or unpaired.
 
+  The rows go in rounds of `round_rows`: each round's good examples are stored before the next
+  round starts, in memory, or with `spill_dir` in a file there (deleted as soon as it is opened,
+  so nothing is left behind) whose ids come back mapped: then only a round's ids and 20 bytes an
+  example are held in memory, and the data set need not fit.
+
   Shared work (several processes, distributed.tokenize_split()): process i of n tokenises rows
-  i, i + n, ... (part=(i, n)) and `exchange` hands every process all n parts (bytes), so each
-  process gets every example, and the same errors, after tokenising 1/n of the rows.
+  i, i + n, ... (part=(i, n)) and `exchange` hands every process all n parts (bytes) of a round,
+  so each process gets every example, and the same errors, after tokenising 1/n of the rows.
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"config.data.on_error must be fail or skip, got {on_error!r}")
@@ -433,12 +443,23 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   if (exchange is None) != (count == 1):
     raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
                      f"exchange, and all rows none")
-  mine = tokenize_part(rows, tokenizer, opts, source, numbers, index, count)
-  parts = [mine]
-  if exchange is not None:
-    parts = [mine if p == index else unpack_part(blob)
-             for p, blob in enumerate(exchange(pack_part(mine)))]
-  return collect(parts, numbers, source, on_error)
+  per = count * max(1, -(-round_rows // count))   # a multiple of count: row j is process j % n's
+  sink, skipped, kind = _Sink(spill_dir), 0, None
+  for start in range(0, len(rows), per):
+    todo = range(start + index, min(start + per, len(rows)), count)
+    mine = tokenize_part(rows, tokenizer, opts, source, numbers, todo)
+    parts = [mine]
+    if exchange is not None:
+      parts = [mine if p == index else unpack_part(blob)
+               for p, blob in enumerate(exchange(pack_part(mine)))]
+    kept, bad, kind = collect(parts, numbers, source, on_error, kind)
+    sink.add(kept)
+    skipped += bad
+    del mine, parts, kept   # the round's ids are stored: hold none during the next round
+  examples = sink.build()
+  if not len(examples):
+    raise DataError(f"{source}: no usable rows ({skipped} skipped)")
+  return examples, skipped
 
 
 CACHE_FORMAT = "dpo_jax examples 1"   # change when Examples or tokenising changes
@@ -454,7 +475,8 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   the options and on_error; without a source hash or a fast tokenizer nothing is cached.
 
   The token ids come back mapped from the file, also right after writing it: processes on one
-  host share one copy in the page cache, and the ids need not fit in memory.
+  host share one copy in the page cache, and the ids need not fit in memory, also while they are
+  tokenised (tokenize_rows stores them in a file in cache_dir, a round of rows at a time).
   Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
@@ -465,7 +487,8 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
       cached = None
   if cached is not None:
     return cached
-  examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange)
+  examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange,
+                                    spill_dir=None if path is None else cache_dir)
   if path is None:
     return examples, skipped
   writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
@@ -525,12 +548,12 @@ class Part:
 ENCODE_BLOCK = 64   # rows rendered, then encoded in one batched tokenizer call
 
 
-def tokenize_part(rows, tokenizer, opts, source, numbers, index: int, count: int) -> Part:
-  """Tokenises rows index, index + count, ... (every row: index=0, count=1), ENCODE_BLOCK rows
-  at a time: each row is validated and rendered to texts, then the block's texts are encoded in
-  one call. If that call fails, each row is encoded alone, so the error names its row."""
+def tokenize_part(rows, tokenizer, opts, source, numbers, todo: range) -> Part:
+  """Tokenises the rows whose indices are in `todo` (e.g. range(i, len(rows), n): process i of
+  n), ENCODE_BLOCK rows at a time: each row is validated and rendered to texts, then the block's
+  texts are encoded in one call. If that call fails, each row is encoded alone, so the error
+  names its row."""
   js, paired, errors, good = [], [], [], _Builder()
-  todo = range(index, len(rows), count)
   for a in range(0, len(todo), ENCODE_BLOCK):
     block = [(j, f"{source}: row {numbers[j]}") for j in todo[a:a + ENCODE_BLOCK]]
     rendered = [_render_row(rows[j], tokenizer, where) for j, where in block]
@@ -584,15 +607,18 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
   return Tokenized(prompt, chosen, rejected, r["label"])
 
 
-def collect(parts: Sequence[Part], numbers, source: str, on_error: str) -> tuple[Examples, int]:
-  """Applies on_error and the one-kind rule to the rows of every part, in row order."""
+def collect(parts: Sequence[Part], numbers, source: str, on_error: str,
+            kind: Optional[int] = None) -> tuple[Examples, int, Optional[int]]:
+  """Applies on_error and the one-kind rule to the rows of every part, in row order. `kind` is
+  the data set's kind from earlier rows (1 paired, 0 unpaired, None: no good row yet). Returns
+  (the good examples, the rows skipped, the kind after these rows)."""
   offsets = np.cumsum([0] + [len(p.examples) for p in parts])
   rows = sorted((j, p, k) for p, part in enumerate(parts)
                 for k, j in enumerate(part.index.tolist()))
   kinds = [part.paired.tolist() for part in parts]
   at = [(np.cumsum([e is None for e in part.errors], dtype=np.int64) - 1).tolist()
         for part in parts]   # item k of part p is example at[p][k] of that part
-  keep, skipped, kind = [], 0, None
+  keep, skipped = [], 0
   for j, p, k in rows:
     paired, error = kinds[p][k], parts[p].errors[k]
     if paired >= 0 and kind is not None and paired != kind:   # before its own error
@@ -605,12 +631,10 @@ def collect(parts: Sequence[Part], numbers, source: str, on_error: str) -> tuple
       continue
     keep.append(offsets[p] + at[p][k])
     kind = paired
-  if not keep:
-    raise DataError(f"{source}: no usable rows ({skipped} skipped)")
   examples = Examples.concat([p.examples for p in parts])
   if np.array_equal(keep, np.arange(len(examples))):   # every example, in order
-    return examples, skipped
-  return examples.take(keep), skipped
+    return examples, skipped, kind
+  return examples.take(keep), skipped, kind
 
 
 def pack_part(part: Part) -> bytes:
@@ -788,6 +812,62 @@ class _Builder:
     return Examples(np.frombuffer(self.tokens, np.int32 if wide else np.uint16),
                     np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64),
                     narrow=wide)
+
+
+class _Sink:
+  """Examples stored a round at a time (tokenize_rows): their ids appended to a buffer in memory,
+  or, given a directory, to a file there that is deleted as soon as it is opened (a crash leaves
+  nothing behind) and mapped read-only when done. Lengths and labels stay in memory. The ids are
+  uint16 until a round brings int32 ones: then those stored are widened once."""
+  CHUNK = 1 << 24   # bytes read at a time when widening the file
+
+  def __init__(self, directory: Optional[str] = None):
+    self.directory, self.dtype, self.size = directory, np.dtype(np.uint16), 0
+    self.lens, self.labels = [], []
+    self.out = bytearray() if directory is None else self._open()
+
+  def _open(self):
+    os.makedirs(self.directory, exist_ok=True)
+    return tempfile.TemporaryFile(dir=self.directory)   # unlinked at once
+
+  def _write(self, ids: np.ndarray):
+    data = memoryview(np.ascontiguousarray(ids, self.dtype)).cast("B")
+    if isinstance(self.out, bytearray):
+      self.out += data
+    else:
+      self.out.write(data)
+
+  def add(self, examples: Examples):
+    examples = examples.compact()
+    if examples.tokens.dtype == np.int32 and self.dtype == np.uint16:
+      self._widen()
+    self._write(examples.tokens)
+    self.size += examples.tokens.size
+    self.lens.append(examples.lens)
+    self.labels.append(examples.labels)
+
+  def _widen(self):
+    self.dtype = np.dtype(np.int32)
+    if isinstance(self.out, bytearray):
+      self.out = bytearray(np.frombuffer(self.out, np.uint16).astype(np.int32).tobytes())
+      return
+    old, self.out = self.out, self._open()
+    old.seek(0)
+    while chunk := old.read(self.CHUNK):
+      self._write(np.frombuffer(chunk, np.uint16))
+    old.close()
+
+  def build(self) -> Examples:
+    lens = np.concatenate(self.lens) if self.lens else np.zeros((0, 3), np.int32)
+    labels = np.concatenate(self.labels) if self.labels else np.zeros(0)
+    if isinstance(self.out, bytearray):
+      tokens = np.frombuffer(self.out, self.dtype)
+    else:
+      self.out.flush()
+      tokens = (np.memmap(self.out, self.dtype, "r", shape=(self.size,)) if self.size
+                else np.zeros(0, self.dtype))
+      self.out.close()   # the mapping stays
+    return Examples(tokens, lens, labels, narrow=False)
 
 
 def _narrow(tokens: np.ndarray) -> np.ndarray:
