@@ -272,6 +272,44 @@ def test_source_jsonl_and_json(tmp_path):
     P.tokenize_rows(rows, BYTE, OPTS, source)
 
 
+def test_jsonl_lines_are_read_when_indexed(tmp_path):
+  """A JSONL file is indexed, not held: loading 6.5 MB of lines holds under a tenth of the file
+  and peaks under a tenth; its rows are read from the file opened at load (a file renamed over
+  the path later is not read); a BOM, CRLF ends, blank and whitespace-only lines are as a text
+  reader sees them; a line that is not UTF-8, or that a truncation cut, is an error naming it."""
+  rows = [{"prompt": f"q{i} " + "p" * (300 + i % 600), "chosen": f"c{i}", "rejected": f"r{i}"}
+          for i in range(10_000)]
+  path = write_jsonl(tmp_path / "big.jsonl", [json.dumps(r) for r in rows])
+  size = os.path.getsize(path)
+  tracemalloc.start()
+  try:
+    _, loaded = P.load_rows(path)
+    held, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert size > 6_000_000 and held < size / 10 and peak < size / 10, (size, held, peak)
+  assert len(loaded) == len(rows) and loaded[2_345] == rows[2_345] and loaded[-1] == rows[-1]
+  os.replace(write_jsonl(tmp_path / "other.jsonl", [json.dumps(good(0))] * 3), path)
+  assert loaded[7] == rows[7] and loaded.numbers[7] == 8   # the file indexed, still open
+
+  raw = tmp_path / "odd.jsonl"
+  raw.write_bytes(b"\xef\xbb\xbf" + json.dumps(good(0)).encode() + b"\r\n\r\n  \t\n"
+                  + json.dumps(good(1)).encode() + b"\n\xe2\x80\x83\n"   # U+2003: blank
+                  + b'{"prompt": "\xff"}\n' + json.dumps(good(2)).encode())
+  source, odd = P.load_rows(str(raw))
+  assert len(odd) == 4 and list(odd.numbers) == [1, 4, 6, 7]
+  assert [odd[j] for j in (0, 1, 3)] == [good(0), good(1), good(2)]
+  with pytest.raises(P.DataError, match=rf"^{raw}: row 6: not UTF-8 text \(invalid start byte "
+                                        rf"at byte 13 of the line\)"):
+    P.tokenize_rows(odd, BYTE, OPTS, source)
+  assert P.tokenize_rows(odd, BYTE, OPTS, source, on_error="skip")[1] == 1
+  with open(raw, "r+b") as f:   # cut in place, after the index was made
+    f.truncate(os.path.getsize(raw) - 5)
+  assert odd[0] == good(0) and P.tokenize_rows(odd, BYTE, OPTS, source, on_error="skip")[1] == 2
+  assert odd[3] == P._BadRow("the file was cut short after it was indexed (53 of 58 bytes of "
+                             "the line left)")
+
+
 def test_source_dataset_objects(tmp_path):
   ds = datasets.Dataset.from_list(ROWS)
   name, rows = P.load_rows(ds)

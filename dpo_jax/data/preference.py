@@ -36,6 +36,7 @@ completion ends with the tokenizer's EOS, which is scored).
 from __future__ import annotations
 
 import array
+import codecs
 import collections.abc
 import dataclasses
 import hashlib
@@ -44,6 +45,7 @@ import json
 import os
 import sys
 import tempfile
+import weakref
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
@@ -113,24 +115,63 @@ def _object(value):
       f"expected a JSON object, got {type(value).__name__}")
 
 
+def _read_line(f, start: int, end: int):
+  """The row on bytes start:end of the JSON-lines file f (read with pread: no shared offset)."""
+  data = os.pread(f.fileno(), end - start, start)
+  if len(data) != end - start:
+    return _BadRow(f"the file was cut short after it was indexed ({len(data)} of {end - start} "
+                   f"bytes of the line left)")
+  try:
+    line = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return _BadRow(f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)")
+  return _parse_line(line)
+
+
 def _read_jsonl(path: str):
-  with open(path, encoding="utf-8-sig") as f:
-    text = f.read()
-  fingerprint = hashlib.sha256(text.encode()).hexdigest()
-  if path.endswith(".json") and text.lstrip().startswith("["):
+  """A JSON-lines file's rows, indexed instead of held: one pass hashes the file and notes where
+  each non-blank line starts and ends (24 bytes a line); a row is read from the file, which stays
+  open as long as the rows, and parsed when it is indexed, so the rows need not fit in memory. A
+  .json file that holds one JSON array is parsed whole. A UTF-8 BOM is skipped."""
+  f = open(path, "rb")   # noqa: SIM115 (closed with the rows, or below)
+  try:
+    rows = _json_array(f) if path.endswith(".json") else None
+    if rows is not None:
+      f.close()
+      return rows
+    h, at = hashlib.sha256(), 0
+    starts, ends, numbers = array.array("q"), array.array("q"), array.array("q")
+    for i, line in enumerate(f, 1):   # split at b"\n" only: U+2028 is not a newline
+      h.update(line)
+      bom = len(codecs.BOM_UTF8) if i == 1 and line.startswith(codecs.BOM_UTF8) else 0
+      if line[bom:].decode("utf-8", "replace").strip():
+        starts.append(at + bom)
+        ends.append(at + len(line) - line.endswith(b"\n"))
+        numbers.append(i)
+      at += len(line)
+  except BaseException:
+    f.close()
+    raise
+  rows = _LazyRows(len(starts), lambda j: _read_line(f, starts[j], ends[j]), numbers,
+                   h.hexdigest())
+  weakref.finalize(rows, f.close)
+  return rows
+
+
+def _json_array(f):
+  """The rows of a .json file that holds one JSON array, or None (it holds JSON lines)."""
+  data = f.read(1 << 16)
+  if data.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+    data += f.read()
     try:
-      rows = json.loads(text)
-    except json.JSONDecodeError:
+      rows = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
       rows = None
     if isinstance(rows, list):
       return _LazyRows(len(rows), lambda j: _object(rows[j]), range(1, len(rows) + 1),
-                       fingerprint)
-  lines, numbers = [], []
-  for i, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 is not a newline
-    if line.strip():
-      lines.append(line)
-      numbers.append(i)
-  return _LazyRows(len(lines), lambda j: _parse_line(lines[j]), numbers, fingerprint)
+                       hashlib.sha256(data).hexdigest())
+  f.seek(0)
+  return None
 
 
 def _dataset_rows(ds):
@@ -445,18 +486,21 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
                      f"exchange, and all rows none")
   per = count * max(1, -(-round_rows // count))   # a multiple of count: row j is process j % n's
   sink, skipped, kind = _Sink(spill_dir), 0, None
-  for start in range(0, len(rows), per):
-    todo = range(start + index, min(start + per, len(rows)), count)
-    mine = tokenize_part(rows, tokenizer, opts, source, numbers, todo)
-    parts = [mine]
-    if exchange is not None:
-      parts = [mine if p == index else unpack_part(blob)
-               for p, blob in enumerate(exchange(pack_part(mine)))]
-    kept, bad, kind = collect(parts, numbers, source, on_error, kind)
-    sink.add(kept)
-    skipped += bad
-    del mine, parts, kept   # the round's ids are stored: hold none during the next round
-  examples = sink.build()
+  try:
+    for start in range(0, len(rows), per):
+      todo = range(start + index, min(start + per, len(rows)), count)
+      mine = tokenize_part(rows, tokenizer, opts, source, numbers, todo)
+      parts = [mine]
+      if exchange is not None:
+        parts = [mine if p == index else unpack_part(blob)
+                 for p, blob in enumerate(exchange(pack_part(mine)))]
+      kept, bad, kind = collect(parts, numbers, source, on_error, kind)
+      sink.add(kept)
+      skipped += bad
+      del mine, parts, kept   # the round's ids are stored: hold none during the next round
+    examples = sink.build()
+  finally:
+    sink.close()
   if not len(examples):
     raise DataError(f"{source}: no usable rows ({skipped} skipped)")
   return examples, skipped
@@ -866,8 +910,12 @@ class _Sink:
       self.out.flush()
       tokens = (np.memmap(self.out, self.dtype, "r", shape=(self.size,)) if self.size
                 else np.zeros(0, self.dtype))
-      self.out.close()   # the mapping stays
     return Examples(tokens, lens, labels, narrow=False)
+
+  def close(self):
+    """Closes the file (a mapping of it stays, and its space is freed with the mapping)."""
+    if not isinstance(self.out, bytearray):
+      self.out.close()
 
 
 def _narrow(tokens: np.ndarray) -> np.ndarray:
