@@ -1212,11 +1212,18 @@ def test_cached_ids_are_mapped_from_the_file(tmp_path, monkeypatch):
     np.savez_compressed(f, tokens=ex.tokens, lens=ex.lens, labels=ex.labels, starts=ex.starts,
                         skipped=np.int64(1))
   assert run() == (want, 1) and run() == (want, 0)   # compressed: not mapped, written again
-  assert P.tokenize_cached(None, rows, BYTE, OPTS, "s", "skip") == want   # no cache: in memory
+  scratch = tmp_path / "scratch"   # $TMPDIR: the ids are tokenised into a file there
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  spilled, skipped = P.tokenize_cached(None, rows, BYTE, OPTS, "s", "skip")   # no cache
+  assert (spilled, skipped) == want and isinstance(spilled.tokens.base, np.memmap)
+  with open("/proc/self/maps") as f:   # mapped from a deleted file in $TMPDIR
+    assert any(str(scratch) in line and "(deleted)" in line for line in f)
+  assert os.listdir(scratch) == []
 
 
 def test_tokenising_into_a_file_holds_a_round_of_ids_not_the_data_set(tmp_path):
-  """With spill_dir (tokenize_cached's cache directory) the ids go to a file a round at a time:
+  """With spill_dir (tokenize_cached's: $TMPDIR) the ids go to a file a round at a time:
   from 300 to 1,200 rows the peak of traced memory grows by under a tenth of the added ids (the
   examples' lengths and labels), while tokenising into memory grows by more than the ids; the
   examples are the same, mapped read-only, and no file is left."""

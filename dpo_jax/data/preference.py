@@ -519,8 +519,10 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   the options and on_error; without a source hash or a fast tokenizer nothing is cached.
 
   The token ids come back mapped from the file, also right after writing it: processes on one
-  host share one copy in the page cache, and the ids need not fit in memory, also while they are
-  tokenised (tokenize_rows stores them in a file in cache_dir, a round of rows at a time).
+  host share one copy in the page cache, and the ids need not fit in memory. They need not while
+  they are tokenised either, with or without a cache: tokenize_rows stores them a round of rows
+  at a time in a file in the temporary directory ($TMPDIR: host-local scratch, where cache_dir
+  may be on a network file system).
   Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
@@ -532,7 +534,7 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   if cached is not None:
     return cached
   examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange,
-                                    spill_dir=None if path is None else cache_dir)
+                                    spill_dir=tempfile.gettempdir())
   if path is None:
     return examples, skipped
   writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
