@@ -43,12 +43,15 @@ def write_npz(path: str, arrays: dict):
   The file is np.savez's (members stored, not compressed, so read_npz can map them), but each
   array is written NPZ_CHUNK bytes at a time from its own memory: an array mapped from a file
   is never copied whole."""
+  arrays = {name: np.asarray(a) for name, a in arrays.items()}
+  for name, a in arrays.items():
+    if a.dtype.hasobject:
+      raise ValueError(f"{path}: array {name!r} holds Python objects, which a cache cannot")
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
   def write(f):
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
       for name, a in arrays.items():
-        a = np.asarray(a)
         a = a if a.flags.c_contiguous else a.copy()   # (ascontiguousarray makes 0-d 1-d)
         with z.open(f"{name}.npy", "w", force_zip64=True) as out:
           np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(a))

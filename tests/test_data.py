@@ -1174,6 +1174,10 @@ def test_npz_files_are_written_a_chunk_at_a_time_as_numpy_reads_them(tmp_path):
       assert z[k].dtype == v.dtype and z[k].shape == v.shape and np.array_equal(z[k], v), k
   mapped = writers.read_npz(path, mapped=("tokens",))["tokens"]
   assert isinstance(mapped.base, np.memmap) and np.array_equal(mapped, ids)
+  with pytest.raises(ValueError, match=r"array 'names' holds Python objects"):
+    writers.write_npz(path, {"names": np.array(["a", None])})
+  assert np.array_equal(np.load(path)["tokens"], ids)   # the file before is left as it was
+  assert sorted(os.listdir(tmp_path)) == ["a.npz", "ids.raw"]   # and no temporary file
 
 
 def test_cached_ids_are_mapped_from_the_file(tmp_path, monkeypatch):

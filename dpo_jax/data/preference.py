@@ -895,7 +895,7 @@ class _Sink:
   def _widen(self):
     self.dtype = np.dtype(np.int32)
     if isinstance(self.out, bytearray):
-      self.out = bytearray(np.frombuffer(self.out, np.uint16).astype(np.int32).tobytes())
+      self.out = bytearray(np.frombuffer(self.out, np.uint16).astype(np.int32))
       return
     old, self.out = self.out, self._open()
     old.seek(0)
