@@ -485,7 +485,7 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
     raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
                      f"exchange, and all rows none")
   per = count * max(1, -(-round_rows // count))   # a multiple of count: row j is process j % n's
-  sink, skipped, kind = _Sink(spill_dir), 0, None
+  sink, skipped, kind = (_Builder() if spill_dir is None else _Sink(spill_dir)), 0, None
   try:
     for start in range(0, len(rows), per):
       todo = range(start + index, min(start + per, len(rows)), count)
@@ -495,7 +495,7 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
         parts = [mine if p == index else unpack_part(blob)
                  for p, blob in enumerate(exchange(pack_part(mine)))]
       kept, bad, kind = collect(parts, numbers, source, on_error, kind)
-      sink.add(kept)
+      sink.extend(kept)
       skipped += bad
       del mine, parts, kept   # the round's ids are stored: hold none during the next round
     examples = sink.build()
@@ -831,12 +831,15 @@ class Examples(collections.abc.Sequence):
 
 
 class _Builder:
-  """Appends Tokenized examples to growing arrays: the ids as uint16 until one does not fit,
-  then as int32, so the built Examples takes the ids' buffer as it is (2 bytes a token for most
-  vocabularies, with no second copy)."""
+  """Appends Tokenized examples (add) or Examples (extend) to growing arrays: the ids as uint16
+  until one does not fit, then as int32, so the built Examples takes the ids' buffer as it is
+  (2 bytes a token for most vocabularies, with no second copy)."""
 
   def __init__(self):
     self.tokens, self.lens, self.labels = array.array("H"), array.array("i"), array.array("d")
+
+  def _widen(self):
+    self.tokens = array.array("i", self.tokens)
 
   def add(self, e: Tokenized):
     self.lens.extend((len(e.prompt), len(e.chosen),
@@ -849,9 +852,19 @@ class _Builder:
         del self.tokens[n:]
         if self.tokens.typecode == "i":
           raise
-        self.tokens = array.array("i", self.tokens)
+        self._widen()
         self.tokens.extend(ids)
     self.labels.append(e.label)
+
+  def extend(self, examples: Examples):
+    examples = examples.compact()
+    if examples.tokens.dtype == np.int32 and self.tokens.typecode == "H":
+      self._widen()
+    for out, a in ((self.tokens, examples.tokens), (self.lens, examples.lens),
+                   (self.labels, examples.labels)):
+      a = np.ascontiguousarray(a, out.typecode).reshape(-1)   # no copy when it is so already
+      if a.size:
+        out.frombytes(memoryview(a).cast("B"))
 
   def build(self) -> Examples:
     wide = self.tokens.typecode == "i"
@@ -859,31 +872,30 @@ class _Builder:
                     np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64),
                     narrow=wide)
 
+  def close(self):
+    """Nothing to release (tokenize_rows closes either store)."""
+
 
 class _Sink:
-  """Examples stored a round at a time (tokenize_rows): their ids appended to a buffer in memory,
-  or, given a directory, to a file there that is deleted as soon as it is opened (a crash leaves
-  nothing behind) and mapped read-only when done. Lengths and labels stay in memory. The ids are
-  uint16 until a round brings int32 ones: then those stored are widened once."""
+  """_Builder's extend/build with the ids in a file of `directory` instead of memory: the file
+  is deleted as soon as it is opened (a crash leaves nothing behind) and mapped read-only when
+  done. Lengths and labels stay in memory. The ids are uint16 until a round brings int32 ones:
+  then those stored are rewritten as int32 once."""
   CHUNK = 1 << 24   # bytes read at a time when widening the file
 
-  def __init__(self, directory: Optional[str] = None):
+  def __init__(self, directory: str):
     self.directory, self.dtype, self.size = directory, np.dtype(np.uint16), 0
     self.lens, self.labels = [], []
-    self.out = bytearray() if directory is None else self._open()
+    self.out = self._open()
 
   def _open(self):
     os.makedirs(self.directory, exist_ok=True)
     return tempfile.TemporaryFile(dir=self.directory)   # unlinked at once
 
   def _write(self, ids: np.ndarray):
-    data = memoryview(np.ascontiguousarray(ids, self.dtype)).cast("B")
-    if isinstance(self.out, bytearray):
-      self.out += data
-    else:
-      self.out.write(data)
+    self.out.write(memoryview(np.ascontiguousarray(ids, self.dtype)).cast("B"))
 
-  def add(self, examples: Examples):
+  def extend(self, examples: Examples):
     examples = examples.compact()
     if examples.tokens.dtype == np.int32 and self.dtype == np.uint16:
       self._widen()
@@ -894,9 +906,6 @@ class _Sink:
 
   def _widen(self):
     self.dtype = np.dtype(np.int32)
-    if isinstance(self.out, bytearray):
-      self.out = bytearray(np.frombuffer(self.out, np.uint16).astype(np.int32))
-      return
     old, self.out = self.out, self._open()
     old.seek(0)
     while chunk := old.read(self.CHUNK):
@@ -906,18 +915,14 @@ class _Sink:
   def build(self) -> Examples:
     lens = np.concatenate(self.lens) if self.lens else np.zeros((0, 3), np.int32)
     labels = np.concatenate(self.labels) if self.labels else np.zeros(0)
-    if isinstance(self.out, bytearray):
-      tokens = np.frombuffer(self.out, self.dtype)
-    else:
-      self.out.flush()
-      tokens = (np.memmap(self.out, self.dtype, "r", shape=(self.size,)) if self.size
-                else np.zeros(0, self.dtype))
+    self.out.flush()
+    tokens = (np.memmap(self.out, self.dtype, "r", shape=(self.size,)) if self.size
+              else np.zeros(0, self.dtype))
     return Examples(tokens, lens, labels, narrow=False)
 
   def close(self):
     """Closes the file (a mapping of it stays, and its space is freed with the mapping)."""
-    if not isinstance(self.out, bytearray):
-      self.out.close()
+    self.out.close()
 
 
 def _narrow(tokens: np.ndarray) -> np.ndarray:
