@@ -2,9 +2,9 @@
 - the tokenised examples: preference.tokenize_rows's Examples (token ids in one uint16 or int32
   array) against the same examples as a list of Tokenized holding Python lists of ints (what
   tokenize_rows returned before it held arrays);
-- the rows before tokenising: preference.load_rows on a JSONL file and on a `save_to_disk`
-  directory (rows parsed or converted when indexed) against all rows as dicts (what it returned
-  before), with the seconds to load and to read half of the rows (one process of two);
+- the rows before tokenising: preference.load_rows on a JSONL file, on the same rows as one
+  JSON array in a .json file, and on a `save_to_disk` directory (rows parsed or converted when
+  indexed) against all rows as dicts (what it returned before), with the seconds to load and to read half of the rows (one process of two);
 - the tokenised-data cache (preference.tokenize_cached): tokenising and writing it, then reading
   it as a rerun does, and the peak of traced memory while tokenising into it (the ids go to a
   file a round of rows at a time, so the peak is a round's, not the data set's);
@@ -17,7 +17,7 @@ The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn
 ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
 of its own (CPython caches -5..256 only): a real vocabulary's case.
 
-    python benchmarks/example_memory.py [rows] [processes]   # five JSON lines
+    python benchmarks/example_memory.py [rows] [processes]   # six JSON lines
 """
 import gc
 import json
@@ -146,11 +146,14 @@ def main():
       "lists_bytes": lists, "lists_bytes_per_token": round(lists / tokens, 2),
       "lists_over_arrays": round(lists / arrays, 1), "same_examples": as_lists == examples}))
   with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "rows.jsonl")
+    path, array = os.path.join(tmp, "rows.jsonl"), os.path.join(tmp, "rows.json")
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in data)
+    with open(array, "w") as f:
+      json.dump(data, f, indent=1)
     datasets.Dataset.from_list(data).save_to_disk(os.path.join(tmp, "ds"))
-    for kind, src in (("jsonl", path), ("save_to_disk", os.path.join(tmp, "ds"))):
+    for kind, src in (("jsonl", path), ("json_array", array),
+                      ("save_to_disk", os.path.join(tmp, "ds"))):
       t = time.perf_counter()
       _, loaded = preference.load_rows(src)
       load = time.perf_counter() - t
@@ -163,7 +166,7 @@ def main():
       del every
       _, dicts, _ = held(lambda: list(loaded))   # noqa: B023
       print(json.dumps({
-          "rows": n, "source": kind, "file_bytes": os.path.getsize(path) if kind == "jsonl"
+          "rows": n, "source": kind, "file_bytes": os.path.getsize(src) if kind != "save_to_disk"
           else None, "load_seconds": round(load, 3), "half_the_rows_seconds": round(half, 3),
           "held_bytes": lazy, "all_rows_as_dicts_bytes": dicts,
           "all_rows_as_dicts_seconds": round(convert, 3)}))

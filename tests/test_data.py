@@ -310,6 +310,81 @@ def test_jsonl_lines_are_read_when_indexed(tmp_path):
                              "the line left)")
 
 
+def test_a_json_array_is_indexed_not_held(tmp_path):
+  """A .json file holding one array is indexed as JSON lines are: 7 MB of elements hold and peak
+  under a tenth of the file at load, each element is read from the file opened at load and parsed
+  when indexed, and an element that is not an object or not UTF-8 is an error naming it. A .json
+  file that is not one array is read as JSON lines."""
+  rows = [{"prompt": f"q{i} " + "p" * (300 + i % 600), "chosen": f"c{i} [\\\"{{,\\",
+           "rejected": [{"role": "assistant", "content": f"r{i}]}}"}]} for i in range(10_000)]
+  path = tmp_path / "big.json"
+  path.write_text(json.dumps(rows, indent=1))
+  size = os.path.getsize(path)
+  tracemalloc.start()
+  try:
+    _, loaded = P.load_rows(str(path))
+    held, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert size > 6_000_000 and held < size / 10 and peak < size / 10, (size, held, peak)
+  assert len(loaded) == len(rows) and loaded[4_321] == rows[4_321] and loaded[-1] == rows[-1]
+  os.replace(write_jsonl(tmp_path / "other.jsonl", [json.dumps(good(0))] * 3), path)
+  assert loaded[7] == rows[7] and loaded.numbers[7] == 8   # the file indexed, still open
+
+  odd = tmp_path / "odd.json"
+  odd.write_bytes(b"\xef\xbb\xbf [" + json.dumps(good(0)).encode() + b',\n 7, {"prompt": "\xff"},'
+                  + json.dumps(good(2)).encode() + b"]\r\n")
+  source, got = P.load_rows(str(odd))
+  assert len(got) == 4 and got[0] == good(0) and got[3] == good(2)
+  with pytest.raises(P.DataError, match=rf"^{odd}: row 2: expected a JSON object, got int"):
+    P.tokenize_rows(got, BYTE, OPTS, source)
+  assert got[2] == P._BadRow("not UTF-8 text (invalid start byte at byte 14 of the element)")
+  assert P.tokenize_rows(got, BYTE, OPTS, source, on_error="skip")[1] == 2
+  arrays = tmp_path / "arrays.json"   # JSON lines that hold arrays: not one array
+  arrays.write_text("[1]\n\n[2, 3]\n")
+  source, got = P.load_rows(str(arrays))
+  assert list(got.numbers) == [1, 3] and got[1] == P._BadRow("expected a JSON object, got list")
+  with pytest.raises(P.DataError, match=rf"^{arrays}: row 1: expected a JSON object, got list"):
+    P.tokenize_rows(got, BYTE, OPTS, source)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(st.sampled_from('ab"\\[]{},: \n\u00e9\u2028')),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(st.sampled_from('k"\\[]{},'), max_size=3), inner, max_size=3),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_JSON, max_size=5), st.sampled_from([None, 0, 2]), st.booleans(),
+       st.sampled_from(["keep", "cut", "drop", "insert"]), st.integers(0, 10**6),
+       st.sampled_from('[]{},"\\ a1'))
+def test_a_json_array_is_split_where_json_reads_it(value, indent, ascii_only, edit, at, char):
+  """The elements found by the indexer are, parsed one by one, what json.loads reads from the
+  whole text; a text json.loads refuses (cut, a byte dropped, a byte inserted) is refused by the
+  indexer or has an element that fails to parse, so no row is silently wrong."""
+  for bad in (b"[}", b'[{"a": 1}}', b'[{"a": 1]', b'["a\\"]', b"[1] 2", b"x[1]", b"[1"):
+    assert P._array_spans(bad, 0) is None, bad
+  text = json.dumps(value, indent=indent, ensure_ascii=ascii_only).encode()
+  at %= len(text) + 1
+  text = {"keep": text, "cut": text[:at], "drop": text[:at] + text[at + 1:],
+          "insert": text[:at] + char.encode() + text[at:]}[edit]
+  try:
+    want = json.loads(text)
+  except ValueError:
+    want = None
+  event(f"{edit}: {'an array' if isinstance(want, list) else 'not an array'}")
+  spans = P._array_spans(text, 0)
+  got = None
+  if spans is not None:
+    try:
+      got = [json.loads(text[a:b]) for a, b in zip(*spans)]
+    except ValueError:
+      got = None
+  assert got == (want if isinstance(want, list) else None)
+
+
 def test_source_dataset_objects(tmp_path):
   ds = datasets.Dataset.from_list(ROWS)
   name, rows = P.load_rows(ds)
