@@ -67,8 +67,8 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
   def scores(path):
     if path not in cache:
       tok = load.load_tokenizer(path)
-      examples, _ = preference.tokenize_rows(rows, tok, opts, source, on_error="fail",
-                                             **distributed.tokenize_split())
+      examples, _ = preference.tokenize_cached(None, rows, tok, opts, source, "fail",   # $TMPDIR
+                                               **distributed.tokenize_split())
       cfg = load.model_config(path, TINY)
       pad = preference.pad_id(tok)
       cache[path] = evaluate.score_pairs(cfg, load.load_params(path, cfg, mesh, rules),

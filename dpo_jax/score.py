@@ -59,8 +59,9 @@ def main(argv=None):
   opts = preference.TokenizeOptions(args.max_length, args.max_prompt_length,
                                     args.truncation_mode)
   source, rows = preference.load_rows(args.data, args.split)
-  examples, _ = preference.tokenize_rows(rows, tokenizer, opts, source, on_error="fail",
-                                         **distributed.tokenize_split())
+  # the ids go to an unlinked file in $TMPDIR a round of rows at a time, then are mapped from it
+  examples, _ = preference.tokenize_cached(None, rows, tokenizer, opts, source, "fail",
+                                           **distributed.tokenize_split())
   pad_id = preference.pad_id(tokenizer)
   buckets = preference.default_buckets(args.max_length)
 

@@ -27,7 +27,11 @@ def test_bootstrap_intervals_and_ranking():
   assert rank.bootstrap(correct, margins, 500, seed=1) == out   # seeded: reproducible
 
 
-def test_rank_cli_matches_torch_scores(tmp_path):
+def test_rank_cli_matches_torch_scores(tmp_path, monkeypatch):
+  from dpo_jax import evaluate
+  scored, score_pairs = [], evaluate.score_pairs   # the ids are mapped from a file
+  monkeypatch.setattr(evaluate, "score_pairs", lambda cfg, params, examples, **kw: scored.append(
+      type(examples.tokens.base)) or score_pairs(cfg, params, examples, **kw))
   tok = byte_tokenizer()
   models = {}
   for name, seed in (("a", 0), ("b", 1), ("ref", 2)):
@@ -42,6 +46,7 @@ def test_rank_cli_matches_torch_scores(tmp_path):
                    "--ref", str(tmp_path / "ref"), "--beta", "0.5", "--bootstrap", "200",
                    "--out", str(tmp_path / "rank.json")])
   assert json.loads((tmp_path / "rank.json").read_text()) == out
+  assert scored == [np.memmap] * 3   # the reference and two models, each scored once
   for r in out["ranking"]:
     model = models[r["model"].rsplit("/", 1)[-1]]
     margins = []

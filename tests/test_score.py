@@ -67,9 +67,13 @@ def test_score_hf_directory_matches_torch(tmp_path):
       np.testing.assert_allclose(s[f"{side}_reward"], 0.5 * (lp - lr), rtol=1e-4, atol=1e-4)
 
 
-def test_score_checkpoint_equals_its_hf_export(tmp_path):
-  """A dpo_jax checkpoint scores the same as its export, which transformers reproduces."""
-  from dpo_jax import export, score, train
+def test_score_checkpoint_equals_its_hf_export(tmp_path, monkeypatch):
+  """A dpo_jax checkpoint scores the same as its export, which transformers reproduces. The
+  scored ids are mapped from a file (they need not fit in memory)."""
+  from dpo_jax import evaluate, export, score, train
+  scored, score_pairs = [], evaluate.score_pairs
+  monkeypatch.setattr(evaluate, "score_pairs", lambda cfg, params, examples, **kw: scored.append(
+      type(examples.tokens.base)) or score_pairs(cfg, params, examples, **kw))
   from helpers import config
   cfg = config(steps=2)
   cfg.unlock()
@@ -83,7 +87,7 @@ def test_score_checkpoint_equals_its_hf_export(tmp_path):
     score.main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / f"{name}.jsonl")])
   a = [json.loads(line) for line in (tmp_path / "ckpt.jsonl").read_text().splitlines()]
   b = [json.loads(line) for line in (tmp_path / "hf.jsonl").read_text().splitlines()]
-  assert a == b
+  assert a == b and scored == [np.memmap] * 2
   import transformers
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
   tok = byte_tokenizer()
