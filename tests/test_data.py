@@ -272,6 +272,23 @@ def test_source_jsonl_and_json(tmp_path):
     P.tokenize_rows(rows, BYTE, OPTS, source)
 
 
+def assert_indexed_not_held(path, rows, tmp_path):
+  """Loading the file at path (over 6 MB of `rows`) holds and peaks under a tenth of its size in
+  traced memory, and its rows are read from the file opened at load: a file renamed over the path
+  later is not read."""
+  size = os.path.getsize(path)
+  tracemalloc.start()
+  try:
+    _, loaded = P.load_rows(str(path))
+    held, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert size > 6_000_000 and held < size / 10 and peak < size / 10, (size, held, peak)
+  assert len(loaded) == len(rows) and loaded[2_345] == rows[2_345] and loaded[-1] == rows[-1]
+  os.replace(write_jsonl(tmp_path / "other.jsonl", [json.dumps(good(0))] * 3), path)
+  assert loaded[7] == rows[7] and loaded.numbers[7] == 8   # the file indexed, still open
+
+
 def test_jsonl_lines_are_read_when_indexed(tmp_path):
   """A JSONL file is indexed, not held: loading 6.5 MB of lines holds under a tenth of the file
   and peaks under a tenth; its rows are read from the file opened at load (a file renamed over
@@ -280,17 +297,7 @@ def test_jsonl_lines_are_read_when_indexed(tmp_path):
   rows = [{"prompt": f"q{i} " + "p" * (300 + i % 600), "chosen": f"c{i}", "rejected": f"r{i}"}
           for i in range(10_000)]
   path = write_jsonl(tmp_path / "big.jsonl", [json.dumps(r) for r in rows])
-  size = os.path.getsize(path)
-  tracemalloc.start()
-  try:
-    _, loaded = P.load_rows(path)
-    held, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
-  assert size > 6_000_000 and held < size / 10 and peak < size / 10, (size, held, peak)
-  assert len(loaded) == len(rows) and loaded[2_345] == rows[2_345] and loaded[-1] == rows[-1]
-  os.replace(write_jsonl(tmp_path / "other.jsonl", [json.dumps(good(0))] * 3), path)
-  assert loaded[7] == rows[7] and loaded.numbers[7] == 8   # the file indexed, still open
+  assert_indexed_not_held(path, rows, tmp_path)
 
   raw = tmp_path / "odd.jsonl"
   raw.write_bytes(b"\xef\xbb\xbf" + json.dumps(good(0)).encode() + b"\r\n\r\n  \t\n"
@@ -319,17 +326,7 @@ def test_a_json_array_is_indexed_not_held(tmp_path):
            "rejected": [{"role": "assistant", "content": f"r{i}]}}"}]} for i in range(10_000)]
   path = tmp_path / "big.json"
   path.write_text(json.dumps(rows, indent=1))
-  size = os.path.getsize(path)
-  tracemalloc.start()
-  try:
-    _, loaded = P.load_rows(str(path))
-    held, peak = tracemalloc.get_traced_memory()
-  finally:
-    tracemalloc.stop()
-  assert size > 6_000_000 and held < size / 10 and peak < size / 10, (size, held, peak)
-  assert len(loaded) == len(rows) and loaded[4_321] == rows[4_321] and loaded[-1] == rows[-1]
-  os.replace(write_jsonl(tmp_path / "other.jsonl", [json.dumps(good(0))] * 3), path)
-  assert loaded[7] == rows[7] and loaded.numbers[7] == 8   # the file indexed, still open
+  assert_indexed_not_held(path, rows, tmp_path)
 
   odd = tmp_path / "odd.json"
   odd.write_bytes(b"\xef\xbb\xbf [" + json.dumps(good(0)).encode() + b',\n 7, {"prompt": "\xff"},'

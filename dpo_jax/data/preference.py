@@ -150,6 +150,7 @@ def _read_jsonl(path: str):
 
 
 def _json_lines(f):
+  """The rows of the JSON-lines file f, indexed (_read_jsonl)."""
   h, at = hashlib.sha256(), 0
   starts, ends, numbers = array.array("q"), array.array("q"), array.array("q")
   for i, line in enumerate(f, 1):   # split at b"\n" only: U+2028 is not a newline
@@ -189,11 +190,11 @@ def _json_array(f):
 
 def _array_spans(m, at: int):
   """(starts, ends) of the top-level elements of the JSON array in m from byte `at`, or None if m
-  is not one array (a string or the array left open, or anything but spaces before or after
-  it, an array closed by "}"). Strings are skipped whole, found with find() rather than a regular expression (2.5x
-  faster: most of the bytes are in strings), and brackets are counted. Each element's JSON is
-  checked when it is parsed: if every element parses, the brackets matched and the file is
-  the array json.loads reads."""
+  is not one array (a string or the array left open, anything but spaces before or after it, or
+  an array closed by "}"). Strings are skipped whole, found with find() rather than a regular
+  expression (2.5x faster on chat rows: most of the bytes are in strings), and brackets are
+  counted. Each element's JSON is checked when it is parsed: if every element parses, the
+  brackets matched and the file is the array json.loads reads."""
   depth, starts, ends = 0, array.array("q"), array.array("q")
   pos = start = _JSON_SPACE.match(m, at).end()
   if m[pos:pos + 1] != b"[":
@@ -581,9 +582,9 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
                     exchange=None, keep: int = 0) -> tuple[Examples, int]:
   """tokenize_rows, kept in cache_dir/<key>.npz: a rerun (a resumed job) reads the examples
   instead of tokenising again. After writing a file, cache_dir keeps the `keep` files written or
-  read last (0: every file). The key hashes the rows' source (a JSONL file's text, a dataset's
-  fingerprint, a list's JSON), the tokenizer (its tokenizer.json, chat template, BOS and EOS),
-  the options and on_error; without a source hash or a fast tokenizer nothing is cached.
+  read last (0: every file). The key hashes the rows' source (a JSONL or JSON file's bytes, a
+  dataset's fingerprint, a list's JSON), the tokenizer (its tokenizer.json, chat template, BOS
+  and EOS), the options and on_error; without a source hash or a fast tokenizer nothing is cached.
 
   The token ids come back mapped from the file, also right after writing it: processes on one
   host share one copy in the page cache, and the ids need not fit in memory. They need not while
