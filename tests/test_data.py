@@ -337,6 +337,14 @@ def test_a_json_array_is_indexed_not_held(tmp_path):
     P.tokenize_rows(got, BYTE, OPTS, source)
   assert got[2] == P._BadRow("not UTF-8 text (invalid start byte at byte 14 of the element)")
   assert P.tokenize_rows(got, BYTE, OPTS, source, on_error="skip")[1] == 2
+  broken = tmp_path / "broken.json"   # an element's JSON errors say where in the file
+  broken.write_text(json.dumps([good(0), good(1)], indent=2).replace('"chosen"', '"chosen" 1')
+                    .replace("[", '["x" "y",', 1))
+  source, got = P.load_rows(str(broken))
+  assert list(got) == [P._BadRow(f"invalid JSON ({e})") for e in (
+      "Extra data at line 1 of the file, column 5 of the element",   # "x" "y": on the "[" line
+      "Expecting ':' delimiter at line 4 column 14 of the file",
+      "Expecting ':' delimiter at line 9 column 14 of the file")]
   arrays = tmp_path / "arrays.json"   # JSON lines that hold arrays: not one array
   arrays.write_text("[1]\n\n[2, 3]\n")
   source, got = P.load_rows(str(arrays))
@@ -376,7 +384,8 @@ def test_a_json_array_is_split_where_json_reads_it(value, indent, ascii_only, ed
   got = None
   if spans is not None:
     try:
-      got = [json.loads(text[a:b]) for a, b in zip(*spans)]
+      got = [json.loads(text[a:b]) for a, b in zip(*spans[:2])]
+      assert list(spans[2]) == [text[:a].count(b"\n") + 1 for a in spans[0]]
     except ValueError:
       got = None
   assert got == (want if isinstance(want, list) else None)

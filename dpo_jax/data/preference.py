@@ -105,11 +105,18 @@ class _BadRow:
   message: str
 
 
-def _parse_line(line: str):
+def _parse_line(line: str, file_line: Optional[int] = None):
+  """A JSON-lines line, or an element of a JSON array that starts on line `file_line` of its file
+  (its errors then say where in the file: an element may span lines)."""
   try:
     return _object(json.loads(line))
   except json.JSONDecodeError as e:
-    return _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+    if file_line is None:
+      return _BadRow(f"invalid JSON ({e.msg} at column {e.colno})")
+    at = file_line + e.lineno - 1
+    where = (f"line {at} of the file, column {e.colno} of the element" if e.lineno == 1 else
+             f"line {at} column {e.colno} of the file")
+    return _BadRow(f"invalid JSON ({e.msg} at {where})")
 
 
 def _object(value):
@@ -117,9 +124,10 @@ def _object(value):
       f"expected a JSON object, got {type(value).__name__}")
 
 
-def _read_line(f, start: int, end: int, what: str = "line"):
+def _read_line(f, start: int, end: int, file_line: Optional[int] = None):
   """The row on bytes start:end of the file f (read with pread: no shared offset): a JSON-lines
-  file's line, or an element of a file's JSON array (what="element")."""
+  file's line, or an element of a file's JSON array that starts on line `file_line`."""
+  what = "line" if file_line is None else "element"
   data = os.pread(f.fileno(), end - start, start)
   if len(data) != end - start:
     return _BadRow(f"the file was cut short after it was indexed ({len(data)} of {end - start} "
@@ -128,7 +136,7 @@ def _read_line(f, start: int, end: int, what: str = "line"):
     line = data.decode("utf-8")
   except UnicodeDecodeError as e:
     return _BadRow(f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the {what})")
-  return _parse_line(line)
+  return _parse_line(line, file_line)
 
 
 def _read_jsonl(path: str):
@@ -183,19 +191,30 @@ def _json_array(f):
     digest = None if spans is None else hashlib.sha256(m).hexdigest()
   if spans is None:
     return None
-  starts, ends = spans
-  return _LazyRows(len(starts), lambda j: _read_line(f, starts[j], ends[j], "element"),
+  starts, ends, lines = spans
+  return _LazyRows(len(starts), lambda j: _read_line(f, starts[j], ends[j], lines[j]),
                    range(1, len(starts) + 1), digest)
 
 
 def _array_spans(m, at: int):
-  """(starts, ends) of the top-level elements of the JSON array in m from byte `at`, or None if m
-  is not one array (a string or the array left open, anything but spaces before or after it, or
-  an array closed by "}"). Strings are skipped whole, found with find() rather than a regular
+  """(starts, ends, lines) of the top-level elements of the JSON array in m from byte `at` (lines:
+  the line of the file where each starts, for error messages), or None if m is not one array (a
+  string or the array left open, anything but spaces before or after it, or an array closed by
+  "}"). Strings are skipped whole, found with find() rather than a regular
   expression (2.5x faster on chat rows: most of the bytes are in strings), and brackets are
   counted. Each element's JSON is checked when it is parsed: if every element parses, the
   brackets matched and the file is the array json.loads reads."""
-  depth, starts, ends = 0, array.array("q"), array.array("q")
+  depth, starts, ends, lines = 0, array.array("q"), array.array("q"), array.array("q")
+  counted, line = 0, 1   # line: the line of byte `counted`
+
+  def element(start: int, end: int):
+    nonlocal counted, line
+    line += m[counted:start].count(b"\n")   # an element's bytes at most, copied
+    counted = start
+    starts.append(start)
+    ends.append(end)
+    lines.append(line)
+
   pos = start = _JSON_SPACE.match(m, at).end()
   if m[pos:pos + 1] != b"[":
     return None
@@ -205,8 +224,7 @@ def _array_spans(m, at: int):
       c = m[t.start()]
       if c == ord(","):
         if depth == 1:
-          starts.append(start)
-          ends.append(t.start())
+          element(start, t.start())
           start = t.end()
       elif c in b"]}":
         depth -= 1
@@ -214,9 +232,8 @@ def _array_spans(m, at: int):
           if c != ord("]"):
             return None   # "[}": inner brackets are checked with the elements, not this one
           if starts or _JSON_SPACE.match(m, start).end() != t.start():   # not "[ ]"
-            starts.append(start)
-            ends.append(t.start())
-          return (starts, ends) if _JSON_SPACE.match(m, t.end()).end() == len(m) else None
+            element(start, t.start())
+          return (starts, ends, lines) if _JSON_SPACE.match(m, t.end()).end() == len(m) else None
       else:
         depth += 1
         if depth == 1:
