@@ -407,16 +407,19 @@ def test_source_dataset_objects(tmp_path):
 
 
 def test_a_process_reads_only_the_rows_it_tokenises(tmp_path, monkeypatch):
-  """JSON lines are parsed, and a dataset's rows converted from Arrow, when they are indexed:
-  process 1 of 2 reads rows 1, 3, 5 and no other. Indexing behaves as a list's."""
+  """JSON lines and a JSON array's elements are parsed, and a dataset's rows converted from
+  Arrow, when they are indexed: process 1 of 2 reads rows 1, 3, 5 and no other. Indexing behaves
+  as a list's."""
   lines = [json.dumps(good(i)) for i in range(6)]
   path = write_jsonl(tmp_path / "d.jsonl", lines)
+  (tmp_path / "a.json").write_text("[" + ",".join(lines) + "]")
   datasets.Dataset.from_list([good(i) for i in range(6)]).save_to_disk(str(tmp_path / "ds"))
   parsed, read, parse, getitem = [], [], P._parse_line, datasets.Dataset.__getitem__
-  monkeypatch.setattr(P, "_parse_line", lambda line: parsed.append(line) or parse(line))
+  monkeypatch.setattr(P, "_parse_line", lambda line, *a: parsed.append(line) or parse(line, *a))
   monkeypatch.setattr(datasets.Dataset, "__getitem__",
                       lambda self, k: read.append(k) or getitem(self, k))
   for src, seen, want in ((path, parsed, [lines[1], lines[3], lines[5]]),
+                          (str(tmp_path / "a.json"), parsed, [lines[1], lines[3], lines[5]]),
                           (str(tmp_path / "ds"), read, [1, 3, 5])):
     source, rows = P.load_rows(src)
     seen.clear()

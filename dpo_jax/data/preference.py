@@ -143,7 +143,7 @@ def _read_jsonl(path: str):
   """A JSON-lines file's rows, indexed instead of held: one pass hashes the file and notes where
   each non-blank line starts and ends (24 bytes a line); a row is read from the file, which stays
   open as long as the rows, and parsed when it is indexed, so the rows need not fit in memory. A
-  .json file that holds one JSON array is indexed the same way, an element a row (16 bytes an
+  .json file that holds one JSON array is indexed the same way, an element a row (24 bytes an
   element). A UTF-8 BOM is skipped."""
   f = open(path, "rb")   # noqa: SIM115 (closed with the rows, or below)
   try:
