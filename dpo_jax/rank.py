@@ -62,13 +62,17 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
   source, rows = preference.load_rows(data, split)
   opts = preference.TokenizeOptions(max_length, max_prompt_length)
   buckets = preference.default_buckets(max_length)
-  cache = {}
+  cache, tokenised = {}, {}   # tokenised: by cache_key, so models that share a tokenizer
+                              # (checkpoints of one run) share one tokenising of the rows
 
   def scores(path):
     if path not in cache:
       tok = load.load_tokenizer(path)
-      examples, _ = preference.tokenize_cached(None, rows, tok, opts, source, "fail",   # $TMPDIR
-                                               **distributed.tokenize_split())
+      key = preference.cache_key(rows, tok, opts, "fail") or path   # the same on every process
+      if key not in tokenised:   # into $TMPDIR, mapped back
+        tokenised[key] = preference.tokenize_cached(None, rows, tok, opts, source, "fail",
+                                                    **distributed.tokenize_split())[0]
+      examples = tokenised[key]
       cfg = load.model_config(path, TINY)
       pad = preference.pad_id(tok)
       cache[path] = evaluate.score_pairs(cfg, load.load_params(path, cfg, mesh, rules),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import rank
+from dpo_jax.data import preference
 from dpo_jax.data.tokenizer import byte_tokenizer
 from helpers_hf import tiny_hf_model
 from test_score import ROWS, torch_logps
@@ -32,6 +33,9 @@ def test_rank_cli_matches_torch_scores(tmp_path, monkeypatch):
   scored, score_pairs = [], evaluate.score_pairs   # the ids are mapped from a file
   monkeypatch.setattr(evaluate, "score_pairs", lambda cfg, params, examples, **kw: scored.append(
       type(examples.tokens.base)) or score_pairs(cfg, params, examples, **kw))
+  tokenised, tokenize = [], preference.tokenize_cached
+  monkeypatch.setattr(preference, "tokenize_cached",
+                      lambda *a, **kw: tokenised.append(1) or tokenize(*a, **kw))
   tok = byte_tokenizer()
   models = {}
   for name, seed in (("a", 0), ("b", 1), ("ref", 2)):
@@ -47,6 +51,7 @@ def test_rank_cli_matches_torch_scores(tmp_path, monkeypatch):
                    "--out", str(tmp_path / "rank.json")])
   assert json.loads((tmp_path / "rank.json").read_text()) == out
   assert scored == [np.memmap] * 3   # the reference and two models, each scored once
+  assert len(tokenised) == 1   # their tokenizers are the same: the rows are tokenised once
   for r in out["ranking"]:
     model = models[r["model"].rsplit("/", 1)[-1]]
     margins = []
