@@ -5,6 +5,9 @@
 - the rows before tokenising: preference.load_rows on a JSONL file, on the same rows as one
   JSON array in a .json file, and on a `save_to_disk` directory (rows parsed or converted when
   indexed) against all rows as dicts (what it returned before), with the seconds to load and to read half of the rows (one process of two);
+- a streamed parquet file (load_rows(streaming=True)): the peak of traced memory while it is
+  tokenised a round of rows at a time, against reading the stream into a list first (what
+  load_rows did with an IterableDataset before);
 - the tokenised-data cache (preference.tokenize_cached): tokenising and writing it, then reading
   it as a rerun does, and the peak of traced memory while tokenising into it (the ids go to a
   file a round of rows at a time, so the peak is a round's, not the data set's);
@@ -17,7 +20,7 @@ The tokenizer is a word-level one with a 50,000-word vocabulary, the words drawn
 ids unrelated to their frequency, so almost every id is above 256 and, as a Python int, an object
 of its own (CPython caches -5..256 only): a real vocabulary's case.
 
-    python benchmarks/example_memory.py [rows] [processes]   # six JSON lines
+    python benchmarks/example_memory.py [rows] [processes]   # seven JSON lines
 """
 import gc
 import json
@@ -170,6 +173,25 @@ def main():
           else None, "load_seconds": round(load, 3), "half_the_rows_seconds": round(half, 3),
           "held_bytes": lazy, "all_rows_as_dicts_bytes": dicts,
           "all_rows_as_dicts_seconds": round(convert, 3)}))
+    # a stream (data.streaming=True on a parquet file): tokenised a round of rows at a time,
+    # against the whole stream read into a list first (what load_rows did before)
+    pq = os.path.join(tmp, "rows.parquet")
+    datasets.Dataset.from_list(data).to_parquet(pq)
+    stream = {"rows": n, "source": "parquet, streaming=True"}
+    next(iter(preference.load_rows(pq, streaming=True)[1]))   # imports outside the traced part
+    # what datasets holds while it streams the file, without tokenising
+    _, _, stream["iterate_only_peak_bytes"] = held(lambda: sum(
+        1 for _ in preference.load_rows(pq, streaming=True)[1]))   # noqa: B023
+    for kind, make in (("streamed", lambda: preference.load_rows(pq, streaming=True)[1]),
+                       ("read_into_a_list", lambda: list(
+                           preference.load_rows(pq, streaming=True)[1]))):
+      t = time.perf_counter()
+      (streamed, _), _, peak = held(lambda: preference.tokenize_cached(   # noqa: B023
+          None, make(), tok, opts, "bench"))   # noqa: B023
+      stream[f"{kind}_tokenise_peak_bytes"] = peak
+      stream[f"{kind}_seconds"] = round(time.perf_counter() - t, 3)
+      stream[f"{kind}_same_examples"] = streamed == examples
+    print(json.dumps(stream))
     cache = os.path.join(tmp, "data_cache")   # a rerun reads the tokenised data
     _, loaded = preference.load_rows(path)
     timing = {}

@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.train = TINY_PREFS        # JSONL path, saved dataset dir, or dataset name
   c.data.split = "train"
+  c.data.streaming = False         # True: stream what datasets.load_dataset reads (a hub name,
+                                   # data files), a round of rows at a time; not cached
   c.data.eval = config_dict.placeholder(str)
   c.data.eval_split = "test"
   c.data.eval_fraction = 0.1       # held out from train when data.eval is None

@@ -275,12 +275,13 @@ def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
   if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
     raise ValueError(f"config.data.cache_keep={keep!r} must be an integer >= 0 (0: keep every "
                      f"file of W/data_cache)")
-  source, rows = preference.load_rows(config.data.train, config.data.split)
+  streaming = config.data.streaming   # a bool: ml_collections refuses another type
+  source, rows = preference.load_rows(config.data.train, config.data.split, streaming)
   split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
   examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
                                                  config.data.on_error, **split, keep=keep)
   if config.data.eval:
-    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split)
+    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split, streaming)
     eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
                                                          config.data.on_error, **split, keep=keep)
     skipped += eskipped

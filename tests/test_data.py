@@ -7,6 +7,7 @@ word-level tokenizer (BOS inside its chat template, different specials) from its
 """
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import re
@@ -402,8 +403,15 @@ def test_source_dataset_objects(tmp_path):
     P.load_rows(dd, "validation")
   name, rows = P.load_rows(ROWS)
   assert name == "<rows>" and rows == ROWS
-  name, rows = P.load_rows(ds.to_iterable_dataset())   # no random access: read as a list
-  assert name == "<dataset>" and _same(rows)
+  name, rows = P.load_rows(ds.to_iterable_dataset())   # no random access: streamed
+  assert name == "<dataset>" and not isinstance(rows, list) and _same(list(rows))
+  assert _same(list(rows))   # each pass reads the dataset again
+  name, rows = P.load_rows(datasets.IterableDatasetDict(test=ds.to_iterable_dataset()), "test")
+  assert name == "<dataset>[test]" and _same(list(rows))
+  _, once = P.load_rows(iter(ROWS))
+  assert P.tokenize_rows(once, BYTE, OPTS) == P.tokenize_rows(ROWS, BYTE, OPTS)
+  with pytest.raises(P.DataError, match=r"a one-shot iterator, already read"):
+    P.tokenize_rows(once, BYTE, OPTS)
 
 
 def test_a_process_reads_only_the_rows_it_tokenises(tmp_path, monkeypatch):
@@ -456,6 +464,10 @@ def test_source_load_dataset_directory(tmp_path, monkeypatch):
   assert len(P.load_rows(str(tmp_path / "data"), "test")[1]) == 3
   datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
   assert _same(P.load_rows(str(tmp_path / "d.parquet"))[1])
+  # streaming=True: the same rows, read when iterated (no Arrow table is built)
+  for src, split, n in (("data", "train", 5), ("data", "test", 3), ("d.parquet", "train", 5)):
+    _, rows = P.load_rows(str(tmp_path / src), split, streaming=True)
+    assert isinstance(rows, P._Stream) and list(rows) == ROWS[:n]
 
 
 def test_dataset_conversational_rows():
@@ -1017,11 +1029,24 @@ def test_ultrafeedback_binarized_layout():
 # ---------------------------------------------------------------------------------------------
 
 
+class Stream:
+  """Rows without random access, as a datasets.IterableDataset gives them: each pass iterates
+  the rows again. `yielded` counts the rows handed out."""
+
+  def __init__(self, rows):
+    self.rows, self.yielded = rows, 0
+
+  def __iter__(self):
+    for row in self.rows:
+      self.yielded += 1
+      yield row
+
+
 def tokenize_as_processes(rows, tok, opts, source, on_error, count, **kw):
   """tokenize_rows as each of `count` processes runs it: one thread each, whose exchange is an
   all-gather (every thread hands in its bytes at a barrier, then all read every thread's).
-  Returns each process's examples and skip count, or its DataError's message, and the number of
-  exchanges each made."""
+  `rows` may be a function of the process index. Returns each process's examples and skip count,
+  or its DataError's message, and the number of exchanges each made."""
   slots, barrier = [None] * count, threading.Barrier(count, timeout=120)
   out, calls = [None] * count, [0] * count
 
@@ -1035,7 +1060,8 @@ def tokenize_as_processes(rows, tok, opts, source, on_error, count, **kw):
 
   def run(i):
     try:
-      out[i] = P.tokenize_rows(rows, tok, opts, source, on_error, part=(i, count),
+      out[i] = P.tokenize_rows(rows(i) if callable(rows) else rows, tok, opts, source,
+                               on_error, part=(i, count),
                                exchange=functools.partial(exchange, i), **kw)
     except P.DataError as e:
       out[i] = str(e)
@@ -1061,25 +1087,55 @@ def outcome(rows, tok, opts, source, on_error, **kw):
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rows=st.lists(_row, min_size=1, max_size=7), count=st.sampled_from([1, 2, 3]),
        round_rows=st.sampled_from([1, 2, 3, P.ROUND_ROWS]), spill=st.booleans(),
-       word=st.booleans(), skip=st.booleans())
-def test_rounds_and_processes_get_what_one_pass_gets(rows, count, round_rows, spill, word, skip):
+       word=st.booleans(), skip=st.booleans(), stream=st.booleans())
+def test_rounds_and_processes_get_what_one_pass_gets(rows, count, round_rows, spill, word, skip,
+                                                     stream):
   """Tokenising in rounds of a few rows, into memory or a file, by one process or by several
-  sharing the rows, ends in every process with the examples, skip count or first error (the
-  same row named) that one process tokenising every row in one round gets, whichever process
-  tokenised the bad or first row and whichever round it fell in."""
+  sharing the rows, from a list or a stream of rows, ends in every process with the examples,
+  skip count or first error (the same row named) that one process tokenising every row of a list
+  in one round gets, whichever process tokenised the bad or first row and whichever round it
+  fell in."""
   tok, on_error = (WORD if word else BYTE), ("skip" if skip else "fail")
   whole = outcome(rows, tok, FUZZ_OPTS, "fuzz", on_error)
+  given = Stream(rows) if stream else rows
   with tempfile.TemporaryDirectory() as tmp:
     kw = dict(round_rows=round_rows, spill_dir=tmp if spill else None)
     if count == 1:
-      got = [outcome(rows, tok, FUZZ_OPTS, "fuzz", on_error, **kw)]
+      got = [outcome(given, tok, FUZZ_OPTS, "fuzz", on_error, **kw)]
     else:
-      got, calls = tokenize_as_processes(rows, tok, FUZZ_OPTS, "fuzz", on_error, count, **kw)
+      got, calls = tokenize_as_processes(given, tok, FUZZ_OPTS, "fuzz", on_error, count, **kw)
       per = count * -(-round_rows // count)   # a round's rows, a multiple of the processes
-      rounds = -(-len(rows) // per)
+      rounds = len(rows) // per + 1   # the last round is short: empty when per divides the rows
       assert calls == [rounds] * count or isinstance(whole, str)   # an error may end it early
     assert got == [whole] * count
     assert os.listdir(tmp) == []   # the file of ids was deleted when it was opened
+
+
+def test_a_stream_is_read_a_round_at_a_time(monkeypatch):
+  """Rows without random access are pulled a round at a time: when a round is tokenised, no row
+  of a later round has been read."""
+  rows = [good(i) for i in range(10)]
+  stream, seen, part = Stream(rows), [], P.tokenize_part
+  monkeypatch.setattr(P, "tokenize_part", lambda *a: seen.append(stream.yielded) or part(*a))
+  assert P.tokenize_rows(stream, BYTE, OPTS, round_rows=4) == P.tokenize_rows(rows, BYTE, OPTS)
+  assert seen[:3] == [4, 8, 10]
+  seen.clear()   # shared: each of 2 processes reads every row and tokenises its own
+  got, calls = tokenize_as_processes(lambda i: Stream(rows), BYTE, OPTS, "s", "fail", 2,
+                                     round_rows=4)
+  assert got == [P.tokenize_rows(rows, BYTE, OPTS)] * 2 and calls == [3, 3]
+
+
+def test_processes_with_different_rows_fail_together():
+  """Processes whose rows differ in number (a stream that differs between hosts) all stop with
+  an error in the round where they part, instead of waiting for each other's exchange."""
+  for (n0, n1, sizes), kind in itertools.product(
+      ((5, 6, [1, 2]), (4, 5, [0, 1]), (9, 2, [4, 2])), (list, Stream)):
+    got, _ = tokenize_as_processes(lambda i: kind((ROWS * 2)[:(n0, n1)[i]]),   # noqa: B023
+                                   BYTE, OPTS, "s", "fail", 2, round_rows=4)
+    first = (min(n0, n1) // 4) * 4
+    assert got == [f"s: the processes read different rows: in rows {first + 1} to {first + 4}, "
+                   f"processes 0..1 read {sizes} rows (every process must read the same data "
+                   f"set in the same order)"] * 2
 
 
 def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):

@@ -210,3 +210,27 @@ def test_a_rerun_reads_the_tokenised_data_from_the_cache(tmp_path, monkeypatch):
     train.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))
   with pytest.raises(ValueError, match=r"config.data.cache_keep=-1 must be an integer >= 0"):
     train.setup(config(eval_every=0, data__cache_keep=-1), workdir=str(tmp_path))
+
+
+def test_streamed_data_give_the_same_batches(tmp_path, monkeypatch, capsys):
+  """data.streaming=True reads a parquet file as a stream (datasets.IterableDataset, a round of
+  rows at a time) and trains on the same examples and held-out split as reading it whole; a
+  stream has no fingerprint, so nothing is cached, and the log says so."""
+  import datasets   # noqa: PLC0415
+  from dpo_jax.data.tiny_tasks import ASSET   # noqa: PLC0415
+  monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+  data = str(tmp_path / "d.parquet")
+  datasets.Dataset.from_json(ASSET).to_parquet(data)
+  tok = train.load.load_tokenizer(config().model.init)
+  pad = preference.pad_id(tok)
+
+  def load(streaming):
+    cfg = config(data__train=data, data__streaming=streaming)
+    return train.load_data(cfg, tok, pad, str(tmp_path / f"w{streaming}"))
+  whole, streamed = load(False), load(True)
+  assert isinstance(preference.load_rows(data, streaming=True)[1], preference._Stream)
+  assert streamed[0].examples == whole[0].examples and streamed[1] == whole[1]
+  assert len(streamed[1]) > 0 and streamed[2] == whole[2] == 0
+  assert not (tmp_path / "wTrue" / "data_cache").exists()
+  assert "not kept in" in capsys.readouterr().err
+  assert len(os.listdir(tmp_path / "wFalse" / "data_cache")) == 1

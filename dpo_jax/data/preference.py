@@ -17,7 +17,9 @@ One data set is either paired or unpaired; a row of the other kind is a bad row.
 Sources: a JSONL file (.jsonl, or .json holding JSON lines or one JSON array), a .parquet /
 .csv / .arrow file, a directory written by `datasets.Dataset.save_to_disk` or
 `DatasetDict.save_to_disk`, any other directory or name for `datasets.load_dataset`, a
-`datasets.Dataset`, a `datasets.DatasetDict` (the `split` is taken), or a list of dicts.
+`datasets.Dataset`, a `datasets.DatasetDict` (the `split` is taken), a
+`datasets.IterableDataset` (or IterableDatasetDict: streamed, a round of rows at a time), or a
+list of dicts.
 
 Row numbers in error messages are 1-based: the line number in a JSONL file (blank lines are
 skipped but counted, so the number is what an editor shows), otherwise the row's index + 1.
@@ -41,6 +43,7 @@ import collections.abc
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import mmap
 import os
@@ -259,14 +262,31 @@ def _string_end(m, quote: int):
       return end + 1
 
 
+class _Stream(collections.abc.Iterable):
+  """Rows without random access (a datasets.IterableDataset): each pass iterates the source
+  again, converting a row to a dict when it comes. tokenize_rows reads a round of rows at a time,
+  so the rows need not fit in memory. A one-shot iterator can be read once."""
+
+  def __init__(self, source):
+    self._source, self._once = source, iter(source) is source
+    self._read = False
+
+  def __iter__(self):
+    if self._once and self._read:
+      raise DataError("these rows came from a one-shot iterator, already read: pass a list, a "
+                      "datasets.Dataset or a datasets.IterableDataset to read them again")
+    self._read = True
+    return (dict(r) for r in self._source)
+
+
 def _dataset_rows(ds):
   """A datasets.Dataset's rows as dicts, converted from Arrow one at a time when read (the
-  table stays memory-mapped); any other iterable of rows (an IterableDataset) as a list."""
+  table stays memory-mapped); any other iterable of rows (an IterableDataset) streamed."""
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
   if isinstance(ds, datasets.Dataset):
     return _LazyRows(len(ds), lambda j: dict(ds[j]),
                      fingerprint=getattr(ds, "_fingerprint", None))
-  return [dict(r) for r in ds]
+  return _Stream(ds)
 
 
 def _dataset_name(ds, default: str) -> str:
@@ -280,9 +300,13 @@ def _pick_split(name: str, ds, split: str):
   return f"{name}[{split}]", ds[split]
 
 
-def load_rows(source: Any, split: str = "train") -> tuple[str, Sequence[dict]]:
+def load_rows(source: Any, split: str = "train",
+              streaming: bool = False) -> tuple[str, Iterable[dict]]:
   """Returns (a name for error messages, the rows). JSON lines and `datasets` rows are parsed or
-  converted when indexed, so a process that tokenises a part of them reads only that part."""
+  converted when indexed, so a process that tokenises a part of them reads only that part. An
+  IterableDataset is streamed: its rows are read when tokenize_rows iterates them, a round at a
+  time. streaming=True streams what datasets.load_dataset reads (a hub name, a directory of data
+  files, a .parquet/.csv/.arrow file) instead of converting it to a local Arrow table first."""
   if isinstance(source, (list, tuple)):
     return "<rows>", list(source)
   if isinstance(source, collections.abc.Mapping):   # a datasets.DatasetDict: one split of it
@@ -298,13 +322,14 @@ def load_rows(source: Any, split: str = "train") -> tuple[str, Sequence[dict]]:
   builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
   ext = os.path.splitext(source)[1]
   if os.path.isfile(source) and ext in builders:
-    ds = datasets.load_dataset(builders[ext], data_files=source, split="train")
+    ds = datasets.load_dataset(builders[ext], data_files=source, split="train",
+                               streaming=streaming)
   elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in (
       "dataset_dict.json", "state.json")):   # written by save_to_disk
     ds = datasets.load_from_disk(source)
   else:   # a hub name, or a directory of data files
-    ds = datasets.load_dataset(source, split=split)
-  if isinstance(ds, datasets.DatasetDict):
+    ds = datasets.load_dataset(source, split=split, streaming=streaming)
+  if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
     source, ds = _pick_split(source, ds, split)
   return source, _dataset_rows(ds)
 
@@ -541,7 +566,7 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
 ROUND_ROWS = 4096   # rows tokenised (by all processes together) between two stores of examples
 
 
-def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
+def tokenize_rows(rows: Iterable[dict], tokenizer, opts: TokenizeOptions,
                   source: str = "<rows>", on_error: str = "fail", part: tuple[int, int] = (0, 1),
                   exchange=None, spill_dir: Optional[str] = None,
                   round_rows: int = ROUND_ROWS) -> tuple[Examples, int]:
@@ -553,18 +578,19 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   The rows go in rounds of `round_rows`: each round's good examples are stored before the next
   round starts, in memory, or with `spill_dir` in a file there (deleted as soon as it is opened,
   so nothing is left behind) whose ids come back mapped: then only a round's ids and 20 bytes an
-  example are held in memory, and the data set need not fit.
+  example are held in memory, and the data set need not fit. Rows without random access (a
+  load_rows stream of a datasets.IterableDataset) are read a round at a time, so they need not
+  fit either.
 
   Shared work (several processes, distributed.tokenize_split()): process i of n tokenises rows
   i, i + n, ... (part=(i, n)) and `exchange` hands every process all n parts (bytes) of a round,
   so each process gets every example, and the same errors, after tokenising 1/n of the rows.
+  Every process must hold the same rows: a round in which they read different numbers of rows
+  is an error in every process.
   """
   if on_error not in ON_ERROR:
     raise ValueError(f"config.data.on_error must be fail or skip, got {on_error!r}")
   _check_options(opts)
-  numbers = getattr(rows, "numbers", None)
-  if numbers is None or len(numbers) != len(rows):
-    numbers = range(1, len(rows) + 1)
   index, count = part
   if (exchange is None) != (count == 1):
     raise ValueError(f"part={part} with exchange={exchange}: a part of the rows needs an "
@@ -572,23 +598,57 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, opts: TokenizeOptions,
   per = count * max(1, -(-round_rows // count))   # a multiple of count: row j is process j % n's
   sink, skipped, kind = (_Builder() if spill_dir is None else _Sink(spill_dir)), 0, None
   try:
-    for start in range(0, len(rows), per):
-      todo = range(start + index, min(start + per, len(rows)), count)
-      mine = tokenize_part(rows, tokenizer, opts, source, numbers, todo)
+    for r, (held, numbers, todo, size) in enumerate(_rounds(rows, per, index, count)):
+      mine = dataclasses.replace(tokenize_part(held, tokenizer, opts, source, numbers, todo),
+                                 round_rows=size)
       parts = [mine]
       if exchange is not None:
         parts = [mine if p == index else unpack_part(blob)
                  for p, blob in enumerate(exchange(pack_part(mine)))]
+        _check_round(parts, r, per, source)
       kept, bad, kind = collect(parts, numbers, source, on_error, kind)
       sink.extend(kept)
       skipped += bad
-      del mine, parts, kept   # the round's ids are stored: hold none during the next round
+      del held, mine, parts, kept   # the round is stored: hold none of it during the next
     examples = sink.build()
   finally:
     sink.close()
   if not len(examples):
     raise DataError(f"{source}: no usable rows ({skipped} skipped)")
   return examples, skipped
+
+
+def _rounds(rows, per: int, index: int, count: int):
+  """For each round of `per` rows: (rows, their numbers, todo, size). Process `index` of `count`
+  tokenises rows[j] for j in todo, named row numbers[j]; size is the round's row count. The last
+  round is short (empty when `per` divides the rows), so that processes holding the same rows
+  end together, and processes holding different ones find out (_check_round) instead of
+  waiting on each other. A sequence is indexed where it is; any other iterable (a _Stream) is
+  read a round at a time, each process reading every row and tokenising its own."""
+  if isinstance(rows, collections.abc.Sequence):
+    numbers = getattr(rows, "numbers", None)
+    if numbers is None or len(numbers) != len(rows):
+      numbers = range(1, len(rows) + 1)
+    for start in range(0, len(rows) + 1, per):
+      stop = min(start + per, len(rows))
+      yield rows, numbers, range(start + index, stop, count), stop - start
+    return
+  it = iter(rows)
+  for start in itertools.count(0, per):
+    held = list(itertools.islice(it, per))
+    size = len(held)
+    yield held, range(start + 1, start + size + 1), range(index, size, count), size
+    del held   # before the next round's rows are read: one round is held at a time
+    if size < per:
+      return
+
+
+def _check_round(parts: Sequence[Part], r: int, per: int, source: str):
+  sizes = [p.round_rows for p in parts]
+  if len(set(sizes)) > 1:
+    raise DataError(f"{source}: the processes read different rows: in rows {r * per + 1} to "
+                    f"{(r + 1) * per}, processes 0..{len(sizes) - 1} read {sizes} rows (every "
+                    f"process must read the same data set in the same order)")
 
 
 CACHE_FORMAT = "dpo_jax examples 1"   # change when Examples or tokenising changes
@@ -611,6 +671,10 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
+  if cache_dir and key is None:
+    print(f"{source}: the tokenised rows are not kept in {cache_dir}: only rows with a hashable "
+          f"source (a JSONL or JSON file, a datasets.Dataset, a list; not a stream) tokenised by "
+          f"a fast tokenizer are", file=sys.stderr)
   path = None if key is None else os.path.join(cache_dir, f"{key[:32]}.npz")
   cached = None if path is None else _read_examples(path)
   if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
@@ -674,6 +738,7 @@ class Part:
   paired: np.ndarray           # [m] int8: 1 paired, 0 unpaired, -1 not known (did not normalise)
   errors: list                 # [m] the row's error message, or None
   examples: Examples           # the rows without an error, in order
+  round_rows: int = -1         # the rows of the round it is a part of (tokenize_rows)
 
 
 ENCODE_BLOCK = 64   # rows rendered, then encoded in one batched tokenizer call
@@ -773,14 +838,15 @@ def pack_part(part: Part) -> bytes:
   buf = io.BytesIO()
   ex = part.examples.compact()
   np.savez(buf, index=part.index, paired=part.paired, lens=ex.lens, tokens=ex.tokens,
-           labels=ex.labels, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8))
+           labels=ex.labels, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8),
+           round_rows=np.int64(part.round_rows))
   return buf.getvalue()
 
 
 def unpack_part(blob: bytes) -> Part:
   z = np.load(io.BytesIO(blob), allow_pickle=False)
   return Part(z["index"], z["paired"], json.loads(z["errors"].tobytes().decode()),
-              Examples(z["tokens"], z["lens"], z["labels"]))
+              Examples(z["tokens"], z["lens"], z["labels"]), int(z["round_rows"]))
 
 
 class Examples(collections.abc.Sequence):
