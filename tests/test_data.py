@@ -1123,6 +1123,9 @@ def test_a_stream_is_read_a_round_at_a_time(monkeypatch):
   got, calls = tokenize_as_processes(lambda i: Stream(rows), BYTE, OPTS, "s", "fail", 2,
                                      round_rows=4)
   assert got == [P.tokenize_rows(rows, BYTE, OPTS)] * 2 and calls == [3, 3]
+  source, odd = P.load_rows(iter([good(0), 3]))   # a row that is not an object: a row error
+  with pytest.raises(P.DataError, match=r"^<dataset>: row 2: expected an object with fields "):
+    P.tokenize_rows(odd, BYTE, OPTS, source)
 
 
 def test_processes_with_different_rows_fail_together():
@@ -1445,7 +1448,8 @@ def test_processes_read_the_cache_only_when_all_have_it(tmp_path, other_has_it):
   exchange of parts is collective)."""
   cache = str(tmp_path / "cache")
   whole = P.tokenize_cached(cache, ROWS, BYTE, OPTS)
-  theirs = P.pack_part(P.tokenize_part(ROWS, BYTE, OPTS, "<rows>", range(1, 6), range(1, 5, 2)))
+  theirs = P.pack_part(dataclasses.replace(   # process 1's part of the round of 5 rows
+      P.tokenize_part(ROWS, BYTE, OPTS, "<rows>", range(1, 6), range(1, 5, 2)), round_rows=5))
   sent = []
 
   def exchange(mine):

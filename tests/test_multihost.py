@@ -311,15 +311,23 @@ def tokenise_shared(data):
   source, rows = P.load_rows(data)
   examples, skipped = P.tokenize_rows(rows, byte_tokenizer(), P.TokenizeOptions(96, 48), source,
                                       "skip", **distributed.tokenize_split())
+  n = len(rendered)
+  # the same rows as a stream (no random access: each process reads all and tokenises its own),
+  # in rounds of 8
+  streamed = P.tokenize_rows(P._Stream(rows), byte_tokenizer(), P.TokenizeOptions(96, 48),
+                             source, "skip", round_rows=8, **distributed.tokenize_split())
   me = jax.process_index()
   blobs = distributed.allgather_bytes(bytes([me]) * (3 + 4 * me), chunk=2)
-  print(json.dumps({"rendered": len(rendered), "skipped": skipped, "blobs": [b.hex() for b in blobs],
-                    "examples": [dataclasses.asdict(e) for e in examples]}))
+  print(json.dumps({"rendered": n, "skipped": skipped, "blobs": [b.hex() for b in blobs],
+                    "examples": [dataclasses.asdict(e) for e in examples],
+                    "streamed": [[dataclasses.asdict(e) for e in streamed[0]], streamed[1]],
+                    "streamed_rendered": len(rendered) - n}))
 
 
 def test_processes_share_the_tokenising(tmp_path, monkeypatch):
   """Each of 2 processes renders half of the rows and both end with every example, as one
-  process tokenising them all does (a bad line and a row of the other kind are skipped)."""
+  process tokenising them all does (a bad line and a row of the other kind are skipped); so do
+  the same rows streamed."""
   import dataclasses
   import json
 
@@ -347,8 +355,10 @@ def test_processes_share_the_tokenising(tmp_path, monkeypatch):
     assert g["examples"] == [dataclasses.asdict(e) for e in examples]
     assert g["skipped"] == 2
     assert g["blobs"] == ["000000", "01" * 7]
-  assert got[0]["rendered"] + got[1]["rendered"] == len(rendered) == 21 + 1   # rows, once each
-  assert max(g["rendered"] for g in got) <= len(rendered) // 2 + 1
+    assert g["streamed"] == [g["examples"], 2]
+  for key in ("rendered", "streamed_rendered"):
+    assert got[0][key] + got[1][key] == len(rendered) == 21 + 1   # rows, once each
+    assert max(g[key] for g in got) <= len(rendered) // 2 + 1
 
 
 def run_tools(policy, ref, data, out):

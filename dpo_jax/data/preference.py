@@ -276,7 +276,8 @@ class _Stream(collections.abc.Iterable):
       raise DataError("these rows came from a one-shot iterator, already read: pass a list, a "
                       "datasets.Dataset or a datasets.IterableDataset to read them again")
     self._read = True
-    return (dict(r) for r in self._source)
+    return (dict(r) if isinstance(r, collections.abc.Mapping) else r   # else: a row error
+            for r in self._source)
 
 
 def _dataset_rows(ds):
