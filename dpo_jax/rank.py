@@ -62,13 +62,14 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
   source, rows = preference.load_rows(data, split)
   opts = preference.TokenizeOptions(max_length, max_prompt_length)
   buckets = preference.default_buckets(max_length)
-  cache, tokenised = {}, {}   # tokenised: by cache_key, so models that share a tokenizer
+  cache, tokenised = {}, {}   # tokenised: by tokenizing_key, so models that share a tokenizer
                               # (checkpoints of one run) share one tokenising of the rows
 
   def scores(path):
     if path not in cache:
       tok = load.load_tokenizer(path)
-      key = preference.cache_key(rows, tok, opts, "fail") or path   # the same on every process
+      # the rows are the same for every model (a stream too): the tokenizer decides
+      key = preference.tokenizing_key(tok, opts, "fail") or path   # the same on every process
       if key not in tokenised:   # into $TMPDIR, mapped back
         tokenised[key] = preference.tokenize_cached(None, rows, tok, opts, source, "fail",
                                                     **distributed.tokenize_split())[0]

@@ -52,6 +52,16 @@ def test_rank_cli_matches_torch_scores(tmp_path, monkeypatch):
   assert json.loads((tmp_path / "rank.json").read_text()) == out
   assert scored == [np.memmap] * 3   # the reference and two models, each scored once
   assert len(tokenised) == 1   # their tokenizers are the same: the rows are tokenised once
+  # the same rows streamed (no fingerprint; a one-shot iterator, which can be read only once):
+  # still one tokenising, and the same scores
+  tokenised.clear()
+  paths = [str(tmp_path / "a"), str(tmp_path / "b")]
+  streamed = rank.score_models(paths, iter(rows), ref=str(tmp_path / "ref"), beta=0.5)
+  assert len(tokenised) == 1
+  whole = rank.score_models(paths, str(data), ref=str(tmp_path / "ref"), beta=0.5)
+  for path in paths:
+    np.testing.assert_array_equal(streamed[path][0], whole[path][0])
+    np.testing.assert_allclose(streamed[path][1], whole[path][1], rtol=1e-6, atol=1e-6)
   for r in out["ranking"]:
     model = models[r["model"].rsplit("/", 1)[-1]]
     margins = []

@@ -720,8 +720,16 @@ def cache_key(rows, tokenizer, opts: TokenizeOptions, on_error: str) -> Optional
       data = hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode()).hexdigest()
     except (TypeError, ValueError):
       return None
+  return None if data is None else tokenizing_key(tokenizer, opts, on_error, data)
+
+
+def tokenizing_key(tokenizer, opts: TokenizeOptions, on_error: str,
+                   data: str = "") -> Optional[str]:
+  """A hash of how rows are tokenised (the tokenizer's tokenizer.json, class, chat template, BOS
+  and EOS, the options and on_error) and of `data`, or None without a fast tokenizer. The same
+  on every process. Two tokenizers with one key tokenise any rows alike."""
   backend = getattr(tokenizer, "backend_tokenizer", None)
-  if data is None or backend is None:
+  if backend is None:
     return None
   h = hashlib.sha256()
   for part in (CACHE_FORMAT, data, backend.to_str(), type(tokenizer).__name__,
