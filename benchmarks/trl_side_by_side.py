@@ -150,6 +150,11 @@ def parse_args(argv=None):
                       "large allocations on transparent huge pages instead of re-faulting "
                       "4 KiB pages every step. Off by default: it cuts dpo_jax's page faults "
                       "but slowed TRL by about 1.7x here (benchmarks/README.md)")
+  p.add_argument("--cpu-malloc", choices=("system", "heap"), default="system",
+                 help="DPO_JAX_CPU_MALLOC for both sides (dpo_jax.hostmem). system (default): "
+                      "malloc as is. heap: large freed buffers stay on glibc's main heap for "
+                      "reuse, so XLA:CPU's step buffer is not mapped and page-faulted afresh "
+                      "every step (README, Performance)")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
   args.kv_heads = args.kv_heads or args.heads
@@ -188,6 +193,7 @@ def run_dpo_jax(args, share_prompt: bool = False) -> dict:
   env["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true "
                       f"intra_op_parallelism_threads={args.threads}")
   env["JAX_PLATFORMS"] = "cpu"
+  env["DPO_JAX_CPU_MALLOC"] = args.cpu_malloc
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   cpus = cpu_set(args.threads)
   log("+ " + " ".join(cmd))
@@ -369,9 +375,19 @@ def with_hugetlb(args, argv):
   os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
 
+def same_malloc(args) -> str:
+  """Gives this process (TRL) the malloc settings that dpo_jax's process gets; before torch is
+  imported, whose threads would otherwise take malloc arenas of their own."""
+  os.environ["DPO_JAX_CPU_MALLOC"] = args.cpu_malloc   # read when dpo_jax is imported
+  sys.path.insert(0, REPO)
+  from dpo_jax import hostmem   # noqa: PLC0415
+  return hostmem.use_heap()
+
+
 def main(argv=None):
   args = parse_args(argv)
   with_hugetlb(args, argv)
+  trl_malloc = same_malloc(args)
   load0 = os.getloadavg()
   variants = {"both": (False, True), "off": (False,), "only": (True,)}[args.share_prompt]
   jax_rows, shared_rows, trl_rows = [], [], []
@@ -395,8 +411,10 @@ def main(argv=None):
            f"(prompt {args.prompt_len}), f32, {args.threads} threads, remat/grad-ckpt "
            f"{args.remat}, dpo_jax attention_chunk {args.attention_chunk}")
   print(f"\n{shape}")
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides); dpo_jax minor "
-        f"page faults per step: "
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides); "
+        f"DPO_JAX_CPU_MALLOC: dpo_jax "
+        f"{','.join(sorted({r.get('cpu_malloc', '?') for r in jax_rows + shared_rows})) or '-'}, "
+        f"TRL {trl_malloc}; dpo_jax minor page faults per step: "
         + ", ".join(f"{r['minor_faults_per_step']:.0f}" for r in jax_rows + shared_rows
                     if r.get("minor_faults_per_step") is not None))
   print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at end "
@@ -437,7 +455,7 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"args": vars(args), "dpo_jax": jax_rows, "dpo_jax_shared": shared_rows,
-                 "trl": trl_rows,
+                 "trl": trl_rows, "trl_cpu_malloc": trl_malloc,
                  "loadavg": [load0, load1]}, f, indent=1)
   return jx, tr, js
 

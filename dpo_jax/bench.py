@@ -56,6 +56,8 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
+from dpo_jax import hostmem
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_KEYS = ("batch", "seq", "prompt_fraction", "share_prompt", "warmup", "peak")
 
@@ -424,9 +426,10 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       # shared CPU host, less than the thread count means the step was starved).
       "cpu_util": cpu_util,
       # Page faults per timed step: memory the step's buffers take fresh from the OS each call.
-      # Tens of thousands on CPU means 4 KiB pages re-faulted every step; on glibc,
-      # GLIBC_TUNABLES=glibc.malloc.hugetlb=1 backs them with transparent huge pages.
+      # Tens of thousands on CPU means 4 KiB pages re-faulted every step; DPO_JAX_CPU_MALLOC=heap
+      # (dpo_jax.hostmem) keeps the step's buffer for the next step instead.
       "minor_faults_per_step": faults_per_step,
+      "cpu_malloc": hostmem.in_effect(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "setup_s": setup_s,
       "mfu": fl["flops_per_step"] / step_s / peak["peak_flops"],

@@ -673,9 +673,9 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
   if cache_dir and key is None:
-    print(f"{source}: the tokenised rows are not kept in {cache_dir}: only rows with a hashable "
-          f"source (a JSONL or JSON file, a datasets.Dataset, a list; not a stream) tokenised by "
-          f"a fast tokenizer are", file=sys.stderr)
+    print(f"{source}: the tokenised rows are not kept in {cache_dir}, so a rerun tokenises them "
+          f"again. Only rows that can be hashed (a JSONL or JSON file, a datasets.Dataset or a "
+          f"list, not a stream) and tokenised by a fast tokenizer are kept", file=sys.stderr)
   path = None if key is None else os.path.join(cache_dir, f"{key[:32]}.npz")
   cached = None if path is None else _read_examples(path)
   if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
