@@ -416,7 +416,10 @@ def main(argv=None):
         f"{','.join(sorted({r.get('cpu_malloc', '?') for r in jax_rows + shared_rows})) or '-'}, "
         f"TRL {trl_malloc}; dpo_jax minor page faults per step: "
         + ", ".join(f"{r['minor_faults_per_step']:.0f}" for r in jax_rows + shared_rows
-                    if r.get("minor_faults_per_step") is not None))
+                    if r.get("minor_faults_per_step") is not None)
+        + "; peak resident MiB: "
+        + ", ".join(f"{r['host_rss_peak_bytes'] / 2**20:.0f}" for r in jax_rows + shared_rows
+                    if r.get("host_rss_peak_bytes") is not None))
   print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at end "
         f"(1-min; {os.cpu_count()} CPUs)")
   print(f"{'':22s}{'pairs/s':>10s}{'step ms':>10s}{'tokens/s':>11s}")

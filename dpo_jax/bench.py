@@ -384,17 +384,18 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   for _ in range(c.warmup):
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
-  times = []
-  faults0 = _minor_faults()
+  times, faults = [], [_minor_faults()]
   cpu0, wall0 = time.process_time(), time.perf_counter()
   for _ in range(c.steps):
     t = time.perf_counter()
     state, metrics = compiled(state, frozen, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t)
+    faults.append(_minor_faults())
   cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-  faults = _minor_faults()
-  faults_per_step = None if faults is None else (faults - faults0) / len(times)
+  step_faults = None if faults[0] is None else np.diff(faults)
+  usage = _rusage()
+  host_rss = None if usage is None else usage.ru_maxrss * 1024   # Linux reports KiB
   loss = float(jax.device_get(metrics["loss"]))
   step_s = float(np.median(times))
   log(f"bench: step {step_s * 1e3:.1f} ms (median of {len(times)}), measuring the matmul peak")
@@ -425,10 +426,14 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       # Process CPU seconds per wall second while timing: ~ the number of busy cores (on a
       # shared CPU host, less than the thread count means the step was starved).
       "cpu_util": cpu_util,
-      # Page faults per timed step: memory the step's buffers take fresh from the OS each call.
-      # Tens of thousands on CPU means 4 KiB pages re-faulted every step; DPO_JAX_CPU_MALLOC=heap
-      # (dpo_jax.hostmem) keeps the step's buffer for the next step instead.
-      "minor_faults_per_step": faults_per_step,
+      # Page faults per timed step (mean and the largest): memory the step's buffers take fresh
+      # from the OS. Tens of thousands every step on CPU means 4 KiB pages re-faulted each call;
+      # DPO_JAX_CPU_MALLOC=heap (dpo_jax.hostmem) keeps the step's buffer for the next step
+      # instead, apart from an occasional step where the heap grows (the max).
+      "minor_faults_per_step": None if step_faults is None else float(np.mean(step_faults)),
+      "minor_faults_max_step": None if step_faults is None else int(np.max(step_faults)),
+      # The process's peak resident memory by the end of the timed steps (compile included).
+      "host_rss_peak_bytes": host_rss,
       "cpu_malloc": hostmem.in_effect(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "setup_s": setup_s,
@@ -470,12 +475,18 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   return row
 
 
-def _minor_faults():
+def _rusage():
+  """This process's resource usage, or None off POSIX."""
   try:
     import resource   # noqa: PLC0415 (POSIX only)
   except ImportError:
     return None
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def _minor_faults():
+  usage = _rusage()
+  return None if usage is None else usage.ru_minflt
 
 
 def format_row(row: dict) -> str:
@@ -496,8 +507,10 @@ def format_row(row: dict) -> str:
       f"peak         {row['peak_flops'] / 1e9:.1f} GFLOP/s measured ({row['peak_definition']})",
       f"mfu          {row['mfu'] * 100:.1f}%",
       f"memory       {row.get('peak_bytes', 0) / 2**20:.1f} MiB ({row['peak_bytes_definition']})",
-      f"page faults  {row['minor_faults_per_step'] or 0:.0f} minor faults per step "
-      f"(GLIBC_TUNABLES={row['glibc_tunables']!r})",
+      f"page faults  {row['minor_faults_per_step'] or 0:.0f} minor faults per step, at most "
+      f"{row['minor_faults_max_step'] or 0} in one (DPO_JAX_CPU_MALLOC={row['cpu_malloc']}, "
+      f"GLIBC_TUNABLES={row['glibc_tunables']!r})",
+      f"host memory  {(row['host_rss_peak_bytes'] or 0) / 2**20:.0f} MiB peak resident",
       f"definition   {row['flops_definition']}",
   ]
   return "\n".join(lines)

@@ -11,7 +11,11 @@ reuses the same pages.
 
 It is opt-in because it has costs. All threads share one malloc arena, so a workload of many
 small calls gets slower. Memory freed below the heap's top is not returned to the OS, so the
-resident size stays near its peak. README ("Performance") has the measurements both ways.
+resident size stays near its peak, and that peak is higher: XLA asks for the buffer with
+posix_memalign, which glibc serves by carving size + alignment + 32 bytes, so the previous
+step's freed block of exactly `size` fits only once it has merged with a free neighbour. Until
+then the heap grows by another buffer (one to three extra buffers on the side-by-side shape).
+README ("Performance") has the measurements both ways.
 
 It has to run before any library starts a thread (JAX's CPU client, tensorstore's pools): each
 thread takes its malloc arena when it first allocates, and one that already has another arena
