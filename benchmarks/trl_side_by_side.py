@@ -155,8 +155,15 @@ def parse_args(argv=None):
                       "malloc as is. heap: large freed buffers stay on glibc's main heap for "
                       "reuse, so XLA:CPU's step buffer is not mapped and page-faulted afresh "
                       "every step (README, Performance)")
+  p.add_argument("--preload", default="",
+                 help="a malloc library to LD_PRELOAD into both sides, e.g. "
+                      "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian: apt install "
+                      "libtcmalloc-minimal4): the script re-runs itself with it, so TRL (this "
+                      "process) and dpo_jax (its child) get the same allocator")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
+  if args.preload and not os.path.isfile(args.preload):
+    p.error(f"--preload {args.preload}: no such file")
   args.kv_heads = args.kv_heads or args.heads
   args.prompt_len = min(max(int(round(args.seq * args.prompt_fraction)), 1), args.seq - 1)
   return args
@@ -363,14 +370,21 @@ def run_trl(args) -> dict:
 HUGETLB = "glibc.malloc.hugetlb=1"
 
 
-def with_hugetlb(args, argv):
-  """Re-executes this script with the glibc tunable set (it is read at process start only)."""
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if args.malloc_hugetlb == "off" or HUGETLB in tunables.split(":"):
+def with_process_malloc(args, argv):
+  """Re-executes this script with the glibc tunable and/or the preloaded allocator that the
+  flags ask for: both are read at process start only."""
+  env = dict(os.environ)
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if args.malloc_hugetlb == "on" and HUGETLB not in tunables.split(":"):
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (tunables, HUGETLB) if t)
+  preload = env.get("LD_PRELOAD", "")
+  if args.preload and args.preload not in preload.split(":"):
+    env["LD_PRELOAD"] = ":".join(t for t in (preload, args.preload) if t)
+  if env == os.environ:
     return
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGETLB) if t))
   argv = sys.argv[1:] if argv is None else list(argv)
-  log(f"re-running with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (--malloc-hugetlb=off: as is)")
+  log(f"re-running with GLIBC_TUNABLES={env.get('GLIBC_TUNABLES', '')!r} "
+      f"LD_PRELOAD={env.get('LD_PRELOAD', '')!r}")
   sys.stdout.flush()
   os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
 
@@ -386,7 +400,7 @@ def same_malloc(args) -> str:
 
 def main(argv=None):
   args = parse_args(argv)
-  with_hugetlb(args, argv)
+  with_process_malloc(args, argv)
   trl_malloc = same_malloc(args)
   load0 = os.getloadavg()
   variants = {"both": (False, True), "off": (False,), "only": (True,)}[args.share_prompt]
@@ -411,7 +425,8 @@ def main(argv=None):
            f"(prompt {args.prompt_len}), f32, {args.threads} threads, remat/grad-ckpt "
            f"{args.remat}, dpo_jax attention_chunk {args.attention_chunk}")
   print(f"\n{shape}")
-  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (both sides); "
+  print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, "
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} (both sides); "
         f"DPO_JAX_CPU_MALLOC: dpo_jax "
         f"{','.join(sorted({r.get('cpu_malloc', '?') for r in jax_rows + shared_rows})) or '-'}, "
         f"TRL {trl_malloc}; dpo_jax minor page faults per step: "

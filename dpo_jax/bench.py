@@ -436,6 +436,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       "host_rss_peak_bytes": host_rss,
       "cpu_malloc": hostmem.in_effect(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "ld_preload": os.environ.get("LD_PRELOAD", ""),
       "setup_s": setup_s,
       "mfu": fl["flops_per_step"] / step_s / peak["peak_flops"],
       "achieved_flops": fl["flops_per_step"] / step_s,
@@ -509,7 +510,7 @@ def format_row(row: dict) -> str:
       f"memory       {row.get('peak_bytes', 0) / 2**20:.1f} MiB ({row['peak_bytes_definition']})",
       f"page faults  {row['minor_faults_per_step'] or 0:.0f} minor faults per step, at most "
       f"{row['minor_faults_max_step'] or 0} in one (DPO_JAX_CPU_MALLOC={row['cpu_malloc']}, "
-      f"GLIBC_TUNABLES={row['glibc_tunables']!r})",
+      f"GLIBC_TUNABLES={row['glibc_tunables']!r}, LD_PRELOAD={row['ld_preload']!r})",
       f"host memory  {(row['host_rss_peak_bytes'] or 0) / 2**20:.0f} MiB peak resident",
       f"definition   {row['flops_definition']}",
   ]

@@ -23,7 +23,9 @@ keeps mapping large buffers afresh. So the setting is read from the environment 
 first imported (dpo_jax/__init__.py), which every `python -m dpo_jax.*` command does before
 anything else; a script that imports jax or orbax before dpo_jax gets it only in part.
 `system` (the default) leaves malloc as it is. A C library other than glibc is left as it is
-too.
+too, and so is a process whose malloc comes from another library (an LD_PRELOADed tcmalloc or
+jemalloc: glibc's mallopt would not reach it, and tcmalloc's own mallopt accepts and ignores
+the settings). Preloading tcmalloc is the alternative README ("Performance") measures.
 """
 import ctypes
 import os
@@ -45,12 +47,34 @@ def use_heap() -> str:
   if choice not in CHOICES:
     raise ValueError(f"{ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
   mode = "system"
-  if choice == "heap" and platform.libc_ver()[0] == "glibc":
+  if (choice == "heap" and platform.libc_ver()[0] == "glibc"
+      and provider("malloc") == provider("gnu_get_libc_version")):
     mallopt = ctypes.CDLL(None).mallopt
     if all(mallopt(param, value) == 1 for param, value in _HEAP):
       mode = "heap"
   _applied.append(mode)
   return mode
+
+
+class _DlInfo(ctypes.Structure):
+  _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+              ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def provider(symbol: str):
+  """The file of the shared object whose `symbol` this process calls (dladdr of what the
+  dynamic linker resolves it to), or None when it cannot tell."""
+  process = ctypes.CDLL(None)
+  try:
+    address = ctypes.cast(getattr(process, symbol), ctypes.c_void_p)
+    dladdr = process.dladdr
+  except AttributeError:
+    return None
+  info = _DlInfo()
+  dladdr.argtypes = (ctypes.c_void_p, ctypes.POINTER(_DlInfo))
+  if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+    return None
+  return os.fsdecode(info.dli_fname)
 
 
 def in_effect() -> str:

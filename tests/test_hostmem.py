@@ -73,3 +73,14 @@ def test_a_bad_choice_names_the_variable():
         env=xla_env(1, DPO_JAX_CPU_MALLOC=value), capture_output=True, text=True)
     assert out.returncode != 0
     assert f"DPO_JAX_CPU_MALLOC={value!r}: expected one of system, heap" in out.stderr
+
+
+def test_heap_applies_only_to_glibcs_own_malloc():
+  """use_heap() sets glibc's malloc only when the process's malloc is glibc's: provider() names
+  the library each symbol resolves to (with a preloaded tcmalloc, malloc's is tcmalloc's)."""
+  from dpo_jax import hostmem   # noqa: PLC0415
+  libc = hostmem.provider("gnu_get_libc_version")
+  assert libc is not None and "libc" in libc
+  assert hostmem.provider("malloc") == libc
+  assert hostmem.provider("PyObject_Malloc") not in (None, libc)   # Python's own allocator
+  assert hostmem.provider("no_such_symbol_in_this_process") is None
