@@ -40,7 +40,8 @@ _applied = []
 
 def use_heap() -> str:
   """Applies DPO_JAX_CPU_MALLOC once per process and returns what is in effect: 'heap' or
-  'system' (also when heap was asked for but the C library is not glibc)."""
+  'system' (also when heap was asked for but the C library is not glibc, or malloc is not
+  glibc's; where dladdr cannot say, glibc's is assumed, as before the check existed)."""
   if _applied:
     return _applied[0]
   choice = os.environ.get(ENV, "system")
