@@ -3,7 +3,7 @@
     python benchmarks/op_profile.py [--top 25] [dpo_jax.bench --config.* flags ...]
 
 Builds the step exactly as `python -m dpo_jax.bench` does (same config and flags; default the
-side-by-side shape), runs it `--steps` times under jax.profiler with XLA:CPU's per-op trace
+side-by-side shape; with --config.from_data=True on the data's first batch), runs it `--steps` times under jax.profiler with XLA:CPU's per-op trace
 events (--xla_cpu_enable_xprof_traceme), and prints per-step op time grouped by fusion kind and
 the top ops with their output shape and source op. Op times can add up to more than the step's
 wall time: XLA's CPU runtime runs independent ops concurrently.
@@ -45,7 +45,12 @@ def main():
   from dpo_jax import bench   # noqa: PLC0415
   flags.FLAGS(sys.argv)
   c = bench._CONFIG.value   # noqa: SLF001 (the bench's own config flag)
-  run, batch, _ = bench.prepare(c)   # the same Run and synthetic batch as dpo_jax.bench
+  if c.from_data:   # the data's batch 0, placed as dpo_jax.bench places it
+    from dpo_jax import train   # noqa: PLC0415
+    run, host, _ = bench.prepare_data(c)
+    batch = train.to_device(host[0], run)
+  else:             # the same Run and synthetic batch as dpo_jax.bench
+    run, batch, _ = bench.prepare(c)
   step = run.jit_train_step().lower(run.state, run.frozen, batch).compile()
   state = run.state
   for _ in range(c.warmup):

@@ -33,6 +33,12 @@ block): causal attention in query chunks, each against the keys up to its end, s
 above the diagonal are skipped as in TRL's torch SDPA(is_causal=True) kernel. On this CPU it
 makes dpo_jax's attention 1.4-1.6x faster (benchmarks/attention_alone.py). The FLOP count is
 the same on both sides and counts every key.
+--lengths realistic: the same pairs of chat-like, varying lengths up to --seq on both sides
+(realistic_data), each trainer batching them its own way: dpo_jax bucketed, packed and with
+shared prompts (dpo_jax.bench --config.from_data, each step's batch built inside its timed
+interval), TRL padded to the longest sequence of each batch. batch x steps pairs; each side
+trains two epochs of them and the second is timed (mean step). Compares the trainers as a user
+runs them on real data, not the same FLOPs.
 Rematerialisation is matched: --remat none (default) = dpo_jax model.remat=none and TRL
 gradient_checkpointing=False; --remat full = dpo_jax remat=full and gradient_checkpointing=True.
 
@@ -160,6 +166,13 @@ def parse_args(argv=None):
                       "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian: apt install "
                       "libtcmalloc-minimal4): the script re-runs itself with it, so TRL (this "
                       "process) and dpo_jax (its child) get the same allocator")
+  p.add_argument("--lengths", choices=("fixed", "realistic"), default="fixed",
+                 help="fixed (default): every sequence --seq tokens, no padding, one batch "
+                      "timed over and over. realistic: batch x steps pairs of chat-like "
+                      "lengths up to --seq (realistic_data), the same rows on both sides, "
+                      "each trainer's own batching (dpo_jax: bucketed, packed and "
+                      "shared-prompt rows; TRL: padded to the longest in the batch); one "
+                      "epoch warms up, the next is timed, mean step")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
   if args.preload and not os.path.isfile(args.preload):
@@ -182,7 +195,8 @@ def cpu_set(threads: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dpo_jax(args, share_prompt: bool = False) -> dict:
+def run_dpo_jax(args, share_prompt: bool = False, extra=()) -> dict:
+  """dpo_jax.bench --json on the shape, pinned to the threads; `extra`: more --config flags."""
   cmd = [sys.executable, "-m", "dpo_jax.bench", "--json",
          f"--config.model.hidden_size={args.hidden}", f"--config.model.num_layers={args.layers}",
          f"--config.model.num_heads={args.heads}", f"--config.model.num_kv_heads={args.kv_heads}",
@@ -195,7 +209,8 @@ def run_dpo_jax(args, share_prompt: bool = False) -> dict:
          f"--config.steps={args.steps}", f"--config.warmup={args.warmup}",
          f"--config.model.max_position_embeddings={max(args.seq, 1024)}",
          "--config.loss.name=dpo", "--config.loss.beta=0.1", "--config.reference.mode=initial",
-         "--config.mesh.data=1", f"--config.share_prompt={share_prompt}", *args.jax_flag]
+         "--config.mesh.data=1", f"--config.share_prompt={share_prompt}", *extra,
+         *args.jax_flag]
   env = dict(os.environ)
   env["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen=true "
                       f"intra_op_parallelism_threads={args.threads}")
@@ -246,7 +261,60 @@ def synthetic_rows(n: int, vocab: int, prompt_len: int, seq: int, seed: int = 0)
   return rows
 
 
-def build_trainer(args, tmp: str):
+def realistic_data(args, directory: str) -> dict:
+  """batch x steps random-token pairs with chat-like lengths (dpo_jax.data.packing's
+  UltraFeedback-like lognormals scaled from 1024 to --seq tokens: prompts median 150/1024 seq,
+  at most seq/2; completions median 250/1024 seq; prompt + completion <= seq, EOS included),
+  written for both sides: a JSONL for dpo_jax (which appends the EOS itself) and TRL's rows
+  (completions ending in the EOS word, so that TRL adds none), and the word tokenizer saved for
+  dpo_jax. Returns their paths, TRL's rows and the (prompt, chosen, rejected) token totals."""
+  import numpy as np   # noqa: PLC0415
+  from dpo_jax.data import packing   # noqa: PLC0415
+  n, seq = args.batch * args.steps, args.seq
+  lengths, prompt = packing.realistic_lengths(
+      n, seed=0, max_length=seq, max_prompt_length=seq // 2, prompt_median=150 * seq / 1024,
+      completion_median=250 * seq / 1024, with_prompt=True)
+  completion = np.maximum(lengths - prompt[:, None], 2)   # >= 1 word + EOS
+  rng = np.random.default_rng(0)
+  words = lambda k: " ".join(f"t{i}" for i in rng.integers(2, args.vocab, k))
+  trl_rows = {"prompt": [], "chosen": [], "rejected": []}
+  path = os.path.join(directory, "pairs.jsonl")
+  with open(path, "w") as f:
+    for i in range(n):
+      row = {"prompt": words(prompt[i]), "chosen": words(completion[i, 0] - 1),
+             "rejected": words(completion[i, 1] - 1)}
+      f.write(json.dumps(row) + "\n")
+      trl_rows["prompt"].append(row["prompt"] + " ")
+      for key in ("chosen", "rejected"):
+        trl_rows[key].append(row[key] + " </s>")
+  tokenizer = os.path.join(directory, "tokenizer")
+  word_tokenizer(args.vocab).save_pretrained(tokenizer)
+  totals = (int(prompt.sum()), int(completion[:, 0].sum()), int(completion[:, 1].sum()))
+  return {"jsonl": path, "tokenizer": tokenizer, "trl_rows": trl_rows, "tokens": totals,
+          "sequence_tokens": 2 * totals[0] + totals[1] + totals[2], "pairs": n}
+
+
+LAYOUTS = {"bucketed": (), "packed": ("--config.data.packing=True",),
+           "shared prompt": ("--config.data.share_prompt=True",)}
+
+
+def run_dpo_jax_on(args, data: dict, layout: str) -> dict:
+  """dpo_jax.bench --config.from_data on realistic_data's JSONL: one epoch of warm-up steps,
+  then one epoch timed (the same pairs TRL's timed epoch has); checks the tokens it counted."""
+  row = run_dpo_jax(args, extra=(
+      "--config.from_data=True", f"--config.data.train={data['jsonl']}",
+      f"--config.model.tokenizer={data['tokenizer']}", f"--config.data.max_length={args.seq}",
+      f"--config.data.max_prompt_length={args.seq // 2}", f"--config.warmup={args.steps}",
+      *LAYOUTS[layout]))
+  if round(row["tokens_per_step"] * row["steps_timed"]) != data["sequence_tokens"]:
+    raise RuntimeError(f"dpo_jax timed {row['tokens_per_step'] * row['steps_timed']} sequence "
+                       f"tokens, expected the epoch's {data['sequence_tokens']}")
+  return row
+
+
+def build_trainer(args, tmp: str, rows=None, steps=None):
+  """TRL's DPOTrainer on the shape; rows (prompt/chosen/rejected texts) default to
+  synthetic_rows of the fixed shape, steps to warmup + steps."""
   import torch   # noqa: PLC0415
   from datasets import Dataset   # noqa: PLC0415
   from transformers import LlamaConfig, LlamaForCausalLM   # noqa: PLC0415
@@ -260,11 +328,12 @@ def build_trainer(args, tmp: str):
                    tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0)
   model = LlamaForCausalLM(hf).to(torch.float32)
   ref = copy.deepcopy(model)
-  rows = synthetic_rows(args.batch * (args.warmup + args.steps), args.vocab, args.prompt_len,
-                        args.seq)
+  steps = args.warmup + args.steps if steps is None else steps
+  if rows is None:
+    rows = synthetic_rows(args.batch * steps, args.vocab, args.prompt_len, args.seq)
   cfg = DPOConfig(
       output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=args.batch,
-      max_steps=args.warmup + args.steps, learning_rate=5e-4, beta=0.1, loss_type=["sigmoid"],
+      max_steps=steps, learning_rate=5e-4, beta=0.1, loss_type=["sigmoid"],
       max_length=None, bf16=False, fp16=False, use_cpu=True,
       activation_checkpointing=args.remat != "none",
       gradient_checkpointing=args.remat != "none", logging_steps=10 ** 6, save_strategy="no",
@@ -287,7 +356,16 @@ def check_batch(batch, args):
                        f"{2 * args.batch * (args.seq - args.prompt_len)}")
 
 
-def time_trl_trainer(trainer, args) -> dict:
+def summary(times, stat: str = "median") -> dict:
+  """Step times -> step_s (their median, or mean when batches differ step to step)."""
+  pick = statistics.mean if stat == "mean" else statistics.median
+  return {"step_s": pick(times), "step_s_stat": stat, "step_s_min": min(times),
+          "step_s_max": max(times), "steps_timed": len(times)}
+
+
+def time_trl_trainer(trainer, skip: int, stat: str = "median") -> dict:
+  """trainer.train(); the steps after the first `skip`, each the interval between consecutive
+  on_step_end callbacks."""
   from transformers import TrainerCallback   # noqa: PLC0415
   marks = []
 
@@ -300,33 +378,44 @@ def time_trl_trainer(trainer, args) -> dict:
 
   trainer.add_callback(Clock())
   trainer.train()
-  times = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
-  return {"step_s": statistics.median(times), "step_s_min": min(times),
-          "step_s_max": max(times), "steps_timed": len(times)}
+  return summary([b - a for a, b in zip(marks, marks[1:])][skip:], stat)
 
 
-def time_trl_loop(trainer, args) -> dict:
+def time_trl_loop(trainer, batches, skip: int, stat: str = "median") -> dict:
+  """compute_loss + backward + clip + AdamW step on each of `batches`; the steps after the
+  first `skip`. Also the token slots (padded) and real tokens of the timed batches."""
   import torch   # noqa: PLC0415
   model = trainer.model
   model.train()
-  batch = next(iter(trainer.get_train_dataloader()))
-  check_batch(batch, args)
   opt = trainer.optimizer or trainer.create_optimizer()
-  times = []
-  for i in range(args.warmup + args.steps):
+  times, slots, real = [], 0, 0
+  for i, batch in enumerate(batches):
     t = time.perf_counter()
     loss = trainer.compute_loss(model, batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if i >= args.warmup:
+    if i >= skip:
       times.append(time.perf_counter() - t)
-  return {"step_s": statistics.median(times), "step_s_min": min(times),
-          "step_s_max": max(times), "steps_timed": len(times), "loss": float(loss.detach())}
+      slots += batch["attention_mask"].numel()
+      real += int(batch["attention_mask"].sum())
+  return {**summary(times, stat), "loss": float(loss.detach()),
+          "pad_fraction": 1 - real / slots, "slots_per_step": slots / len(times)}
 
 
-def run_trl(args) -> dict:
+def check_tokens(trainer, want):
+  """TRL tokenised the realistic rows to exactly the lengths drawn: (prompt, chosen,
+  rejected) token totals, completions with their EOS."""
+  ds = trainer.train_dataset
+  got = tuple(sum(len(x) for x in ds[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+  if got != tuple(want):
+    raise RuntimeError(f"TRL tokenised {got} (prompt, chosen, rejected) tokens, expected {want}")
+
+
+def run_trl(args, data=None) -> dict:
+  """TRL's timings on the fixed shape, or with `data` (realistic_data's) over two epochs of
+  its rows, the second one timed (mean step: the batches differ in length)."""
   trl = ensure_trl()
   import warnings   # noqa: PLC0415
   warnings.filterwarnings("ignore", category=FutureWarning)
@@ -343,18 +432,33 @@ def run_trl(args) -> dict:
   out = {"trl": trl.__version__, "torch": torch.__version__,
          "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
          "gradient_checkpointing": args.remat != "none"}
+  if data is None:
+    rows, steps, skip, stat = None, args.warmup + args.steps, args.warmup, "median"
+  else:
+    rows, steps, skip, stat = data["trl_rows"], 2 * args.steps, args.steps, "mean"
+
+  def build(tmp):
+    trainer = build_trainer(args, tmp, rows, steps)
+    if data is None:
+      check_batch(next(iter(trainer.get_train_dataloader())), args)
+    else:
+      check_tokens(trainer, data["tokens"])
+    return trainer
+
   with tempfile.TemporaryDirectory(prefix="trl_bench_") as tmp:
     if args.trl_timing in ("both", "loop"):
-      trainer = build_trainer(args, tmp)
-      out["loop"] = time_trl_loop(trainer, args)
+      trainer = build(tmp)
+      loader = trainer.get_train_dataloader()
+      batches = ([next(iter(loader))] * steps if data is None
+                 else list(loader) + list(loader))   # two epochs, each reshuffled
+      out["loop"] = time_trl_loop(trainer, batches, skip, stat)
       out["gradient_checkpointing_active"] = bool(trainer.model.is_gradient_checkpointing)
-      log(f"TRL loop:    {out['loop']['step_s'] * 1e3:.1f} ms/step")
+      log(f"TRL loop:    {out['loop']['step_s'] * 1e3:.1f} ms/step ({stat})")
       del trainer
     if args.trl_timing in ("both", "trainer"):
-      trainer = build_trainer(args, tmp)
-      check_batch(next(iter(trainer.get_train_dataloader())), args)
-      out["trainer"] = time_trl_trainer(trainer, args)
-      log(f"TRL trainer: {out['trainer']['step_s'] * 1e3:.1f} ms/step")
+      trainer = build(tmp)
+      out["trainer"] = time_trl_trainer(trainer, skip, stat)
+      log(f"TRL trainer: {out['trainer']['step_s'] * 1e3:.1f} ms/step ({stat})")
       del trainer
   best = min((out[k]["step_s"], k) for k in ("loop", "trainer") if k in out)
   out["step_s"], out["timing"] = best
@@ -398,10 +502,64 @@ def same_malloc(args) -> str:
   return hostmem.use_heap()
 
 
+def main_realistic(args, trl_malloc: str):
+  """--lengths realistic: dpo_jax in each layout and TRL on the same variable-length pairs."""
+  results = {name: [] for name in LAYOUTS}
+  results["TRL"] = []
+  with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
+    data = realistic_data(args, tmp)
+    for r in range(args.rounds):
+      for name in LAYOUTS if not args.skip_jax else ():
+        log(f"round {r + 1}/{args.rounds}: dpo_jax {name} (load {os.getloadavg()[0]:.2f})")
+        results[name].append(run_dpo_jax_on(args, data, name))
+        log(f"dpo_jax {name}: {results[name][-1]['step_s'] * 1e3:.1f} ms/step (mean)")
+      if not args.skip_trl:
+        log(f"round {r + 1}/{args.rounds}: TRL (load {os.getloadavg()[0]:.2f})")
+        results["TRL"].append(run_trl(args, data))
+  best = {k: min(v, key=lambda x: x["step_s"]) for k, v in results.items() if v}
+  seq_tokens = data["sequence_tokens"] / data["pairs"]
+  print(f"\nLlama d={args.hidden} L={args.layers} H={args.heads}/{args.kv_heads} "
+        f"F={args.intermediate} V={args.vocab}, {data['pairs']} pairs of chat-like lengths "
+        f"up to {args.seq} tokens ({seq_tokens / 2:.1f} per sequence on average, prompt "
+        f"{data['tokens'][0] / data['pairs']:.1f}), {args.batch} pairs per step, f32, "
+        f"{args.threads} threads, remat/grad-ckpt {args.remat}, dpo_jax attention_chunk "
+        f"{args.attention_chunk}; DPO_JAX_CPU_MALLOC: TRL {trl_malloc}, LD_PRELOAD="
+        f"{os.environ.get('LD_PRELOAD', '')!r}")
+  print("mean step over the timed epoch (the same pairs on both sides), best of "
+        f"{args.rounds} round(s)")
+  print(f"{'':28s}{'pairs/s':>9s}{'step ms':>9s}{'slots/step':>11s}{'padding':>9s}"
+        f"{'MFU':>7s}{'shapes':>7s}")
+  for name in LAYOUTS:
+    if name in best:
+      x = best[name]
+      print(f"{'dpo_jax ' + name:28s}{x['pairs_per_s']:9.2f}{x['step_s'] * 1e3:9.1f}"
+            f"{x['tokens_computed_per_step']:11.0f}{x['data']['pad_fraction'] * 100:8.1f}%"
+            f"{x['mfu'] * 100:6.1f}%{x['programs_compiled']:7d}")
+  tr = best.get("TRL")
+  if tr:
+    for k in ("trainer", "loop"):
+      if k in tr:
+        extra = (f"{tr['loop']['slots_per_step']:11.0f}{tr['loop']['pad_fraction'] * 100:8.1f}%"
+                 if k == "loop" else "")
+        print(f"{'TRL DPOTrainer ' + k:28s}{args.batch / tr[k]['step_s']:9.2f}"
+              f"{tr[k]['step_s'] * 1e3:9.1f}{extra}")
+    for name in LAYOUTS:
+      if name in best:
+        print(f"ratio dpo_jax {name} / TRL ({tr['timing']}): "
+              f"{best[name]['pairs_per_s'] / tr['pairs_per_s']:.2f}x")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "lengths": "realistic", "results": results,
+                 "data": {k: v for k, v in data.items() if k != "trl_rows"}}, f, indent=1)
+  return best
+
+
 def main(argv=None):
   args = parse_args(argv)
   with_process_malloc(args, argv)
   trl_malloc = same_malloc(args)
+  if args.lengths == "realistic":
+    return main_realistic(args, trl_malloc)
   load0 = os.getloadavg()
   variants = {"both": (False, True), "off": (False,), "only": (True,)}[args.share_prompt]
   jax_rows, shared_rows, trl_rows = [], [], []

@@ -40,6 +40,18 @@ peak_bytes = argument + output − aliased (donated) + temporary bytes of the co
 XLA's memory_analysis(); device_peak_bytes is the device allocator's peak where the backend
 reports one (GPU/TPU; not CPU).
 
+from_data=True benchmarks the trainer on config.data.train instead (`--config.data.train=F
+--config.model.tokenizer=T`, with config.data.* as in training: buckets, packing,
+share_prompt): step i runs on the trainer's own batch i (train.train_batch), built and placed
+on the devices inside its timed interval, as the training loop does. Batches differ in shape,
+so every distinct shape is compiled before anything is timed (programs_compiled), step_s is
+the mean over the timed steps (pairs_per_s = batch / step_s: an epoch's throughput, not a
+typical step's), and flops_per_step, tokens_per_step (the sequences' real tokens, a shared
+prompt counted in both), tokens_computed_per_step (row slots, padding included), rows and
+row_length are means over the timed batches; data.pad_fraction is their padding. warmup
+steps run first on batches 0..warmup-1: warmup = one epoch of steps times exactly the next
+epoch. seq, prompt_fraction and share_prompt (the synthetic batch's layout) are not used.
+
 With --json exactly one JSON line goes to stdout; everything else goes to stderr.
 """
 from __future__ import annotations
@@ -59,7 +71,8 @@ from ml_collections import config_flags
 from dpo_jax import hostmem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_KEYS = ("batch", "seq", "prompt_fraction", "share_prompt", "warmup", "peak")
+BENCH_KEYS = ("batch", "seq", "prompt_fraction", "share_prompt", "from_data", "warmup",
+              "peak")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -76,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seq = 256                 # tokens per sequence (prompt + completion), no padding
   c.prompt_fraction = 0.5     # leading share of each sequence that is prompt
   c.share_prompt = False      # one row per pair [prompt | chosen | rejected] (data.share_prompt)
+  c.from_data = False         # True: time the trainer's own batches of config.data.train
+                              # (tokenised, bucketed or packed as config.data.* says) instead
+                              # of one synthetic batch; batch = pairs per step, seq unused
   c.steps = 10                # timed steps
   c.warmup = 3                # untimed steps after compilation
   c.progress = False
@@ -266,15 +282,17 @@ def shared_batch(batch: dict, prompt_len: int, k: int, *, unpaired: bool = False
 
 
 def train_config(c: ml_collections.ConfigDict, data_path: str) -> ml_collections.ConfigDict:
-  """The training config setup() takes: batch_size = batch; a tiny synthetic JSONL as the data
-  source (setup tokenises it; the benchmark feeds its own batches)."""
+  """The training config setup() takes: batch_size = batch; the data source is a tiny synthetic
+  JSONL (setup tokenises it; the benchmark feeds its own batches) or, with data_path None,
+  config.data.train itself, all of it for training (no held-out part)."""
   t = c.copy_and_resolve_references()
   t.unlock()
   for k in BENCH_KEYS:
     del t[k]
   t.batch_size = c.batch
   t.steps = c.warmup + c.steps
-  t.data.train = data_path
+  if data_path is not None:
+    t.data.train = data_path
   t.data.eval = None
   t.data.eval_fraction = 0.0
   t.lock()
@@ -356,55 +374,129 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
   return run, train.to_device(batch_np, run), layout
 
 
+def prepare_data(c: ml_collections.ConfigDict, devices=None):
+  """config.from_data: the trainer's Run on config.data.train and the host batches of its first
+  warmup + steps steps (train.train_batch: bucketed, packed or prompt-shared rows as the data
+  config says). Returns (run, batches, setup_s)."""
+  from dpo_jax import train   # noqa: PLC0415
+  if c.share_prompt:
+    raise ValueError("config.share_prompt lays out the synthetic batch; with "
+                     "config.from_data=True set config.data.share_prompt instead")
+  if c.batch < 1:
+    raise ValueError(f"config.batch={c.batch} must be >= 1")
+  with tempfile.TemporaryDirectory(prefix="dpo_jax_bench_") as tmp:
+    tc = train_config(c, None)
+    t0 = time.perf_counter()
+    run = train.setup(tc, devices, workdir=tmp)
+    setup_s = time.perf_counter() - t0
+  batches = [train.train_batch(run.train_data, i, tc.grad_accum)
+             for i in range(c.warmup + c.steps)]
+  return run, batches, setup_s
+
+
+def batch_layout(batch: dict) -> dict:
+  """rows, row_len, scored (unembedding positions per row) and padding of a [k, rows, L] step
+  batch, as the step computes it."""
+  import numpy as np   # noqa: PLC0415
+  k, r, row_len = batch["tokens"].shape
+  scored = batch["score_index"].shape[-1] if "score_index" in batch else row_len
+  return {"rows": k * r, "row_len": row_len, "scored": scored,
+          "pad_fraction": float(np.mean(np.asarray(batch["segment_ids"]) == 0))}
+
+
+def sequence_tokens(data, step: int) -> int:
+  """Tokens of the sequences in batch `step` of `data` (preference.Batches), counted as the
+  unshared layout has them: a pair's prompt once in each of its two sequences."""
+  lens = data.examples.lens[data.indices(step)].astype("int64")
+  paired = lens[:, 2] >= 0
+  return int(lens[:, 0].sum() + lens[:, 1].sum() + (lens[:, 0] + lens[:, 2])[paired].sum())
+
+
 def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   """Builds the trainer's step for config `c` (get_config()'s keys), times it, returns the
   result row."""
   import jax   # noqa: PLC0415
   import numpy as np   # noqa: PLC0415
+  from dpo_jax import train   # noqa: PLC0415
 
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if c.steps < 1:
     raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
   dtype = peak_dtype(c)   # a bad config.peak.dtype fails before the step is built
-  run, batch, layout = prepare(c, devices)
+  n = c.warmup + c.steps
+  if c.from_data:   # each step's own batch, built and placed inside its timed interval
+    run, host, setup_s = prepare_data(c, devices)
+    layouts = [batch_layout(b) for b in host]
+    tokens = [sequence_tokens(run.train_data, i) for i in range(n)]
+    k = run.config.grad_accum
+    feed = lambda i: train.to_device(train.train_batch(run.train_data, i, k), run)
+    prompt_len, seq = None, run.config.data.max_length
+  else:             # one synthetic batch, placed once
+    run, batch, layout = prepare(c, devices)
+    host = [batch] * n
+    layouts = [{"rows": layout["rows"], "row_len": layout["row_len"],
+                "scored": layout["scored"], "pad_fraction": 0.0}] * n
+    tokens = [2 * c.batch * c.seq] * n
+    feed = lambda i: batch
+    prompt_len, seq, setup_s = layout["prompt_len"], c.seq, layout["setup_s"]
   spec, cfg, frozen, te = run.spec, run.model_cfg, run.frozen, run.teacher
-  rows, row_len, prompt_len = layout["rows"], layout["row_len"], layout["prompt_len"]
-  setup_s = layout["setup_s"]
   reference_forward = run.ref_params is not None and spec.needs_ref
   teacher_params = te.params
 
   step = run.jit_train_step()
-  log(f"bench: compiling the step ({c.batch} pairs x {c.seq} tokens, "
-      f"{cfg.num_layers} layers, d={cfg.hidden_size}, {len(run.mesh.devices.flat)} device(s))")
+  signatures = [train.batch_signature(b) for b in host]
+  log(f"bench: compiling the step ({c.batch} pairs x {seq} tokens, {cfg.num_layers} layers, "
+      f"d={cfg.hidden_size}, {len(run.mesh.devices.flat)} device(s), "
+      f"{len(set(signatures))} batch shape(s))")
   t0 = time.perf_counter()
-  compiled = step.lower(run.state, frozen, batch).compile()
+  programs = {}
+  for i, sig in enumerate(signatures):
+    if sig not in programs:
+      programs[sig] = step.lower(run.state, frozen, feed(i)).compile()
   compile_s = time.perf_counter() - t0
 
   state, metrics = run.state, None
-  for _ in range(c.warmup):
-    state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
   times, faults = [], [_minor_faults()]
-  cpu0, wall0 = time.process_time(), time.perf_counter()
-  for _ in range(c.steps):
+  cpu0 = wall0 = None
+  for i in range(n):
+    if i == c.warmup:
+      faults = [_minor_faults()]
+      cpu0, wall0 = time.process_time(), time.perf_counter()
     t = time.perf_counter()
-    state, metrics = compiled(state, frozen, batch)
+    state, metrics = programs[signatures[i]](state, frozen, feed(i))
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
-    faults.append(_minor_faults())
+    if i >= c.warmup:
+      times.append(time.perf_counter() - t)
+      faults.append(_minor_faults())
   cpu_util = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
   step_faults = None if faults[0] is None else np.diff(faults)
   usage = _rusage()
   host_rss = None if usage is None else usage.ru_maxrss * 1024   # Linux reports KiB
   loss = float(jax.device_get(metrics["loss"]))
-  step_s = float(np.median(times))
-  log(f"bench: step {step_s * 1e3:.1f} ms (median of {len(times)}), measuring the matmul peak")
+  # One synthetic batch: every step does the same work, the median is robust to a noisy host.
+  # Real batches differ step to step: the mean is what an epoch of them takes.
+  step_stat = "mean" if c.from_data else "median"
+  step_s = float(np.mean(times) if c.from_data else np.median(times))
+  log(f"bench: step {step_s * 1e3:.1f} ms ({step_stat} of {len(times)}), measuring the matmul "
+      "peak")
 
   devices_used = list(run.mesh.devices.flat)
   peak = measure_peak(devices_used, c.peak.size, c.peak.reps, dtype)
-  fl = flops(cfg, c.batch, row_len, reference_forward, teacher_params, rows=rows,
-             scored=layout["scored"])
-  tokens = 2 * c.batch * c.seq
+  timed = layouts[c.warmup:]
+  per_step = [flops(cfg, c.batch, lay["row_len"], reference_forward, teacher_params,
+                    rows=lay["rows"], scored=lay["scored"]) for lay in timed]
+  fl = dict(per_step[0])
+  fl["flops_per_step"] = float(np.mean([f["flops_per_step"] for f in per_step]))
+  if not c.from_data:
+    fl["flops_per_step"] = per_step[0]["flops_per_step"]   # exact (an int)
+  mean = lambda key: float(np.mean([lay[key] for lay in timed]))
+  rows, row_len = layouts[0]["rows"], layouts[0]["row_len"]
+  if c.from_data:   # means over the timed steps
+    rows, row_len, fl["scored_per_row"] = mean("rows"), mean("row_len"), mean("scored")
+  tokens_per_step = float(np.mean(tokens[c.warmup:])) if c.from_data else tokens[0]
+  memories = [_memory(p) for p in programs.values()]
+  memory = max(memories, key=lambda m: m.get("peak_bytes", 0))
+  biggest = list(programs.values())[memories.index(memory)]
   dev = devices_used[0]
   device_peak = None
   try:
@@ -415,7 +507,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     pass
   row = {
       "pairs_per_s": c.batch / step_s,
-      "tokens_per_s": tokens / step_s,
+      "tokens_per_s": tokens_per_step / step_s,
       "step_s": step_s,
       "step_s_mean": float(np.mean(times)),
       "step_s_min": float(np.min(times)),
@@ -442,20 +534,37 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       "achieved_flops": fl["flops_per_step"] / step_s,
       **fl,
       **peak,
-      **_memory(compiled),
+      **memory,
       "device_peak_bytes": device_peak,
-      **_cost(compiled),
+      **_cost(biggest),
       "peak_bytes_definition": ("argument + output - alias (donated) + temp bytes of the "
-                                "compiled step (XLA memory_analysis)"),
-      "tokens_per_s_definition": "2*batch*seq tokens (chosen and rejected rows) per step",
-      "timing_definition": (f"median over {len(times)} steps of one compiled-step call until "
-                            f"block_until_ready, after compile and {c.warmup} warm-up steps; "
-                            "batch already on device"),
+                                "compiled step (XLA memory_analysis; with several batch "
+                                "shapes, the largest program's)"),
+      "tokens_per_s_definition": (
+          "tokens of the step's chosen and rejected sequences (a shared prompt counted in "
+          "both) per second: " + ("their mean over the timed batches" if c.from_data
+                                  else "2*batch*seq")),
+      "timing_definition": (
+          f"{step_stat} over {len(times)} steps of one compiled-step call until "
+          f"block_until_ready, after compiling every batch shape and {c.warmup} warm-up steps; "
+          + ("each step's batch built from the data (train.train_batch) and placed on the "
+             "devices inside its interval" if c.from_data else "batch already on device")),
+      "step_s_stat": step_stat,
       # Shapes and numerics.
-      "batch": c.batch, "seq": c.seq, "prompt_len": prompt_len, "rows": rows,
-      "row_length": row_len, "share_prompt": bool(c.share_prompt),
-      "tokens_per_step": tokens, "tokens_computed_per_step": rows * row_len,
-      "grad_accum": layout["grad_accum"],
+      "batch": c.batch, "seq": seq, "prompt_len": prompt_len, "rows": rows,
+      "row_length": row_len,
+      "share_prompt": bool(run.config.data.share_prompt if c.from_data else c.share_prompt),
+      "tokens_per_step": tokens_per_step,
+      "tokens_computed_per_step": (float(np.mean([lay["rows"] * lay["row_len"]
+                                                  for lay in timed]))
+                                   if c.from_data else rows * row_len),
+      "grad_accum": run.config.grad_accum,
+      "from_data": bool(c.from_data),
+      "programs_compiled": len(programs),
+      "data": ({"train": str(run.config.data.train), "examples": len(run.train_data),
+                "packing": bool(run.config.data.packing),
+                "epochs_timed": c.steps * c.batch / len(run.train_data),
+                "pad_fraction": mean("pad_fraction")} if c.from_data else None),
       "model": {**{k: v for k, v in cfg.architecture() if v is not None
                    and not isinstance(v, tuple)},
                 "head_dim": cfg.dim_per_head, "n_params": cfg.num_params()},
@@ -491,15 +600,23 @@ def _minor_faults():
 
 
 def format_row(row: dict) -> str:
-  m = row["model"]
+  m, d = row["model"], row["data"]
+  if d:
+    layout = ("shared prompts" if row["share_prompt"] else "packed" if d["packing"]
+              else "bucketed")
+    shape = (f"{row['batch']} pairs/step from {d['train']} ({d['examples']} examples, "
+             f"{layout}: {row['rows']:.1f} rows x {row['row_length']:.0f} on average, "
+             f"{d['pad_fraction'] * 100:.1f}% padding, {row['programs_compiled']} batch shapes)")
+  else:
+    shape = (f"{row['batch']} pairs x {row['seq']} tokens (prompt {row['prompt_len']}"
+             f"{', shared: ' + str(row['rows']) + ' rows of ' + str(row['row_length']) if row['share_prompt'] else ''})")
   lines = [
-      f"shape        {row['batch']} pairs x {row['seq']} tokens (prompt {row['prompt_len']}"
-      f"{', shared: ' + str(row['rows']) + ' rows of ' + str(row['row_length']) if row['share_prompt'] else ''}), "
+      f"shape        {shape}, "
       f"{m['family']} d={m['hidden_size']} layers={m['num_layers']} heads={m['num_heads']}/"
       f"{m['num_kv_heads']} ffn={m['intermediate_size']} vocab={m['vocab_size']}, "
       f"{row['dtype']}, remat={row['remat']}, loss={row['loss']}, ref={row['reference_mode']}",
       f"devices      {row['devices']['count']} x {row['devices']['kind']} mesh={row['mesh']}",
-      f"step         {row['step_s'] * 1e3:.1f} ms median ({row['steps_timed']} steps; min "
+      f"step         {row['step_s'] * 1e3:.1f} ms {row['step_s_stat']} ({row['steps_timed']} steps; min "
       f"{row['step_s_min'] * 1e3:.1f}, max {row['step_s_max'] * 1e3:.1f}); compile "
       f"{row['compile_s']:.1f} s",
       f"throughput   {row['pairs_per_s']:.2f} pairs/s, {row['tokens_per_s']:.0f} tokens/s",

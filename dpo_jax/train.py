@@ -206,6 +206,13 @@ def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
   return out
 
 
+def batch_signature(batch: dict[str, np.ndarray]) -> tuple:
+  """What the jitted step compiles a program for: every array's name, shape and dtype. Not the
+  tokens' shape alone: packed rows of one shape can score a different number of positions
+  (score_index, data.score_parts), which is another program."""
+  return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+
+
 def train_batch(data, step: int, k: int) -> dict[str, np.ndarray]:
   """Batch `step` with a leading micro-batch axis; packed data is packed per micro-batch."""
   if isinstance(data, packing.PackedBatches):
@@ -489,14 +496,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
              disable=not config.progress or jax.process_index() != 0)
   # Steady-state step time: synced intervals between log points that compiled, evaluated and
   # checkpointed nothing (the device_get of the metrics is the sync).
-  step_times, seen_shapes = [], set()
+  step_times, compiled_for = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
   preempt, pending = PreemptionFlag(), None
   try:
     for step in bar:
       batch_np = train_batch(run.train_data, step, config.grad_accum)
-      if batch_np["tokens"].shape not in seen_shapes:   # a new bucket: this interval compiles
-        seen_shapes.add(batch_np["tokens"].shape)
+      if (sig := batch_signature(batch_np)) not in compiled_for:   # this interval compiles
+        compiled_for.add(sig)
         clean = False
       state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
       done, n_since = step + 1, n_since + 1

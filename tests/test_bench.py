@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import bench
+from dpo_jax import bench, train
 from helpers import REPO, xla_env
 
 TINY = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 2,
@@ -158,3 +158,30 @@ def test_peak_matmul_is_in_the_compute_dtype():
   with pytest.raises(ValueError, match=r"config\.peak\.dtype='int8'"):
     bench.run_bench(bench_config(**{"peak.dtype": "int8"}), devices=devices[:1],
                     log=lambda _: None)
+
+
+def test_from_data_times_the_trainers_own_batches():
+  """config.from_data: the steps run on the shipped pairs as the trainer packs them, every
+  batch shape compiled before timing; FLOPs, tokens and padding are the timed batches' own."""
+  c = bench_config(**{"from_data": True, "data.packing": True, "model.vocab_size": 264,
+                      "steps": 4, "warmup": 2})
+  run, host, _ = bench.prepare_data(c, jax.devices()[:1])
+  row = bench.run_bench(c, devices=jax.devices()[:1], log=lambda _: None)
+  assert row["from_data"] and row["step_s_stat"] == "mean" and row["steps_timed"] == 4
+  assert row["programs_compiled"] == len({train.batch_signature(b) for b in host})
+  assert row["data"]["packing"] and row["data"]["examples"] == len(run.train_data)
+  timed = host[2:]
+  seg = [np.asarray(b["segment_ids"]) for b in timed]
+  # Packed rows: every real token belongs to one sequence (prompt included in each).
+  assert row["tokens_per_step"] == pytest.approx(np.mean([(s > 0).sum() for s in seg]))
+  assert row["data"]["pad_fraction"] == pytest.approx(np.mean([(s == 0).mean() for s in seg]))
+  want = [expected_flops(0, b["tokens"].shape[-1], 32, 64, 2, 4, 2, 264, True,
+                         scored=b["score_index"].shape[-1] if "score_index" in b else None,
+                         rows=b["tokens"].shape[0] * b["tokens"].shape[1]) for b in timed]
+  assert row["flops_per_step"] == pytest.approx(np.mean(want))
+  assert row["pairs_per_s"] == pytest.approx(8 / row["step_s"])
+  assert row["mfu"] == pytest.approx(np.mean(want) / row["step_s"] / row["peak_flops"])
+  assert np.isfinite(row["loss_value"]) and row["peak_bytes"] > 0
+  with pytest.raises(ValueError, match=r"config\.share_prompt.*config\.data\.share_prompt"):
+    bench.run_bench(bench_config(from_data=True, share_prompt=True),
+                    devices=jax.devices()[:1], log=lambda _: None)

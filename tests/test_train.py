@@ -174,6 +174,24 @@ def test_step_compiles_once_per_bucket():
   assert step._cache_size() == len(shapes)
 
 
+def test_batch_signature_changes_exactly_when_the_step_compiles():
+  """Packed rows of one shape can score a different number of positions (score_index): the
+  loop's steady-state timing must count such a batch as compiling. batch_signature names one
+  jitted program per distinct value, no more and no fewer."""
+  cfg = config(batch_size=8, data__packing=True)
+  run = train.setup(cfg)
+  batches = [train.train_batch(run.train_data, i, 1) for i in range(40)]
+  sigs = [train.batch_signature(b) for b in batches]
+  # The first prefix in which two batches share the tokens' shape but not the signature.
+  n = next(i + 1 for i in range(len(batches))
+           if len(set(sigs[:i + 1])) > len({b["tokens"].shape for b in batches[:i + 1]}))
+  step = run.jit_train_step()
+  state = run.state
+  for i in range(n):
+    state, _ = step(state, run.frozen, train.to_device(batches[i], run))
+    assert step._cache_size() == len(set(sigs[:i + 1])), i
+
+
 def test_bad_config_keys_are_named():
   with pytest.raises(ValueError, match="config.loss.gamma"):
     train.setup(_with_loss_key("gamma", 0.5))
