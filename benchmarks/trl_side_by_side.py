@@ -450,7 +450,7 @@ def run_trl(args, data=None) -> dict:
       trainer = build(tmp)
       loader = trainer.get_train_dataloader()
       batches = ([next(iter(loader))] * steps if data is None
-                 else list(loader) + list(loader))   # two epochs, each reshuffled
+                 else list(loader) + list(loader))   # two epochs of the rows
       out["loop"] = time_trl_loop(trainer, batches, skip, stat)
       out["gradient_checkpointing_active"] = bool(trainer.model.is_gradient_checkpointing)
       log(f"TRL loop:    {out['loop']['step_s'] * 1e3:.1f} ms/step ({stat})")

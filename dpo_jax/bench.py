@@ -485,15 +485,14 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   timed = layouts[c.warmup:]
   per_step = [flops(cfg, c.batch, lay["row_len"], reference_forward, teacher_params,
                     rows=lay["rows"], scored=lay["scored"]) for lay in timed]
-  fl = dict(per_step[0])
-  fl["flops_per_step"] = float(np.mean([f["flops_per_step"] for f in per_step]))
-  if not c.from_data:
-    fl["flops_per_step"] = per_step[0]["flops_per_step"]   # exact (an int)
-  mean = lambda key: float(np.mean([lay[key] for lay in timed]))
-  rows, row_len = layouts[0]["rows"], layouts[0]["row_len"]
-  if c.from_data:   # means over the timed steps
-    rows, row_len, fl["scored_per_row"] = mean("rows"), mean("row_len"), mean("scored")
-  tokens_per_step = float(np.mean(tokens[c.warmup:])) if c.from_data else tokens[0]
+  fl, rows, row_len = dict(per_step[0]), timed[0]["rows"], timed[0]["row_len"]
+  tokens_per_step = tokens[0]
+  if c.from_data:   # means over the timed batches
+    mean = lambda xs: float(np.mean(xs))
+    fl["flops_per_step"] = mean([f["flops_per_step"] for f in per_step])
+    fl["scored_per_row"] = mean([lay["scored"] for lay in timed])
+    rows, row_len = mean([lay["rows"] for lay in timed]), mean([lay["row_len"] for lay in timed])
+    tokens_per_step = mean(tokens[c.warmup:])
   memories = [_memory(p) for p in programs.values()]
   memory = max(memories, key=lambda m: m.get("peak_bytes", 0))
   biggest = list(programs.values())[memories.index(memory)]
@@ -564,7 +563,8 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
       "data": ({"train": str(run.config.data.train), "examples": len(run.train_data),
                 "packing": bool(run.config.data.packing),
                 "epochs_timed": c.steps * c.batch / len(run.train_data),
-                "pad_fraction": mean("pad_fraction")} if c.from_data else None),
+                "pad_fraction": float(np.mean([lay["pad_fraction"] for lay in timed]))}
+               if c.from_data else None),
       "model": {**{k: v for k, v in cfg.architecture() if v is not None
                    and not isinstance(v, tuple)},
                 "head_dim": cfg.dim_per_head, "n_params": cfg.num_params()},
