@@ -195,8 +195,10 @@ def cpu_set(threads: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_dpo_jax(args, share_prompt: bool = False, extra=()) -> dict:
-  """dpo_jax.bench --json on the shape, pinned to the threads; `extra`: more --config flags."""
+def run_dpo_jax(args, share_prompt: bool = False, extra=(), warmup=None) -> dict:
+  """dpo_jax.bench --json on the shape, pinned to the threads; `extra`: more --config flags;
+  warmup: untimed steps (default --warmup)."""
+  warmup = args.warmup if warmup is None else warmup
   cmd = [sys.executable, "-m", "dpo_jax.bench", "--json",
          f"--config.model.hidden_size={args.hidden}", f"--config.model.num_layers={args.layers}",
          f"--config.model.num_heads={args.heads}", f"--config.model.num_kv_heads={args.kv_heads}",
@@ -206,7 +208,7 @@ def run_dpo_jax(args, share_prompt: bool = False, extra=()) -> dict:
          f"--config.model.remat={args.remat}", f"--config.model.scan_layers={args.scan_layers}",
          f"--config.model.attention_chunk={args.attention_chunk}", f"--config.batch={args.batch}",
          f"--config.seq={args.seq}", f"--config.prompt_fraction={args.prompt_len / args.seq}",
-         f"--config.steps={args.steps}", f"--config.warmup={args.warmup}",
+         f"--config.steps={args.steps}", f"--config.warmup={warmup}",
          f"--config.model.max_position_embeddings={max(args.seq, 1024)}",
          "--config.loss.name=dpo", "--config.loss.beta=0.1", "--config.reference.mode=initial",
          "--config.mesh.data=1", f"--config.share_prompt={share_prompt}", *extra,
@@ -304,8 +306,8 @@ def run_dpo_jax_on(args, data: dict, layout: str) -> dict:
   row = run_dpo_jax(args, extra=(
       "--config.from_data=True", f"--config.data.train={data['jsonl']}",
       f"--config.model.tokenizer={data['tokenizer']}", f"--config.data.max_length={args.seq}",
-      f"--config.data.max_prompt_length={args.seq // 2}", f"--config.warmup={args.steps}",
-      *LAYOUTS[layout]))
+      f"--config.data.max_prompt_length={args.seq // 2}", *LAYOUTS[layout]),
+      warmup=args.steps)
   if round(row["tokens_per_step"] * row["steps_timed"]) != data["sequence_tokens"]:
     raise RuntimeError(f"dpo_jax timed {row['tokens_per_step'] * row['steps_timed']} sequence "
                        f"tokens, expected the epoch's {data['sequence_tokens']}")
