@@ -5,8 +5,10 @@
 Builds the step exactly as `python -m dpo_jax.bench` does (same config and flags; default the
 side-by-side shape; with --config.from_data=True on the data's first batch), runs it `--steps` times under jax.profiler with XLA:CPU's per-op trace
 events (--xla_cpu_enable_xprof_traceme), and prints per-step op time grouped by fusion kind and
-the top ops with their output shape and source op. Op times can add up to more than the step's
-wall time: XLA's CPU runtime runs independent ops concurrently.
+the top ops with their output shape and source op, and the share of the attention core (ops
+under the model's `attention_core` name scope: mask, scores, softmax, weighted values, forward
+and backward; not the q/k/v/o projections). Op times can add up to more than the step's wall
+time: XLA's CPU runtime runs independent ops concurrently.
 """
 import collections
 import glob
@@ -85,6 +87,10 @@ def main():
   print("\nby kind (ms per step):")
   for kind, ms in kinds.most_common(12):
     print(f"  {ms:9.1f}  {kind}")
+  from dpo_jax.models import layers   # noqa: PLC0415
+  core = sum(ms for name, ms in per_op.items() if layers.ATTENTION_SCOPE in hlo[name][1])
+  print(f"\nattention core ({layers.ATTENTION_SCOPE!r} scope): {core:.1f} ms per step, "
+        f"{core / max(sum(per_op.values()), 1e-9):.1%} of op time")
   print(f"\ntop {top} ops (ms per step, output shape, source):")
   for name, ms in per_op.most_common(top):
     shape, src = hlo[name]

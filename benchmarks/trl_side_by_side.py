@@ -173,8 +173,15 @@ def parse_args(argv=None):
                       "each trainer's own batching (dpo_jax: bucketed, packed and "
                       "shared-prompt rows; TRL: padded to the longest in the batch); one "
                       "epoch warms up, the next is timed, mean step")
+  p.add_argument("--data-dir", default=None,
+                 help="--lengths realistic: write the pairs (pairs.jsonl) and the word "
+                      "tokenizer (tokenizer/) here and keep them (default: a temporary "
+                      "directory), e.g. for benchmarks/attention_skip.py or op_profile.py "
+                      "--config.from_data=True")
   p.add_argument("--json", default=None, help="also write all results to this JSON file")
   args = p.parse_args(argv)
+  if args.data_dir and args.lengths != "realistic":
+    p.error("--data-dir applies to --lengths realistic")
   if args.preload and not os.path.isfile(args.preload):
     p.error(f"--preload {args.preload}: no such file")
   args.kv_heads = args.kv_heads or args.heads
@@ -509,7 +516,10 @@ def main_realistic(args, trl_malloc: str):
   results = {name: [] for name in LAYOUTS}
   results["TRL"] = []
   with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
-    data = realistic_data(args, tmp)
+    if args.data_dir:
+      os.makedirs(args.data_dir, exist_ok=True)
+    data = realistic_data(args, args.data_dir or tmp)
+    log(f"pairs: {data['jsonl']}, tokenizer: {data['tokenizer']}")
     for r in range(args.rounds):
       for name in LAYOUTS if not args.skip_jax else ():
         log(f"round {r + 1}/{args.rounds}: dpo_jax {name} (load {os.getloadavg()[0]:.2f})")

@@ -3,7 +3,9 @@
 and their gradients, on every row layout (padded, packed, shared prompt) and with a sliding
 window. The cuDNN path is checked to lower to cuDNN's fused flash attention, forward and
 backward."""
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,12 @@ import pytest
 
 from dpo_jax.data import packing, preference
 from dpo_jax.data.preference import Tokenized
-from dpo_jax.models import core, load, logprobs
+from dpo_jax.models import core, layers, load, logprobs
 from dpo_jax.models.config import ModelConfig
+from helpers import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import attention_skip  # noqa: E402
 
 PAD = 0
 
@@ -104,6 +110,61 @@ def test_chunked_attention_skips_masked_blocks_and_bounds_scores(capsys):
           f"{temp(chunked) / 2**20:.1f} MiB with query chunks of 64")
   assert flops(chunked) < 0.7 * flops(dense)
   assert temp(chunked) < 0.5 * temp(dense), (temp(chunked), temp(dense))
+
+
+def test_attention_core_ops_carry_the_profile_scope():
+  """benchmarks/op_profile.py counts the ops whose name carries layers.ATTENTION_SCOPE as the
+  attention core: in the compiled forward+backward every score and weighted-value dot (the
+  attention einsums, in query chunks or one block) carries it, and the projections' do not."""
+  batch = jax.tree.map(jnp.asarray, layouts()["packed"])
+  params = core.init_params(CFG, 0)
+  for chunk in (0, 24):
+    graphdef = core.split(CFG.replace(attention_chunk=chunk))[0]
+
+    def f(p):
+      hidden, _ = core.merge(graphdef, p)(batch["tokens"], batch["positions"],
+                                          batch["segment_ids"])
+      return jnp.sum(hidden ** 2)
+    hlo = jax.jit(jax.grad(f), compiler_options=FAST_COMPILE).lower(params).compile().as_text()
+    names = set(re.findall(r'op_name="([^"]+)"', hlo))
+    attention = {n for n in names if "bkgls" in n}    # the two einsums of dot_product_attention
+    assert attention and all(layers.ATTENTION_SCOPE in n for n in attention), attention
+    outside = {n for n in names if n.endswith("dot_general") and "bkgls" not in n}
+    assert outside and not any(layers.ATTENTION_SCOPE in n for n in outside), outside
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+def test_attention_skip_benchmark_variants_equal_chunked_attention(layout):
+  """benchmarks/attention_skip.py: block_spans equals a NumPy count from the mask, and its
+  row-by-row variants (full span, and lax.switch skipping the blocks no query of a chunk sees)
+  give chunked_attention's outputs and gradients at real tokens."""
+  batch = layouts()[layout]
+  pos, seg = (jnp.asarray(batch[k]) for k in ("positions", "segment_ids"))
+  b, length = pos.shape
+  chunk, window = 32, None
+  spans = np.asarray(attention_skip.block_spans(pos, seg, window, chunk))
+  mask = np.asarray(layers.attention_mask(pos, seg, pos, seg, window))
+  for r in range(b):
+    for i in range(-(-length // chunk)):
+      cols = np.flatnonzero(mask[r, i * chunk:(i + 1) * chunk].any(0))
+      assert spans[r, i] == (i + 1 - cols[0] // chunk if cols.size else 0), (r, i)
+  assert spans.sum() < b * spans.shape[1] * (spans.shape[1] + 1) // 2   # something to skip
+  rng = np.random.default_rng(0)
+  q, g = (jnp.asarray(rng.standard_normal((b, length, 4, 8), np.float32)) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((b, length, 2, 8), np.float32)) for _ in range(2))
+  real = (seg > 0)[:, :, None, None]
+
+  def run(f):   # the output at real tokens, and dq, dk, dv of sum(output * g)
+    def both(q, k, v):
+      out, pullback = jax.vjp(lambda q, k, v: jnp.where(real, f(q, k, v), 0), q, k, v)
+      return (out, *pullback(g))
+    return jax.jit(both, compiler_options=FAST_COMPILE)(q, k, v)
+  want = run(lambda q, k, v: layers.chunked_attention(q, k, v, pos, seg, window, chunk))
+  for skip in (False, True):
+    got = run(lambda q, k, v: attention_skip.per_row_attention(q, k, v, pos, seg, window, chunk,
+                                                                skip=skip))
+    for x, y, what in zip(got, want, ("output", "dq", "dk", "dv")):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"skip={skip} {what}")
 
 
 @pytest.mark.parametrize("fields,pattern", [

@@ -91,6 +91,10 @@ def apply_rope(x_BxLxNxDh: Array, positions_BxL: Array, inv_freq: Array) -> Arra
 # itself. Ids below BRANCH are ordinary segments (s % BRANCH == s), so this is a no-op for them.
 BRANCH = 1 << 20
 
+# The name scope of the attention core (mask, scores, softmax, weighted values; not the
+# projections): XLA op names carry it, so profiles can tell attention from the rest.
+ATTENTION_SCOPE = "attention_core"
+
 
 def attention_mask(q_pos: Array, q_seg: Array, kv_pos: Array, kv_seg: Array,
                    window: Optional[int]) -> Array:
@@ -224,16 +228,17 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), idx, 1)
       kv_pos, kv_seg = cache["pos"], cache["seg"]
       new_cache = {"k": k, "v": v}
-    if cache is None and 0 < cfg.attention_chunk < q.shape[1]:
-      out = chunked_attention(q, k, v, positions, segment_ids, cfg.sliding_window,
-                              cfg.attention_chunk)
-    else:
-      mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-      if cache is None and cfg.attention_impl != "einsum":
-        out = library_attention(q, k, v, mask, cfg.attention_impl)
+    with jax.named_scope(ATTENTION_SCOPE):   # op names for benchmarks/op_profile.py
+      if cache is None and 0 < cfg.attention_chunk < q.shape[1]:
+        out = chunked_attention(q, k, v, positions, segment_ids, cfg.sliding_window,
+                                cfg.attention_chunk)
       else:
-        out = dot_product_attention(q, k, v, mask)
+        mask = attention_mask(positions, segment_ids, kv_pos, kv_seg, cfg.sliding_window)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if cache is None and cfg.attention_impl != "einsum":
+          out = library_attention(q, k, v, mask, cfg.attention_impl)
+        else:
+          out = dot_product_attention(q, k, v, mask)
     return self.o_proj(out), new_cache
 
 
