@@ -52,9 +52,11 @@ def per_row_attention(q, k, v, positions, segment_ids, window, chunk, skip: bool
   import jax.numpy as jnp   # noqa: PLC0415
 
   from dpo_jax.models import layers   # noqa: PLC0415
-  length = q.shape[1]
+  b, length = q.shape[:2]
   n = -(-length // chunk)
-  spans = block_spans(positions, segment_ids, window, chunk)
+  # The full span needs no counts: it gets zeros, not block_spans' [B, L, L] mask.
+  spans = (block_spans(positions, segment_ids, window, chunk) if skip
+           else jnp.zeros((b, n), jnp.int32))
 
   def span(m, i, q_c, k_r, v_r, pos_r, seg_r):
     s, e = i * chunk, min((i + 1) * chunk, length)
