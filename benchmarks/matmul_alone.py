@@ -4,7 +4,8 @@ benchmark (8 pairs x 256 tokens = 4096 rows, d=256, F=1024, V=2048).
     python benchmarks/matmul_alone.py [--threads 2]
 
 Prints GFLOP/s (2·m·k·n / best of 10 timed calls after 2 warm-ups) for each shape: forward
-[tokens, in] @ [in, out], the data gradient, the weight gradient (contracting the 4096 rows), the
+[tokens, in] @ [in, out], the data gradient, the weight gradients (contracting the 4096 rows,
+which XLA:CPU leaves to Eigen; each also with x^T copied first, which makes it a YNNPACK dot), the
 unembedding, and the [2048]³ matmul dpo_jax.bench takes as its peak. Then the same matmuls in
 a graph: an 8-layer SwiGLU-free MLP chain x + silu(x @ A) @ B on [4096, 256] (A [256, 1024], B
 [1024, 256]), forward alone and forward+backward, in both frameworks. torch is optional.
@@ -49,6 +50,9 @@ def main():
   shapes = [("projection fwd", (4096, 256), (256, 1024), False),
             ("data gradient", (4096, 1024), (1024, 256), False),
             ("weight gradient (x^T g)", (4096, 256), (4096, 1024), True),
+            ("  x^T copied first", (4096, 256), (4096, 1024), "copy"),
+            ("weight gradient (x^T g)", (4096, 1024), (4096, 256), True),
+            ("  x^T copied first", (4096, 1024), (4096, 256), "copy"),
             ("unembedding", (4096, 256), (256, 2048), False),
             ("bench peak", (2048, 2048), (2048, 2048), False)]
   rng = np.random.default_rng(0)
@@ -58,7 +62,11 @@ def main():
     b = rng.standard_normal(sb, np.float32)
     m, k, n = (sa[1], sa[0], sb[1]) if transposed else (sa[0], sa[1], sb[1])
     flops = 2 * m * k * n
-    f = jax.jit((lambda x, y: x.T @ y) if transposed else (lambda x, y: x @ y))
+    if transposed == "copy":   # a YNNPACK dot after an explicit transpose; the barrier keeps
+      # XLA from folding the transpose back into the dot (then an Eigen dot, like x^T g)
+      f = jax.jit(lambda x, y: jax.lax.optimization_barrier(x.T) @ y)
+    else:
+      f = jax.jit((lambda x, y: x.T @ y) if transposed else (lambda x, y: x @ y))
     xa, xb = jnp.asarray(a), jnp.asarray(b)
     tj = best(lambda: f(xa, xb).block_until_ready())
     tt = None

@@ -160,7 +160,7 @@ def parse_args(argv=None):
                  help="DPO_JAX_CPU_MALLOC for both sides (dpo_jax.hostmem). system (default): "
                       "malloc as is. heap: large freed buffers stay on glibc's main heap for "
                       "reuse, so XLA:CPU's step buffer is not mapped and page-faulted afresh "
-                      "every step (README, Performance)")
+                      "every step (docs/performance.md)")
   p.add_argument("--preload", default="",
                  help="a malloc library to LD_PRELOAD into both sides, e.g. "
                       "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian: apt install "

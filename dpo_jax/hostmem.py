@@ -15,7 +15,7 @@ resident size stays near its peak, and that peak is higher: XLA asks for the buf
 posix_memalign, which glibc serves by carving size + alignment + 32 bytes, so the previous
 step's freed block of exactly `size` fits only once it has merged with a free neighbour. Until
 then the heap grows by another buffer (one to three extra buffers on the side-by-side shape).
-README ("Performance") has the measurements both ways.
+docs/performance.md has the measurements both ways.
 
 It has to run before any library starts a thread (JAX's CPU client, tensorstore's pools): each
 thread takes its malloc arena when it first allocates, and one that already has another arena
@@ -25,7 +25,7 @@ anything else; a script that imports jax or orbax before dpo_jax gets it only in
 `system` (the default) leaves malloc as it is. A C library other than glibc is left as it is
 too, and so is a process whose malloc comes from another library (an LD_PRELOADed tcmalloc or
 jemalloc: glibc's mallopt would not reach it, and tcmalloc's own mallopt accepts and ignores
-the settings). Preloading tcmalloc is the alternative README ("Performance") measures.
+the settings). Preloading tcmalloc is the alternative docs/performance.md measures.
 """
 import ctypes
 import os

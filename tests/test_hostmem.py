@@ -34,7 +34,7 @@ def test_heap_keeps_the_step_buffer():
   assert rows["system"]["cpu_malloc"] == "system" and rows["heap"]["cpu_malloc"] == "heap"
   # system: the temporaries' pages are faulted in again every step. heap: they are kept, except
   # in an occasional step where glibc cannot reuse the freed block and grows the heap instead
-  # (a whole buffer's pages in that step; README, "Performance")
+  # (a whole buffer's pages in that step; docs/performance.md)
   assert rows["system"]["minor_faults_per_step"] > 0.5 * temp_pages
   assert rows["heap"]["minor_faults_per_step"] < rows["system"]["minor_faults_per_step"]
   assert rows["heap"]["loss_value"] == rows["system"]["loss_value"]
