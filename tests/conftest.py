@@ -14,10 +14,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One persistent XLA compilation cache per test session, shared by the xdist workers and the
 # CLI subprocesses (they inherit the environment): the kill/resume tests compile the same step
-# in several processes. A fresh directory each session, so nothing carries over between runs.
+# in several processes. A fresh directory each session, so nothing carries over between runs;
+# the process that made it (the xdist controller, or the only process) removes it at exit, as
+# it holds up to ~40 MB of compiled programs.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
   import tempfile
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo_jax_test_xla_cache_")
+  _cache_dir = tempfile.mkdtemp(prefix="dpo_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
