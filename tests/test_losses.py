@@ -658,6 +658,7 @@ def test_unknown_name_lists_known():
 
 EXPECTED_DEFAULTS = {
     "dpo": {"beta": 0.1}, "ipo": {"beta": 0.1}, "hinge": {"beta": 0.1},
+    "sigmoid_norm": {"beta": 0.1},
     "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"beta": 0.1, "tau": 0.05},
     "dpop": {"dpop_lambda": 50.0}, "simpo": {"beta": 2.0, "gamma": 0.5},
     "cpo": {"beta": 0.1, "alpha": 1.0}, "orpo": {"beta": 0.1},
@@ -686,6 +687,25 @@ def test_registration_flags():
   assert losses.get("mallows").extra_keys == ("ref_entropy",)
   for name in ("bco_pair", "bco", "lcpo"):
     assert losses.get(name).init_state(), name
+
+
+def test_batch_coupled_flag_is_what_the_loss_does():
+  """`batch_coupled` (the step then accumulates micro-batches through the whole batch's values)
+  is set exactly on the losses whose per-pair loss changes when the batch is split in two."""
+  halves = lambda lp, part: jax.tree.map(lambda x: x[:B // 2] if part == 0 else x[B // 2:], lp)
+  coupled = {}
+  for name in losses.names():
+    spec = losses.get(name)
+    lp = to_logps(make_batch(15, "wide", unpaired=spec.unpaired))
+    whole = np.asarray(spec(lp)[0])
+    split = np.concatenate([np.asarray(spec(halves(lp, i))[0]) for i in (0, 1)])
+    coupled[name] = not np.allclose(whole, split, rtol=1e-6, atol=1e-6)
+  assert {n for n, c in coupled.items() if c} == {"aot", "aot_unpaired", "kto", "bco", "bco_pair",
+                                                  "sft", "rpo", "cpo", "orpo"}
+  for name, c in coupled.items():
+    assert losses.get(name).batch_coupled == c, name
+  assert losses.get("wpo(aot)").batch_coupled and not losses.get("wpo(simpo)").batch_coupled
+  assert losses.get("dpo:0.5+sft").batch_coupled and not losses.get("dpo+ipo").batch_coupled
 
 
 DEFAULT_CASES = [c for c in CASES if c.test == "defaults" or c.loss == "fdpo"]

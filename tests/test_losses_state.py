@@ -198,9 +198,9 @@ def test_batch_level_losses_sharded_equal_global():
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   data = NamedSharding(mesh, P("data"))
   bp, bu = make_batch(90, "wide"), make_batch(91, "wide", unpaired=True)
-  args = (to_logps(bp), to_logps(bu))
-  sharded = jax.jit(_all_batch_level, in_shardings=(data, data))(*args)
-  assert sharded["aot"][0].sharding.num_devices == 8 or len(jax.devices()) == 8
+  args = jax.device_put((to_logps(bp), to_logps(bu)), data)
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(args))
+  sharded = jax.jit(_all_batch_level)(*args)
   unsharded = jax.jit(_all_batch_level)(*args)
   for name, hp, ref in SHARDED + SHARDED_UNPAIRED:
     got, want = sharded[name][0], unsharded[name][0]

@@ -44,7 +44,7 @@ def _sorted_loss(logps: PairLogps, beta, eps, pair_to_sort):
   return loss, reward_metrics(chosen_r, rejected_r, lam)
 
 
-@register("aot")
+@register("aot", batch_coupled=True)
 def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   """AOT paired: δ_(k) = sort(S_θw − S_θl)_k − sort(S_refw − S_refl)_k; (1−ε)ℓ(βδ) + εℓ(−βδ).
 
@@ -54,7 +54,7 @@ def aot(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0):
                       lambda pc, pr: (pc - pr, logps.ref_chosen - logps.ref_rejected))
 
 
-@register("aot_unpaired")
+@register("aot_unpaired", batch_coupled=True)
 def aot_unpaired(logps: PairLogps, *, beta: float = 0.1, label_smoothing: float = 0.0):
   """AOT unpaired: δ_(k) = sort(r_w)_k − sort(r_l)_k; (1−ε)ℓ(βδ) + εℓ(−βδ).
 

@@ -100,6 +100,7 @@ def combine(weights: dict[str, float]) -> core.LossSpec:
       token_stats=tuple(dict.fromkeys(t for s in specs.values() for t in s.token_stats)),
       init_state=init_state, update_state=update_state,
       needs_tokens=any(s.needs_tokens for s in specs.values()),
+      batch_coupled=any(s.batch_coupled for s in specs.values()),
       extra_keys=tuple(dict.fromkeys(t for s in specs.values() for t in s.extra_keys)))
 
 

@@ -15,6 +15,10 @@ is the one place that averages. Registration records what the step must provide:
                log Σ_v p_v²; "ref_entropy" for Mallows: extra["ref_entropy"] [B]).
   needs_tokens: the loss reads the per-token fields (policy_chosen_tokens, ...; LD, WPO).
   extra_keys:  keys of `logps.extra` the loss reads (teacher log-probs, WPO's log Σp², ...).
+  batch_coupled: a pair's loss depends on the other pairs of the batch (AOT's sort, KTO's z0,
+               BCO's δ, a batch token-mean NLL). With gradient accumulation the step then
+               computes these over the whole batch, not per micro-batch (one more policy
+               forward per step; train.make_train_step).
   init_state / update_state: loss state carried in the train state (BCO's δ, LCPO's η). The state
                enters the loss as keyword hyperparameters and `update_state(state, metrics)`
                computes the next one from the step's averaged metrics.
@@ -78,6 +82,7 @@ class LossSpec:
   aliases: tuple[str, ...] = ()
   needs_tokens: bool = False
   extra_keys: tuple[str, ...] = ()
+  batch_coupled: bool = False
 
   def __call__(self, logps: PairLogps, **hparams) -> tuple[Array, dict]:
     return self.fn(logps, **hparams)
@@ -106,14 +111,15 @@ def register(name: str, *, aliases: tuple[str, ...] = (), needs_ref: bool = True
              unpaired: bool = False, token_stats: tuple[str, ...] = (),
              init_state: Callable[[], dict] = dict,
              update_state: Callable[[dict, dict], dict] | None = None,
-             needs_tokens: bool = False, extra_keys: tuple[str, ...] = ()):
+             needs_tokens: bool = False, extra_keys: tuple[str, ...] = (),
+             batch_coupled: bool = False):
   """Decorator: registers `fn(logps, **hparams) -> (loss_B, metrics)` under `name`."""
   def deco(fn):
     spec = LossSpec(name=name, fn=fn, needs_ref=needs_ref, unpaired=unpaired,
                     token_stats=tuple(token_stats), init_state=init_state,
                     update_state=update_state or (lambda state, metrics: state),
                     aliases=tuple(aliases), needs_tokens=needs_tokens,
-                    extra_keys=tuple(extra_keys))
+                    extra_keys=tuple(extra_keys), batch_coupled=batch_coupled)
     for key in (name, *aliases):
       if key in _REGISTRY and _REGISTRY[key].fn is not fn:
         raise ValueError(f"loss name {key!r} is already registered")
@@ -148,9 +154,9 @@ def _is_wrapper(spec: LossSpec) -> bool:
 def with_base(wrapper: str | LossSpec, base: str) -> LossSpec:
   """A wrapper loss (wpo, lcpo, ld) bound to `base`: "wpo(simpo)" names the same spec.
 
-  The bound spec reads the base's flags (needs_ref, token_stats, extra_keys) and hparams, and
-  carries the base's loss state unless the wrapper has its own (LCPO's η; it then refuses a
-  stateful base).
+  The bound spec reads the base's flags (needs_ref, token_stats, extra_keys, batch_coupled) and
+  hparams, and carries the base's loss state unless the wrapper has its own (LCPO's η; it then
+  refuses a stateful base).
   """
   spec = get(wrapper) if isinstance(wrapper, str) else wrapper
   if not _is_wrapper(spec):
@@ -168,6 +174,7 @@ def with_base(wrapper: str | LossSpec, base: str) -> LossSpec:
       needs_ref=b.needs_ref, needs_tokens=spec.needs_tokens or b.needs_tokens,
       token_stats=union(spec.token_stats, b.token_stats),
       extra_keys=union(spec.extra_keys, b.extra_keys),
+      batch_coupled=spec.batch_coupled or b.batch_coupled,
       init_state=spec.init_state if own_state else b.init_state,
       update_state=spec.update_state if own_state else b.update_state)
 

@@ -70,7 +70,8 @@ def delta_update_state(state: dict, metrics: dict) -> dict:
           "delta_count": jnp.asarray(metrics["delta_count"], jnp.float32)}
 
 
-@register("bco_pair", init_state=delta_init_state, update_state=delta_update_state)
+@register("bco_pair", init_state=delta_init_state, update_state=delta_update_state,
+          batch_coupled=True)
 def bco_pair(logps: PairLogps, *, beta: float = 0.1, use_delta: bool = True,
              delta: float = 0.0, delta_count: float = 0.0):
   """BCO on pairs (Jung et al., 2024, arXiv 2404.04656): ℓ(u_w − δ) + ℓ(−(u_l − δ)).

@@ -12,7 +12,7 @@ from dpo_jax.losses.core import (PairLogps, chosen_nll, lengths, log1mexp, log_s
                                  reward_metrics)
 
 
-@register("sft", aliases=("rpo",), needs_ref=False)
+@register("sft", aliases=("rpo",), needs_ref=False, batch_coupled=True)
 def sft(logps: PairLogps, *, alpha: float = 1.0, normalize: str = "batch"):
   """α · NLL of the chosen completion (RPO, Pang et al., 2024, arXiv 2404.19733, as a term).
 
@@ -41,7 +41,7 @@ def simpo(logps: PairLogps, *, beta: float = 2.0, gamma: float = 0.5):
   return -log_sigmoid(z), reward_metrics(chosen_r, rejected_r, jax.nn.sigmoid(-z))
 
 
-@register("cpo", needs_ref=False)
+@register("cpo", needs_ref=False, batch_coupled=True)
 def cpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 1.0, normalize: str = "batch"):
   """CPO (Xu et al., 2024, arXiv 2401.08417): ℓ(β(S_θw − S_θl)) + α·NLL(y_w).
 
@@ -53,7 +53,7 @@ def cpo(logps: PairLogps, *, beta: float = 0.1, alpha: float = 1.0, normalize: s
   return loss, reward_metrics(chosen_r, rejected_r, jax.nn.sigmoid(-z))
 
 
-@register("orpo", needs_ref=False)
+@register("orpo", needs_ref=False, batch_coupled=True)
 def orpo(logps: PairLogps, *, beta: float = 0.1, normalize: str = "batch"):
   """ORPO (Hong et al., 2024, arXiv 2403.07691): NLL(y_w) − β·log σ(log_odds).
 

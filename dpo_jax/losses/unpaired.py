@@ -29,7 +29,7 @@ def _unpaired(logps: PairLogps, beta, loss_of_reward):
                                        row_weights(logps))
 
 
-@register("kto", unpaired=True)
+@register("kto", unpaired=True, batch_coupled=True)
 def kto(logps: PairLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0):
   """KTO (Ethayarajh et al., 2024, arXiv 2402.01306).
@@ -52,7 +52,8 @@ def kto(logps: PairLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
   return loss, metrics
 
 
-@register("bco", unpaired=True, init_state=delta_init_state, update_state=delta_update_state)
+@register("bco", unpaired=True, init_state=delta_init_state, update_state=delta_update_state,
+          batch_coupled=True)
 def bco(logps: PairLogps, *, beta: float = 0.1, use_delta: bool = True, delta: float = 0.0,
         delta_count: float = 0.0):
   """BCO (Jung et al., 2024, arXiv 2404.04656), unpaired.
