@@ -57,9 +57,9 @@ def main():
   flags.FLAGS(sys.argv)
   c = bench._CONFIG.value   # noqa: SLF001 (the bench's own config flag)
   if c.from_data:   # the data's batch 0, placed as dpo_jax.bench places it
-    from dpo_jax import train   # noqa: PLC0415
+    from dpo_jax import build   # noqa: PLC0415
     run, host, _ = bench.prepare_data(c)
-    batch = train.to_device(host[0], run)
+    batch = build.to_device(host[0], run)
   else:             # the same Run and synthetic batch as dpo_jax.bench
     run, batch, _ = bench.prepare(c)
   step = run.jit_train_step().lower(run.state, run.frozen, batch).compile()

@@ -27,7 +27,7 @@ def worker(workdir: str):
   distributed.maybe_initialize()
   cfg = dpo.get_config("runlocal")
   cfg.steps, cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.progress = 40, 10, 0, 100, False
-  calls, is_set = [], train.PreemptionFlag.is_set
+  calls, is_set = [], distributed.PreemptionFlag.is_set
 
   def timed(self, step):
     t = time.perf_counter()
@@ -35,7 +35,7 @@ def worker(workdir: str):
     calls.append(time.perf_counter() - t)
     return out
 
-  train.PreemptionFlag.is_set = timed
+  distributed.PreemptionFlag.is_set = timed
   last = train.train_and_evaluate(cfg, workdir)
   if jax.process_index() == 0:
     print(json.dumps({"is_set_ms_median": round(1e3 * float(np.median(calls[5:])), 3),

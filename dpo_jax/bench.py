@@ -2,7 +2,7 @@
 
     python -m dpo_jax.bench --json [--config.batch=8 --config.seq=256 --config.model.hidden_size=256 ...]
 
-The step is the trainer's own (train.setup -> Run.jit_train_step, the same optimizer, reference
+The step is the trainer's own (build.setup -> Run.jit_train_step, the same optimizer, reference
 and shardings), run on a synthetic batch of exactly `batch` pairs × `seq` tokens: 2·batch rows
 [chosen; rejected] of random token ids, no padding, the first round(seq·prompt_fraction)
 positions of each row are prompt (loss_mask 0), the rest completion. The batch is placed on the
@@ -108,13 +108,16 @@ def get_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 
 FLOPS_DEFINITION = (
-    "flops_per_step = flops_per_token * 2*batch*seq; flops_per_token = 6*N + 12*A (policy "
-    "fwd+bwd) + ref*(2*N + 4*A) (reference fwd; ref=1 iff a reference forward runs); "
-    "N = matmul params = layers*(D*Dh*(2*H + 2*K) + 3*D*F) + D*V (q,k,v,o, gate/up/down, "
-    "unembedding; no norms, biases, embedding lookup); A = layers*seq*H*Dh (QK^T and PV, every "
-    "key counted, causal not halved); remat recompute not counted; the unembedding's D*V "
-    "share of N counts only the scored positions the step computes it on (scored_per_row of "
-    "each row: its completion tokens, data.score_parts), not all seq")
+    "flops_per_token = 6*N + 12*A (policy fwd+bwd) + ref*(2*N + 4*A) (reference fwd; ref=1 "
+    "iff a reference forward runs), at every position of a row; N = matmul params = "
+    "layers*(D*Dh*(2*H + 2*K) + 3*D*F) + D*V (q,k,v,o, gate/up/down, unembedding; no norms, "
+    "biases, embedding lookup); A = layers*seq*H*Dh (QK^T and PV, every key counted, causal "
+    "not halved); remat recompute not counted, nor the extra policy forward of a batch-coupled "
+    "loss with grad_accum > 1; flops_per_step = rows * (seq*(flops_per_token "
+    "- (6 + 2*ref)*D*V) + scored_per_row*(6 + 2*ref)*D*V): the unembedding runs only at the "
+    "scored positions of a row (its completion tokens, data.score_parts), not all seq; rows "
+    "= 2*batch ([chosen; rejected]), or the packed or shared-prompt rows of the batch, each "
+    "of seq tokens")
 
 
 def unembed_params(cfg) -> int:
@@ -340,7 +343,7 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
   """The trainer's Run for config `c` (get_config()'s keys) and the synthetic batch on its
   devices. Returns (run, batch, layout) with layout = dict(rows, row_len, prompt_len,
   setup_s, grad_accum)."""
-  from dpo_jax import losses, train   # noqa: PLC0415
+  from dpo_jax import build, losses, train   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   if c.batch < 1 or c.seq < 2:
     raise ValueError(f"config.batch={c.batch} must be >= 1 and config.seq={c.seq} >= 2")
@@ -350,7 +353,7 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
     write_rows(data_path, max(c.batch, 2), spec.unpaired)
     tc = train_config(c, data_path)
     t0 = time.perf_counter()
-    run = train.setup(tc, devices, workdir=tmp)
+    run = build.setup(tc, devices, workdir=tmp)
     setup_s = time.perf_counter() - t0
   prompt_len = prompt_length(c.seq, c.prompt_fraction)
   columns = []
@@ -371,14 +374,14 @@ def prepare(c: ml_collections.ConfigDict, devices=None):
   scored = batch_np["score_index"].shape[-1] if "score_index" in batch_np else row_len
   layout = {"rows": rows, "row_len": row_len, "prompt_len": prompt_len, "setup_s": setup_s,
             "grad_accum": tc.grad_accum, "scored": scored}
-  return run, train.to_device(batch_np, run), layout
+  return run, build.to_device(batch_np, run), layout
 
 
 def prepare_data(c: ml_collections.ConfigDict, devices=None):
   """config.from_data: the trainer's Run on config.data.train and the host batches of its first
   warmup + steps steps (train.train_batch: bucketed, packed or prompt-shared rows as the data
   config says). Returns (run, batches, setup_s)."""
-  from dpo_jax import train   # noqa: PLC0415
+  from dpo_jax import build, train   # noqa: PLC0415
   if c.share_prompt:
     raise ValueError("config.share_prompt lays out the synthetic batch; with "
                      "config.from_data=True set config.data.share_prompt instead")
@@ -387,7 +390,8 @@ def prepare_data(c: ml_collections.ConfigDict, devices=None):
   with tempfile.TemporaryDirectory(prefix="dpo_jax_bench_") as tmp:
     tc = train_config(c, None)
     t0 = time.perf_counter()
-    run = train.setup(tc, devices, workdir=tmp)
+    run = build.setup(tc, devices, workdir=tmp)
+    build.check_vocabulary(run)
     setup_s = time.perf_counter() - t0
   batches = [train.train_batch(run.train_data, i, tc.grad_accum)
              for i in range(c.warmup + c.steps)]
@@ -417,7 +421,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   result row."""
   import jax   # noqa: PLC0415
   import numpy as np   # noqa: PLC0415
-  from dpo_jax import train   # noqa: PLC0415
+  from dpo_jax import build, train   # noqa: PLC0415
 
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if c.steps < 1:
@@ -429,7 +433,7 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
     layouts = [batch_layout(b) for b in host]
     tokens = [sequence_tokens(run.train_data, i) for i in range(n)]
     k = run.config.grad_accum
-    feed = lambda i: train.to_device(train.train_batch(run.train_data, i, k), run)
+    feed = lambda i: build.to_device(train.train_batch(run.train_data, i, k), run)
     prompt_len, seq = None, run.config.data.max_length
   else:             # one synthetic batch, placed once
     run, batch, layout = prepare(c, devices)

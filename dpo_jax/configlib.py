@@ -56,3 +56,23 @@ def set_key(config: ml_collections.ConfigDict, dotted: str, value: Any):
   if leaf not in node:
     raise KeyError(f"unknown config key {dotted!r}")
   node[leaf] = value
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for `app.run(main, flags_parser=configlib.parse_flags)`: an override of
+  a key the config does not have (`--config.trainng.lr=1`) exits with a message naming the
+  flag, instead of ml_collections' KeyError traceback."""
+  import sys   # noqa: PLC0415
+  from absl import flags   # noqa: PLC0415
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    while e.args and isinstance(e.args[0], Exception):   # AttributeError(KeyError(...))
+      e = e.args[0]
+    detail = str(e.args[0] if e.args else e).replace("\n", "; ")
+    name = detail.strip("'\"").split("'")[0]
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    culprit = [a for a in given if name and f".{name}." in a + "."] or given
+    print(f"FATAL Flags parsing error: unknown config key in {', '.join(culprit)} ({detail})",
+          file=sys.stderr)
+    sys.exit(1)

@@ -17,6 +17,7 @@ DPO_JAX_HEARTBEAT_TIMEOUT_S sets it). The same command then resumes from the las
 With several processes they also share the tokenising (tokenize_split, allgather_bytes), and a
 signal on one host stops every host after the same step (StopAgreement, host-side RPCs).
 """
+import itertools
 import os
 
 import jax
@@ -133,3 +134,49 @@ class StopAgreement:
               f"process {self.process} is stopping ({self.notice}) but process {p} did not "
               f"report its step within {self.timeout_ms / 1000:g} s") from e
     return steps
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the same command resumes."""
+
+
+class PreemptionFlag:
+  """Turns SIGTERM (TPU preemption, scheduler kill) and SIGINT into a stop after a step. One
+  process stops after the step it was signalled in; several agree on a step a little later
+  (StopAgreement), so every host saves the same step."""
+  _runs = itertools.count()   # one key namespace per training run in this process
+
+  def __init__(self, signals=("SIGTERM", "SIGINT")):
+    import signal   # noqa: PLC0415
+    import threading   # noqa: PLC0415
+    self._set, self.signal_name, self._old = False, None, {}
+    self._agreement = None
+    if jax.process_count() > 1:
+      self._agreement = StopAgreement(
+          kv_client(), jax.process_index(), jax.process_count(),
+          f"dpo_jax/preempt/{next(PreemptionFlag._runs)}")
+    if threading.current_thread() is not threading.main_thread():
+      return   # signal handlers can only be installed from the main thread
+    for name in signals:
+      sig = getattr(signal, name)
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    import signal   # noqa: PLC0415
+    del frame
+    self._set, self.signal_name = True, signal.Signals(signum).name
+
+  def is_set(self, step: int) -> bool:
+    if self._agreement is None:
+      return self._set
+    own = f"{self.signal_name} on process {jax.process_index()}" if self._set else None
+    stop = self._agreement.should_stop(step, own)
+    if stop and not self._set:
+      self.signal_name = self._agreement.notice
+    return stop
+
+  def restore(self):
+    import signal   # noqa: PLC0415
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}

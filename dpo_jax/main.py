@@ -9,6 +9,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dpo_jax import configlib
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events, checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,7 +39,7 @@ def main(argv):
         pipeline.print_summary(workdir, results)
       return
     metrics = train.train_and_evaluate(config, workdir)
-  except train.Preempted as e:   # SIGTERM / SIGINT: checkpoint saved, exit 0
+  except distributed.Preempted as e:   # SIGTERM / SIGINT: checkpoint saved, exit 0
     print(f"preempted: {e}", flush=True)
     return
   if jax.process_index() == 0:
@@ -45,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=configlib.parse_flags)

@@ -8,16 +8,14 @@ state = {step, params, opt_state, loss_state, rng, skipped}; frozen = {"ref": re
 "teacher": teacher params} (either None when unused); batch leaves have a leading micro-batch
 axis [k, ...] (k = config.grad_accum), each micro-batch holding 2b rows [chosen; rejected].
 Policy forward+backward and the reference (and teacher) forwards under stop_gradient run in
-the same program.
+the same program. build.setup(config) makes everything the loop below needs (a build.Run).
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +23,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpo_jax import checkpoint, distributed, losses, reference, sharding, teacher, writers
+from dpo_jax import build, checkpoint, distributed, losses, teacher, writers
 from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load, logprobs
-from dpo_jax.models.config import ModelConfig
 
-Array = jax.Array
 
 # =============================================================================================
 # Optimizer
@@ -80,10 +76,9 @@ def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
   if "logsumsq" in spec.token_stats:
     extra["policy_chosen_logsumsq"] = first(pol["tokens/logsumsq"])
     extra["policy_rejected_logsumsq"] = second(pol["tokens/logsumsq"])
-  if "ref_entropy" in spec.token_stats:   # mean over both completions, normalised by log V
-    ent, n = ref["entropy"], pol["lens"]
-    extra["ref_entropy"] = ((first(ent) + second(ent)) / jnp.maximum(first(n) + second(n), 1)
-                            / jnp.log(vocab_size))
+  if "ref_entropy" in spec.token_stats:   # mean of the two completions' token means, / log V
+    mean = ref["entropy"] / jnp.maximum(pol["lens"], 1)
+    extra["ref_entropy"] = (first(mean) + second(mean)) / 2 / jnp.log(vocab_size)
   if teacher is not None and "logps" in teacher:   # daDPO, sequence level
     extra["teacher_chosen"] = first(teacher["logps"])
     extra["teacher_rejected"] = second(teacher["logps"])
@@ -102,26 +97,37 @@ def pair_logps(spec: losses.LossSpec, pol: dict, ref: dict | None, batch: dict,
       extra=extra or None, valid=batch["valid"])
 
 
-def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
-              ref_logps_fn: Callable, *, chunk: int,
-              teacher_fn: Callable = lambda params, batch: None) -> StepFns:
-  """Builds the pure train and eval steps for one loss, one reference mode and one teacher."""
+def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
+                    ref_logps_fn: Callable, *, chunk: int,
+                    teacher_fn: Callable = lambda params, batch: None) -> StepFns:
+  """Builds the pure train and eval steps for one loss, one reference mode and one teacher.
+
+  Gradient accumulation is exact: the update of k micro-batches equals that of one batch k
+  times larger. A loss of independent pairs sums each micro-batch's gradient. A batch-coupled
+  loss (spec.batch_coupled: AOT's sort, KTO's z0, ...) needs the whole batch's values first: a
+  forward pass computes every micro-batch's policy and reference values, then each
+  micro-batch's backward pass differentiates the whole-batch loss through its own values only,
+  the others held fixed. Those partial gradients sum to the whole batch's gradient.
+  """
   stats = side_stats(spec, POLICY_STATS)
 
-  def forward(params, loss_state, frozen, batch):
+  def policy_values(params, frozen, batch):
+    """Per-sequence policy values of one micro-batch, and the teacher's (its token-level KL
+    runs inside the policy's log-prob loop)."""
     model = core.merge(graphdef, params)
     te = teacher_fn(frozen["teacher"], batch)
     pol = logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats,
                                   tokens=spec.needs_tokens, teacher=teacher.kl_teacher(te))
+    return pol, te, model.cfg.vocab_size
+
+  def forward(params, loss_state, frozen, batch):
+    pol, te, vocab = policy_values(params, frozen, batch)
     ref = ref_logps_fn(frozen["ref"], batch)
-    logps = pair_logps(spec, pol, ref, batch, model.cfg.vocab_size, te)
-    loss_b, metrics = spec(logps, **hparams, **loss_state)
+    loss_b, metrics = spec(pair_logps(spec, pol, ref, batch, vocab, te), **hparams, **loss_state)
     return pol, loss_b, metrics
 
-  def micro_loss(params, loss_state, frozen, batch):
+  def summarise(pol, loss_b, metrics, w):
     """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
-    pol, loss_b, metrics = forward(params, loss_state, frozen, batch)
-    w = batch["valid"]
     b = w.shape[0]
     n = jnp.sum(w)
     sums = {k: ((jnp.sum(v * w), n) if jnp.ndim(v) == 1 else (v, jnp.ones(())))
@@ -134,7 +140,9 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     sums = jax.tree.map(lambda x: jax.lax.stop_gradient(x).astype(jnp.float32), sums)
     return jnp.sum(loss_b * w), sums
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  def micro_loss(params, loss_state, frozen, batch):
+    pol, loss_b, metrics = forward(params, loss_state, frozen, batch)
+    return summarise(pol, loss_b, metrics, batch["valid"])
 
   def accumulate(fn, batch):
     """Sums fn(micro-batch) over the leading micro-batch axis with a scan."""
@@ -145,6 +153,51 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
       return jax.tree.map(jnp.add, acc, fn(mb)), None
     return jax.lax.scan(body, zeros, batch)[0]
 
+  def per_micro_batch(params, loss_state, frozen, batch):
+    """(loss sum, metric sums), gradient sum: each micro-batch on its own."""
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    return accumulate(lambda mb: grad_fn(params, loss_state, frozen, mb), batch)
+
+  def whole_batch_values(params, frozen, batch):
+    """Every micro-batch's policy, reference and teacher values ([k, 2b, ...]; no gradient),
+    and the loss of the whole batch as a function of the stacked policy values."""
+    def values(mb):
+      pol, te, _ = policy_values(params, frozen, mb)
+      te_seq = None if te is None or "logps" not in te else {"logps": te["logps"]}
+      return pol, ref_logps_fn(frozen["ref"], mb), te_seq
+    pols, refs, tes = jax.lax.map(values, batch)
+    vocab = core.merge(graphdef, params).cfg.vocab_size
+    pairs = {k: merge_pairs(batch[k]) for k in ("valid", "label")}
+
+    def whole_loss(pol_stack, loss_state):
+      logps = pair_logps(spec, merge_rows(pol_stack), merge_rows(refs), pairs, vocab,
+                         merge_rows(tes))
+      return spec(logps, **hparams, **loss_state)
+    return pols, pairs, whole_loss
+
+  def whole_batch(params, loss_state, frozen, batch):
+    """(loss sum, metric sums), gradient sum of a batch-coupled loss (see above)."""
+    pols, pairs, whole_loss = whole_batch_values(params, frozen, batch)
+    pols = jax.lax.stop_gradient(pols)
+    loss_b, metrics = whole_loss(pols, loss_state)
+    totals = summarise(merge_rows(pols), loss_b, metrics, pairs["valid"])
+
+    def partial_grad(i, mb):
+      def loss_through_micro_batch(p):
+        pol = policy_values(p, frozen, mb)[0]
+        stack = jax.tree.map(lambda s, x: s.at[i].set(x), pols, pol)
+        return jnp.sum(whole_loss(stack, loss_state)[0] * pairs["valid"])
+      return jax.grad(loss_through_micro_batch)(params)
+    k = batch["valid"].shape[0]
+    grads = accumulate(lambda xs: partial_grad(*xs), (jnp.arange(k), batch))
+    return totals, grads
+
+  def gradients(params, loss_state, frozen, batch):
+    """A batch-coupled loss over several micro-batches needs the whole batch's values first."""
+    several = batch["valid"].shape[0] > 1
+    accumulate_grads = whole_batch if spec.batch_coupled and several else per_micro_batch
+    return accumulate_grads(params, loss_state, frozen, batch)
+
   def finish(loss_sum, sums, n_valid):
     metrics = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in sums.items()}
     metrics["loss"] = loss_sum / n_valid
@@ -152,8 +205,7 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
 
   def train_step(state, frozen, batch):
     n_valid = jnp.sum(batch["valid"])
-    (loss_sum, sums), grads = accumulate(
-        lambda mb: grad_fn(state["params"], state["loss_state"], frozen, mb), batch)
+    (loss_sum, sums), grads = gradients(state["params"], state["loss_state"], frozen, batch)
     # Exact accumulation: every micro-batch contributed a SUM; divide once by the pair count.
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     metrics = finish(loss_sum, sums, n_valid)
@@ -178,7 +230,9 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     return new_state, metrics
 
   def eval_step(params, loss_state, frozen, batch):
-    return accumulate(lambda mb: micro_loss(params, loss_state, frozen, mb), batch)
+    """(loss sum, metric sums) of the whole batch: batch statistics as in training."""
+    pols, pairs, whole_loss = whole_batch_values(params, frozen, batch)
+    return summarise(merge_rows(pols), *whole_loss(pols, loss_state), pairs["valid"])
 
   def example_metrics(params, loss_state, frozen, batch):
     """Per-example loss and metrics ([b] each) of one micro-batch, e.g. λ per pair."""
@@ -186,6 +240,20 @@ def make_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule,
     return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
 
   return StepFns(train_step, eval_step, example_metrics)
+
+
+def merge_rows(tree):
+  """[k, 2b, ...] per micro-batch ([chosen; rejected] each) -> [2kb, ...] = [chosen of all
+  micro-batches; rejected of all], the layout of one batch k times larger (None stays None)."""
+  def merge(x):
+    k, n = x.shape[:2]
+    return x.reshape(k, 2, n // 2, *x.shape[2:]).swapaxes(0, 1).reshape(k * n, *x.shape[2:])
+  return jax.tree.map(merge, tree)
+
+
+def merge_pairs(x):
+  """[k, b, ...] per micro-batch -> [kb, ...], pairs in the same order as merge_rows."""
+  return x.reshape(-1, *x.shape[2:])
 
 
 def microbatches(batch: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -221,183 +289,11 @@ def train_batch(data, step: int, k: int) -> dict[str, np.ndarray]:
 
 
 # =============================================================================================
-# Setup: config -> model, data, reference, state, shardings
-# =============================================================================================
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything the loop needs, built once from the config."""
-  config: ml_collections.ConfigDict
-  mesh: Any
-  rules: Any
-  model_cfg: ModelConfig
-  tokenizer: Any
-  spec: losses.LossSpec
-  train_data: preference.Batches
-  eval_examples: Sequence
-  eval_columns: dict
-  state: dict
-  state_shardings: Any
-  reference: reference.Reference
-  ref_params: Any
-  teacher: teacher.Teacher
-  fns: StepFns
-  batch_sharding: Callable
-  steps: int   # config.steps, or config.epochs worth of batches when epochs > 0
-
-  @property
-  def frozen(self) -> dict:
-    """The step's frozen models: {"ref": reference params, "teacher": teacher params}."""
-    return {"ref": self.ref_params, "teacher": self.teacher.params}
-
-  def jit_train_step(self):
-    """The step with fixed state shardings in and out (so it compiles once per batch shape)
-    and the state donated."""
-    return jax.jit(self.fns.train_step, in_shardings=(self.state_shardings, None, None),
-                   out_shardings=(self.state_shardings, None), donate_argnums=0)
-
-
-def loss_hparams(loss_cfg: ml_collections.ConfigDict, spec: losses.LossSpec) -> dict:
-  given = {k: v for k, v in loss_cfg.items() if k != "name"}
-  known = spec.hparams
-  unknown = sorted(set(given) - set(known))
-  if unknown:
-    raise ValueError(f"config.loss.{unknown[0]} is not a hyperparameter of loss "
-                     f"{spec.name!r}; it takes {sorted(known)}")
-  return {**known, **given}
-
-
-def scratch_model(model_cfg: ml_collections.ConfigDict) -> ModelConfig:
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  return ModelConfig(**{k: v for k, v in model_cfg.items() if k in fields})
-
-
-def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
-  opts = preference.TokenizeOptions(config.data.max_length, config.data.max_prompt_length,
-                                    config.data.truncation_mode)
-  # W/data_cache: a rerun of the same job (a resume) reads the examples instead of tokenising.
-  cache = os.path.join(workdir, "data_cache") if workdir and config.data.cache else None
-  keep = config.data.cache_keep
-  if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
-    raise ValueError(f"config.data.cache_keep={keep!r} must be an integer >= 0 (0: keep every "
-                     f"file of W/data_cache)")
-  streaming = config.data.streaming   # a bool: ml_collections refuses another type
-  source, rows = preference.load_rows(config.data.train, config.data.split, streaming)
-  split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
-  examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
-                                                 config.data.on_error, **split, keep=keep)
-  if config.data.eval:
-    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split, streaming)
-    eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
-                                                         config.data.on_error, **split, keep=keep)
-    skipped += eskipped
-  else:   # hold out a deterministic fraction of the training rows
-    n_eval = int(len(examples) * config.data.eval_fraction)
-    order = np.random.default_rng(config.seed).permutation(len(examples))
-    eval_examples = examples.take(order[:n_eval])
-    examples = examples.take(np.sort(order[n_eval:]))
-  buckets = tuple(config.data.buckets) or preference.default_buckets(config.data.max_length)
-  share = config.data.share_prompt
-  parts = config.data.score_parts
-  if not isinstance(parts, int) or isinstance(parts, bool) or parts < 0:
-    raise ValueError(f"config.data.score_parts={parts!r} must be an integer >= 0 (0: score "
-                     f"every position)")
-  if config.data.packing or share:   # several sequences per row (data/packing.py)
-    train = packing.PackedBatches(
-        examples, config.batch_size, config.seed, buckets, pad_id,
-        row_length=config.data.row_length or max(buckets) * (2 if share else 1),
-        row_buckets=tuple(config.data.row_buckets) or None, share_prompt=share,
-        score_parts=parts)
-  else:
-    train = preference.Batches(examples, config.batch_size, config.seed, buckets, pad_id,
-                               score_parts=parts)
-  return train, eval_examples, skipped
-
-
-def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None = None) -> Run:
-  if config.nonfinite not in ("stop", "skip"):
-    raise ValueError(f"config.nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-  rules = sharding.rules_from_config(config.mesh.rules.to_dict())
-  spec = losses.get(config.loss.name)
-  hparams = loss_hparams(config.loss, spec)
-  numerics = {k: config.model[k] for k in load.NUMERICS}
-  model_cfg = load.model_config(config.model.init, scratch_model(config.model), **numerics)
-  tokenizer = load.load_tokenizer(config.model.tokenizer or config.model.init)
-  pad_id = preference.pad_id(tokenizer)
-  train_data, eval_examples, _ = load_data(config, tokenizer, pad_id, workdir)
-
-  n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  if isinstance(train_data, packing.PackedBatches):
-    train_data.row_multiple = n_batch   # packed rows shard evenly over data×fsdp
-  micro = config.batch_size // max(config.grad_accum, 1)
-  if micro % n_batch:
-    raise ValueError(f"config.batch_size={config.batch_size} / config.grad_accum="
-                     f"{config.grad_accum} = {micro} pairs per micro-batch is not divisible by "
-                     f"the {n_batch} data×fsdp devices of config.mesh")
-
-  params = load.load_params(config.model.init, model_cfg, mesh, rules, config.seed)
-  ref = reference.build(
-      config.reference.mode, config.reference, spec, model_cfg, params, mesh, rules,
-      chunk=config.logprob_chunk, stats=side_stats(spec, REF_STATS), tokens=spec.needs_tokens,
-      workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
-      buckets=train_data.buckets, pad_id=pad_id)
-  te = teacher.build(config.teacher, spec, model_cfg, mesh, rules, chunk=config.logprob_chunk,
-                     workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
-                     buckets=train_data.buckets, pad_id=pad_id)
-  train_data.columns = {**ref.columns(train_data.examples, "train"),
-                        **te.columns(train_data.examples, "train")}
-  eval_columns = ({**ref.columns(eval_examples, "eval"), **te.columns(eval_examples, "eval")}
-                  if eval_examples else {})
-  steps = total_steps(config, len(train_data.examples))
-  tx, schedule = make_optimizer(config.optim, steps)
-  graphdef = core.split(model_cfg)[0]
-  fns = make_step(graphdef, spec, hparams, tx, schedule, ref.logps_fn,
-                  chunk=config.logprob_chunk, teacher_fn=te.fn)
-
-  rep = sharding.replicated(mesh)
-  opt_state = jax.jit(tx.init)(params)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state,
-           "loss_state": jax.tree.map(jnp.asarray, spec.init_state()),
-           "rng": jax.random.key_data(jax.random.key(config.seed)),
-           "skipped": jnp.zeros((), jnp.int32)}
-  # Optimizer moments inherit their param's sharding; scalars (counts, step) are replicated.
-  on_mesh = lambda x: (x.sharding if isinstance(getattr(x, "sharding", None),
-                                                jax.sharding.NamedSharding)
-                       and x.sharding.mesh == mesh else rep)
-  state = jax.device_put(state, jax.tree.map(on_mesh, state))
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
-
-  def batch_sharding(x):
-    spec_ = sharding.logical_to_spec((None, "batch") + (None,) * (x.ndim - 2), x.shape, mesh,
-                                     rules)
-    return jax.sharding.NamedSharding(mesh, spec_)
-
-  return Run(config, mesh, rules, model_cfg, tokenizer, spec, train_data, eval_examples,
-             eval_columns, state, state_shardings, ref, ref.params, te, fns, batch_sharding,
-             steps)
-
-
-def total_steps(config: ml_collections.ConfigDict, n_train: int) -> int:
-  """config.epochs > 0 (the papers' "1 epoch") wins over config.steps."""
-  if config.get("epochs", 0) > 0:
-    return max(1, math.ceil(config.epochs * n_train / config.batch_size))
-  if config.steps < 1:
-    raise ValueError(f"config.steps={config.steps} must be >= 1 (or set config.epochs)")
-  return config.steps
-
-
-def to_device(batch: dict[str, np.ndarray], run: Run) -> dict[str, Array]:
-  return {k: sharding.host_local_array(v, run.batch_sharding(v)) for k, v in batch.items()}
-
-
-# =============================================================================================
 # Evaluation on held-out pairs
 # =============================================================================================
 
 
-def evaluate(run: Run, eval_jit, state) -> dict:
+def evaluate(run: build.Run, eval_jit, state) -> dict:
   if not run.eval_examples:
     return {}
   bs = run.config.eval_batch_size or run.config.batch_size
@@ -406,7 +302,7 @@ def evaluate(run: Run, eval_jit, state) -> dict:
                                        run.train_data.pad_id, run.eval_columns,
                                        run.train_data.score_parts):
     out = eval_jit(state["params"], state["loss_state"], run.frozen,
-                   to_device(microbatches(batch, 1), run))
+                   build.to_device(microbatches(batch, 1), run))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   loss_sum, sums = jax.device_get(totals)
   n = len(run.eval_examples)
@@ -420,14 +316,14 @@ def evaluate(run: Run, eval_jit, state) -> dict:
 # =============================================================================================
 
 
-def checkpoint_meta(run: Run, step: int) -> dict:
+def checkpoint_meta(run: build.Run, step: int) -> dict:
   return {"model": run.model_cfg.to_hf_dict(),
           "model_numerics": load.numerics(run.model_cfg),
           "step": step, "epoch": run.train_data.epoch(step),
           "config": run.config.to_json_best_effort()}
 
 
-def log_pair_metrics(run: Run, state: dict, path: str, n: int):
+def log_pair_metrics(run: build.Run, state: dict, path: str, n: int):
   """Per-pair loss metrics of the first n training examples (e.g. the gradient weight λ) with
   the current policy and reference, saved to `path` (.npz). At step 0 this shows how the
   reference weighs each pair before training: λ = ½ for every pair when ref = policy, and
@@ -447,12 +343,12 @@ def log_pair_metrics(run: Run, state: dict, path: str, n: int):
   return out
 
 
-def save_state(mgr, run: Run, state: dict, step: int):
+def save_state(mgr, run: build.Run, state: dict, step: int):
   checkpoint.save(mgr, step, state["params"], {k: v for k, v in state.items() if k != "params"},
                   checkpoint_meta(run, step), ref=run.ref_params if run.reference.saved else None)
 
 
-def restore_state(mgr, run: Run, step: int) -> dict:
+def restore_state(mgr, run: build.Run, step: int) -> dict:
   """Restores the train state (and a TR-DPO reference into `run`) resharded onto run.mesh."""
   sh = run.state_shardings
   abstract = checkpoint.abstract_like(run.state, sh)
@@ -476,7 +372,8 @@ def every(step: int, period: int) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics."""
   from tqdm import tqdm   # noqa: PLC0415
-  run = setup(config, devices, workdir)
+  run = build.setup(config, devices, workdir)
+  build.check_vocabulary(run)
   os.makedirs(workdir, exist_ok=True)
   writers.save_tokenizer(run.tokenizer, os.path.join(workdir, "tokenizer"))
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
@@ -498,14 +395,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   # checkpointed nothing (the device_get of the metrics is the sync).
   step_times, compiled_for = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
-  preempt, pending = PreemptionFlag(), None
+  preempt, pending = distributed.PreemptionFlag(), None
   try:
     for step in bar:
       batch_np = train_batch(run.train_data, step, config.grad_accum)
       if (sig := batch_signature(batch_np)) not in compiled_for:   # this interval compiles
         compiled_for.add(sig)
         clean = False
-      state, metrics = step_jit(state, run.frozen, to_device(batch_np, run))
+      state, metrics = step_jit(state, run.frozen, build.to_device(batch_np, run))
       done, n_since = step + 1, n_since + 1
       # The NaN/Inf check reads the PREVIOUS step's flag while this one runs (no stall), and
       # this step's before anything is logged or saved.
@@ -536,8 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if every(done, config.ckpt_every) or is_last or stop:
         save_state(mgr, run, state, done)
       if stop:
-        raise Preempted(f"stopped by {preempt.signal_name} after step {done}; checkpoint saved "
-                        f"in {mgr.directory}; re-run the same command to resume")
+        raise distributed.Preempted(f"stopped by {preempt.signal_name} after step {done}; "
+                                    f"checkpoint saved in {mgr.directory}; re-run the same "
+                                    f"command to resume")
       if every(done, config.log_every):
         jax.block_until_ready(state["step"])
         t_mark, n_since, clean = time.perf_counter(), 0, True
@@ -546,52 +444,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     writer.close()
     mgr.close()
   return last
-
-
-class Preempted(Exception):
-  """Training stopped on SIGTERM/SIGINT after saving a checkpoint; the same command resumes."""
-
-
-class PreemptionFlag:
-  """Turns SIGTERM (TPU preemption, scheduler kill) and SIGINT into a stop after a step. One
-  process stops after the step it was signalled in; several agree on a step a little later
-  (distributed.StopAgreement), so every host saves the same step."""
-  _runs = itertools.count()   # one key namespace per training run in this process
-
-  def __init__(self, signals=("SIGTERM", "SIGINT")):
-    import signal   # noqa: PLC0415
-    import threading   # noqa: PLC0415
-    self._set, self.signal_name, self._old = False, None, {}
-    self._agreement = None
-    if jax.process_count() > 1:
-      self._agreement = distributed.StopAgreement(
-          distributed.kv_client(), jax.process_index(), jax.process_count(),
-          f"dpo_jax/preempt/{next(PreemptionFlag._runs)}")
-    if threading.current_thread() is not threading.main_thread():
-      return   # signal handlers can only be installed from the main thread
-    for name in signals:
-      sig = getattr(signal, name)
-      self._old[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    import signal   # noqa: PLC0415
-    del frame
-    self._set, self.signal_name = True, signal.Signals(signum).name
-
-  def is_set(self, step: int) -> bool:
-    if self._agreement is None:
-      return self._set
-    own = f"{self.signal_name} on process {jax.process_index()}" if self._set else None
-    stop = self._agreement.should_stop(step, own)
-    if stop and not self._set:
-      self.signal_name = self._agreement.notice
-    return stop
-
-  def restore(self):
-    import signal   # noqa: PLC0415
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-    self._old = {}
 
 
 def check_finite(metrics: dict, step: int, policy: str, mgr):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import evaluate, losses, train
+from dpo_jax import build, evaluate, losses, train
 from dpo_jax.models import core, hf_io
 from helpers import config
 
@@ -25,9 +25,9 @@ def teacher_dir(tmp_path_factory):
 
 
 def first_step(cfg):
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   batch_np = run.train_data(0)
-  batch = train.to_device(train.microbatches(batch_np, 1), run)
+  batch = build.to_device(train.microbatches(batch_np, 1), run)
   per_example = jax.jit(run.fns.example_metrics)(
       run.state["params"], run.state["loss_state"], run.frozen,
       jax.tree.map(lambda x: x[0], batch))
@@ -73,12 +73,12 @@ def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):
   for mode in ("step", "precomputed"):
     cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, teacher__mode=mode,
                  teacher__path=path)
-    run = train.setup(cfg, workdir=str(tmp_path))
+    run = build.setup(cfg, workdir=str(tmp_path))
     assert (run.teacher.params is None) == (mode == "precomputed")
     step = run.jit_train_step()
     state, hist = run.state, []
     for i in range(2):
-      batch = train.to_device(train.microbatches(run.train_data(i), 1), run)
+      batch = build.to_device(train.microbatches(run.train_data(i), 1), run)
       state, m = step(state, run.frozen, batch)
       hist.append({k: float(v) for k, v in jax.device_get(m).items()})
     out[mode] = hist
@@ -118,12 +118,12 @@ def test_token_dadpo_kl_matches_full_logits(teacher_dir):
 def test_teacher_errors_name_the_config_key(teacher_dir):
   path, _ = teacher_dir
   with pytest.raises(ValueError, match="config.teacher.path"):
-    train.setup(config("configs/dpo.py:runlocal,loss=dadpo", **SMALL))
+    build.setup(config("configs/dpo.py:runlocal,loss=dadpo", **SMALL))
   with pytest.raises(ValueError, match="config.teacher.mode must be 'step'"):
-    train.setup(config("configs/dpo.py:runlocal,loss=dadpo_token", **SMALL,
+    build.setup(config("configs/dpo.py:runlocal,loss=dadpo_token", **SMALL,
                        teacher__mode="precomputed", teacher__path=path))
   with pytest.raises(ValueError, match="reads no teacher"):
-    train.setup(config(**SMALL, teacher__mode="step", teacher__path=path))
+    build.setup(config(**SMALL, teacher__mode="step", teacher__path=path))
 
 
 @pytest.mark.parametrize("loss", ["dadpo", "dadpo_token"])
@@ -134,7 +134,7 @@ def test_teacher_in_step_on_shared_prompt_rows(teacher_dir, loss):
   path, _ = teacher_dir
   cfg = config(f"configs/dpo.py:runlocal,loss={loss}", **SMALL, loss__beta2=0.5,
                teacher__mode="step", teacher__path=path)
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   data = run.train_data
   shared = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,
                                  data.pad_id, row_length=128, share_prompt=True)

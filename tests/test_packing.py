@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import train
+from dpo_jax import build, train
 from dpo_jax.data import packing, preference
 from dpo_jax.data.preference import Tokenized
 from dpo_jax.models import core, layers, logprobs
@@ -221,7 +221,7 @@ def direct_grads(run, loss_state):
   """value_and_grad of Σ valid · loss over one micro-batch, with the per-sequence log-probs
   (the step's forward, rebuilt from the public pieces), on two batches in one program."""
   spec = run.spec
-  hparams = train.loss_hparams(run.config.loss, spec)
+  hparams = build.loss_hparams(run.config.loss, spec)
   graphdef = core.split(run.model_cfg)[0]
   stats = train.side_stats(spec, train.POLICY_STATS)
 
@@ -267,7 +267,7 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
   share = extra.pop("share", False)
   row_length = 256 if share else 128
   cfg = config(f"configs/dpo.py:runlocal,loss={loss}", **SMALL, **MESH, grad_accum=k, **extra)
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   data = run.train_data
   n_batch = run.mesh.shape["data"] * run.mesh.shape["fsdp"]
   packed_data = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,
@@ -297,7 +297,7 @@ def test_packed_step_equals_unpacked(case, unpaired_jsonl, capsys):
     else:
       assert bp["tokens"].size < bu["tokens"].size
     (state_u, mu), (state_p, mp) = step(state_u, state_p, run.frozen,
-                                        train.to_device(bu, run), train.to_device(bp, run))
+                                        build.to_device(bu, run), build.to_device(bp, run))
     mu, mp = jax.device_get(mu), jax.device_get(mp)
     assert set(mu) == set(mp)
     for key in mu:
@@ -336,7 +336,7 @@ def test_share_prompt_trains_from_config(tmp_path):
   cfg = config("configs/dpo.py:runlocal", **SMALL, steps=3, eval_every=0, ckpt_every=0,
                progress=False, log_every=1,
                data__share_prompt=True)
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   assert isinstance(run.train_data, packing.PackedBatches) and run.train_data.share_prompt
   assert run.train_data.row_length == 2 * 128
   train.train_and_evaluate(cfg, str(tmp_path))
@@ -350,7 +350,7 @@ def test_share_prompt_with_precomputed_reference(tmp_path):
   """Precomputed reference log-probs are per-sequence columns: on shared-prompt rows they reach
   the loss unchanged, and the per-example metrics equal one row per sequence."""
   cfg = config("configs/dpo.py:runlocal", **SMALL, reference__mode="precomputed")
-  run = train.setup(cfg, workdir=str(tmp_path))
+  run = build.setup(cfg, workdir=str(tmp_path))
   data = run.train_data
   assert "ref_logps" in data.columns
   shared = packing.PackedBatches(data.examples, cfg.batch_size, cfg.seed, data.buckets,

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import export, reference, train
+from dpo_jax import build, export, reference, train
 from dpo_jax.data.preference import Examples, Tokenized
 from helpers import config
 
@@ -17,11 +17,11 @@ SMALL = dict(data__max_length=64, data__max_prompt_length=40, optim__lr=1e-2,
 
 
 def run_steps(cfg, n, workdir=None):
-  run = train.setup(cfg, workdir=None if workdir is None else str(workdir))
+  run = build.setup(cfg, workdir=None if workdir is None else str(workdir))
   step = run.jit_train_step()
   state, history = run.state, []
   for i in range(n):
-    batch = train.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
+    batch = build.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
     state, metrics = step(state, run.frozen, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
     if run.reference.update is not None and (i + 1) % run.reference.every == 0:
@@ -30,7 +30,7 @@ def run_steps(cfg, n, workdir=None):
 
 
 def flops(run):
-  batch = train.to_device(train.microbatches(run.train_data(0), 1), run)
+  batch = build.to_device(train.microbatches(run.train_data(0), 1), run)
   compiled = run.jit_train_step().lower(run.state, run.frozen, batch).compile()
   return compiled.cost_analysis()["flops"]
 
@@ -51,7 +51,7 @@ def test_precomputed_equals_initial_and_skips_reference_forward(tmp_path):
 
 def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   cfg = config(**SMALL, reference__mode="precomputed")
-  train.setup(cfg, workdir=str(tmp_path))
+  build.setup(cfg, workdir=str(tmp_path))
   files = sorted(glob.glob(str(tmp_path / "ref_cache" / "*.npz")))
   assert [os.path.basename(f).split("-")[0] for f in files] == ["eval", "train"]
 
@@ -59,17 +59,17 @@ def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     raise AssertionError("cache should have been reused")
   with monkeypatch.context() as m:
     m.setattr(reference, "_precompute", fail)
-    train.setup(cfg, workdir=str(tmp_path))   # same data, same reference: reused
+    build.setup(cfg, workdir=str(tmp_path))   # same data, same reference: reused
     with pytest.raises(AssertionError, match="reused"):   # changed data: recomputed
-      train.setup(config(**{**SMALL, "data__eval_fraction": 0.2},
+      build.setup(config(**{**SMALL, "data__eval_fraction": 0.2},
                          reference__mode="precomputed"), workdir=str(tmp_path))
     with pytest.raises(AssertionError, match="reused"):   # changed reference weights
-      train.setup(config(**SMALL, reference__mode="precomputed", seed=1),
+      build.setup(config(**SMALL, reference__mode="precomputed", seed=1),
                   workdir=str(tmp_path))
     with open(files[1], "wb") as f:   # an unreadable cache is computed again
       f.write(b"not an npz")
     with pytest.raises(AssertionError, match="reused"):
-      train.setup(cfg, workdir=str(tmp_path))
+      build.setup(cfg, workdir=str(tmp_path))
 
 
 def test_the_cache_key_of_the_examples_is_unchanged_by_holding_them_as_arrays():
@@ -106,8 +106,8 @@ def test_checkpoint_reference_from_orbax_and_hf(tmp_path):
 
 def test_reference_none_rejects_losses_that_need_one():
   with pytest.raises(ValueError, match="needs a reference model"):
-    train.setup(config(**SMALL, reference__mode="none"))
-  run = train.setup(config("configs/dpo.py:runlocal,loss=simpo", **SMALL))
+    build.setup(config(**SMALL, reference__mode="none"))
+  run = build.setup(config("configs/dpo.py:runlocal,loss=simpo", **SMALL))
   assert run.reference.mode == "none" and run.ref_params is None
 
 
@@ -117,7 +117,7 @@ def test_sync_reference_moves_towards_policy():
   history, state, run = run_steps(cfg, 3)
   # Steps 1-2 with ref = θ0; after step 2, ref = 0.6 θ2 + 0.4 θ0. We rebuild θ2 by rerunning.
   _, state2, run2 = run_steps(cfg, 2)
-  theta0 = jax.device_get(train.setup(cfg).state["params"])
+  theta0 = jax.device_get(build.setup(cfg).state["params"])
   expected = jax.tree.map(lambda p, r: 0.6 * p + 0.4 * r, jax.device_get(state2["params"]),
                           theta0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import checkpoint, train, writers
+from dpo_jax import build, checkpoint, train, writers
 from helpers import REPO, config, xla_env
 
 ENV = xla_env()
@@ -146,7 +146,7 @@ def test_corrupted_checkpoint_is_detected(tmp_path, damage):
   else:
     target.unlink()
   pattern = {"truncate": "truncated", "flip": "CRC32", "delete": "missing"}[damage]
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   with pytest.raises(checkpoint.CheckpointError, match=pattern):   # resuming
     train.restore_state(checkpoint.manager(str(tmp_path / "checkpoints")), run, 2)
   with pytest.raises(checkpoint.CheckpointError, match=pattern):   # as a reference / init
@@ -165,10 +165,10 @@ def test_mismatching_checkpoint_names_the_field_and_parameter(tmp_path):
                  reference__path=str(tmp_path / "a"))
   with pytest.raises(ValueError, match=rf"config.reference.path=.*intermediate_size: {f} vs "
                                        rf"{2 * f}"):
-    train.setup(wider)
+    build.setup(wider)
   # Below the config check: the stored tensors themselves, first mismatching one named.
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          train.setup(config(model__intermediate_size=2 * f)).state["params"])
+                          build.setup(config(model__intermediate_size=2 * f)).state["params"])
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"parameter \['layers'\]\['mlp'\]\['\w+_proj'\]\['kernel'\] has shape"):
     checkpoint.restore_params(str(tmp_path / "a"), abstract)
@@ -207,7 +207,7 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
   assert [r["nonfinite"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 1.0]
   assert [r["skipped_steps"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
   # Skipped steps change nothing: the params after step 5 are those after step 1.
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   mgr = checkpoint.manager(str(tmp_path / "checkpoints"))
   p1 = jax.device_get(train.restore_state(mgr, run, 1)["params"])
   p5 = jax.device_get(train.restore_state(mgr, run, 5)["params"])

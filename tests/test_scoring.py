@@ -148,7 +148,7 @@ def test_scoring_fewer_positions_costs_fewer_flops(capsys):
 
 @pytest.mark.parametrize("bad", [-1, True])
 def test_bad_score_parts_names_the_key(bad):
-  from dpo_jax import train
+  from dpo_jax import build
   from helpers import config
   with pytest.raises(ValueError, match=r"config\.data\.score_parts="):
-    train.setup(config(data__score_parts=bad))
+    build.setup(config(data__score_parts=bad))

@@ -2,7 +2,7 @@
 
 A tiny random transformers LlamaForCausalLM (vocab 264 = byte tokenizer, d 32, 2 layers, 4 heads,
 2 kv heads, MLP 64) is saved as a Hugging Face directory with dpo_jax's byte tokenizer. dpo_jax
-trains it for 3 steps through train.setup / run.fns.train_step (jitted as train_and_evaluate
+trains it for 3 steps through build.setup / run.fns.train_step (jitted as train_and_evaluate
 does); the test repeats the same 3 steps in plain PyTorch on the same numpy batches: summed
 completion log-probs (token t predicted from position t-1, masked by loss_mask), the DPO loss
 -log σ(β((π_c − ref_c) − (π_r − ref_r))) against a frozen copy, clip_grad_norm_,
@@ -56,7 +56,7 @@ import pytest
 import torch
 import transformers
 
-from dpo_jax import configlib, train
+from dpo_jax import build, configlib, train
 from dpo_jax.data.tokenizer import byte_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,7 +225,7 @@ def jax_run(path: str, data: str, grad_accum: int, warmup_ratio: float, mesh: di
                "optim.clip": CLIP, "optim.weight_decay": WEIGHT_DECAY, "optim.b1": B1,
                "optim.b2": B2, "optim.eps": EPS, **mesh}
   config = configlib.load(os.path.join(REPO, "configs", "dpo.py"), overrides)
-  run = train.setup(config)
+  run = build.setup(config)
   initial = jax.tree.map(np.asarray, jax.device_get(run.state["params"]))
   step_fn = run.jit_train_step()   # exactly as train_and_evaluate compiles it
   state = run.state
@@ -233,7 +233,7 @@ def jax_run(path: str, data: str, grad_accum: int, warmup_ratio: float, mesh: di
   for step in range(STEPS):
     batch_np = run.train_data(step)
     batches.append(batch_np)
-    batch = train.to_device(train.microbatches(batch_np, grad_accum), run)
+    batch = build.to_device(train.microbatches(batch_np, grad_accum), run)
     state, metrics = step_fn(state, run.frozen, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["params"] = jax.tree.map(np.asarray, jax.device_get(state["params"]))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import train, writers
+from dpo_jax import build, losses, train, writers
 from dpo_jax.data import preference
 from helpers import REPO, config, unpaired_rows, xla_env
 from tensorboard.backend.event_processing import event_accumulator
@@ -19,11 +19,11 @@ TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewa
 
 def run_steps(cfg, n, devices=None):
   """Runs n steps with the jitted step; returns (per-step metrics, final params on host)."""
-  run = train.setup(cfg, devices)
+  run = build.setup(cfg, devices)
   step = run.jit_train_step()
   state, history = run.state, []
   for i in range(n):
-    batch = train.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
+    batch = build.to_device(train.microbatches(run.train_data(i), cfg.grad_accum), run)
     state, metrics = step(state, run.frozen, batch)
     history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
   return history, jax.device_get(state["params"]), run
@@ -64,6 +64,18 @@ def tensorboard_scalars(directory) -> dict:
   acc.Reload()
   return {tag: [(e.step, np.float32(e.value)) for e in acc.Scalars(tag)]
           for tag in acc.Tags()["scalars"]}
+
+
+def test_main_names_an_unknown_config_key(tmp_path):
+  """A misspelt --config override stops before anything runs, naming the flag (not a KeyError
+  traceback from ml_collections)."""
+  for flag, hint in (("--config.trainng.lr=1", "'trainng'"), ("--config.optim.lrr=1", '"lr"')):
+    out = subprocess.run([sys.executable, "-m", "dpo_jax.main", "--config",
+                          "configs/dpo.py:runlocal", "--workdir", str(tmp_path / "w"), flag],
+                         cwd=REPO, env=xla_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"unknown config key in {flag.split('=')[0]}" in out.stderr and hint in out.stderr
+  assert not (tmp_path / "w").exists()
 
 
 def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(tmp_path):
@@ -149,11 +161,20 @@ def test_sharded_step_equals_single_device(mesh, loss, tmp_path_factory):
                p_one, p_many)
 
 
-def test_gradient_accumulation_is_exact():
-  h1, p1, _ = run_steps(config(**MESH_OPTIM, grad_accum=1), 2)
-  h2, p2, _ = run_steps(config(**MESH_OPTIM, grad_accum=2, mesh__data=4, mesh__tensor=2), 2)
-  h4, p4, _ = run_steps(config(**MESH_OPTIM, grad_accum=4, mesh__data=2, mesh__tensor=4), 2)
-  for hist, params in ((h2, p2), (h4, p4)):
+@pytest.mark.parametrize("loss", ["dpo", "aot", "kto"])
+def test_gradient_accumulation_is_exact(loss, tmp_path):
+  """k micro-batches give the update and metrics of one batch k times larger: dpo sums
+  independent pairs; aot (a sort over the whole batch) and kto (a batch-level KL reference point)
+  are batch-coupled and take the whole-batch path (their per-micro-batch statistics differ)."""
+  extra = {}
+  if loss == "kto":
+    extra["data__train"] = unpaired_rows(tmp_path / "rows.jsonl", 96)
+  spec = f"configs/dpo.py:runlocal,loss={loss}"
+  h1, p1, run = run_steps(config(spec, **MESH_OPTIM, **extra, grad_accum=1), 2)
+  assert run.spec.batch_coupled == (loss != "dpo")
+  accumulated = [run_steps(config(spec, **MESH_OPTIM, **extra, grad_accum=k, mesh__data=8 // k,
+                                  mesh__tensor=k), 2)[:2] for k in (2, 4)]
+  for hist, params in accumulated:
     for a, b in zip(h1, hist):
       for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
@@ -161,15 +182,38 @@ def test_gradient_accumulation_is_exact():
                  params)
 
 
+def test_merge_rows_undoes_microbatches():
+  """The whole-batch path reassembles micro-batches in the batch's own order."""
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 9, (12, 5)), "valid": rng.random(6), "label": rng.random(6)}
+  for k in (1, 2, 3):
+    mb = train.microbatches(batch, k)
+    np.testing.assert_array_equal(train.merge_rows(mb["tokens"]), batch["tokens"])
+    np.testing.assert_array_equal(train.merge_pairs(mb["valid"]), batch["valid"])
+
+
+def test_mallows_reference_entropy_is_the_mean_of_the_two_completion_means():
+  """MallowsPO's H̄_ref(x): each completion's mean token entropy, averaged over the pair, / log V
+  (not the pooled token mean, which weights the longer completion more)."""
+  lens = np.array([10.0, 3.0, 100.0, 5.0], np.float32)        # chosen 10, 3; rejected 100, 5
+  ent_sum = np.array([2.0, 1.5, 80.0, 0.5], np.float32)       # Σ_t H_t per sequence
+  pol = {"logps": -lens, "lens": lens}
+  ref = {"logps": -lens, "entropy": ent_sum}
+  batch = {"valid": np.ones(2, np.float32), "label": np.ones(2, np.float32)}
+  logps = train.pair_logps(losses.get("mallows"), pol, ref, batch, vocab_size=64)
+  want = (np.array([0.2, 0.5]) + np.array([0.8, 0.1])) / 2 / np.log(64)
+  np.testing.assert_allclose(logps.extra["ref_entropy"], want, rtol=1e-6)
+
+
 def test_step_compiles_once_per_bucket():
   cfg = config(batch_size=8, data__max_length=128, data__buckets=(36, 42, 48, 128))
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   step = run.jit_train_step()
   state, shapes = run.state, set()
   for i in range(12):
     batch_np = train.microbatches(run.train_data(i), 1)
     shapes.add(batch_np["tokens"].shape[-1])
-    state, _ = step(state, run.frozen, train.to_device(batch_np, run))
+    state, _ = step(state, run.frozen, build.to_device(batch_np, run))
   assert shapes <= {36, 42, 48, 128} and len(shapes) == 3
   assert step._cache_size() == len(shapes)
 
@@ -179,7 +223,7 @@ def test_batch_signature_changes_exactly_when_the_step_compiles():
   loop's steady-state timing must count such a batch as compiling. batch_signature names one
   jitted program per distinct value, no more and no fewer."""
   cfg = config(batch_size=8, data__packing=True)
-  run = train.setup(cfg)
+  run = build.setup(cfg)
   batches = [train.train_batch(run.train_data, i, 1) for i in range(40)]
   sigs = [train.batch_signature(b) for b in batches]
   # The first prefix in which two batches share the tokens' shape but not the signature.
@@ -188,17 +232,50 @@ def test_batch_signature_changes_exactly_when_the_step_compiles():
   step = run.jit_train_step()
   state = run.state
   for i in range(n):
-    state, _ = step(state, run.frozen, train.to_device(batches[i], run))
+    state, _ = step(state, run.frozen, build.to_device(batches[i], run))
     assert step._cache_size() == len(set(sigs[:i + 1])), i
 
 
 def test_bad_config_keys_are_named():
   with pytest.raises(ValueError, match="config.loss.gamma"):
-    train.setup(_with_loss_key("gamma", 0.5))
+    build.setup(_with_loss_key("gamma", 0.5))
   with pytest.raises(ValueError, match="config.mesh"):
-    train.setup(config(mesh__data=3))
+    build.setup(config(mesh__data=3))
   with pytest.raises(ValueError, match="divisible"):
-    train.setup(config(batch_size=4))
+    build.setup(config(batch_size=4))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("keep_checkpoints", 0), ("grad_accum", 0), ("data.eval_fraction", -0.1),
+    ("data.eval_fraction", 1.0), ("optim.lr", -0.01), ("optim.warmup_ratio", 1.5),
+    ("epochs", -1.0), ("loss.beta", 0.0), ("loss.beta", -0.1)])
+def test_settings_that_would_train_the_wrong_thing_are_named(key, value):
+  """Each of these used to run to the end: no checkpoint kept, the split flipped, gradient
+  ascent, the rejected answers preferred."""
+  with pytest.raises(ValueError, match=f"config.{key}={value}"):
+    build.setup(config(**{key.replace(".", "__"): value}))
+
+
+def test_label_smoothing_past_one_half_is_named():
+  with pytest.raises(ValueError, match="config.loss.label_smoothing=1.5"):
+    build.setup(config("configs/dpo.py:runlocal,loss=cdpo", loss__label_smoothing=1.5))
+
+
+def test_a_vocabulary_smaller_than_the_data_is_named(tmp_path):
+  """The byte tokenizer's ids reach past 100: named before the first step, not a NaN loss."""
+  with pytest.raises(ValueError, match="config.model.vocab_size=100 .* at least"):
+    train.train_and_evaluate(config(model__vocab_size=100), str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_skipped_rows_are_reported(tmp_path, capsys):
+  from dpo_jax.data.tiny_tasks import ASSET
+  rows = open(ASSET).read().splitlines()[:80]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n".join(rows[:5] + ["{not json"] + rows[5:]) + "\n")
+  run = build.setup(config(data__train=str(path), data__on_error="skip"))
+  assert len(run.train_data.examples) + len(run.eval_examples) == 80
+  assert "config.data.on_error='skip': 1 rows of" in capsys.readouterr().err
 
 
 def _with_loss_key(key, value):
@@ -212,22 +289,22 @@ def test_a_rerun_reads_the_tokenised_data_from_the_cache(tmp_path, monkeypatch):
   """W/data_cache holds the tokenised rows: the same job set up again (a resume) tokenises
   nothing and gets the same examples; data.cache=False tokenises."""
   cfg = config(eval_every=0)
-  first = train.setup(cfg, workdir=str(tmp_path))
+  first = build.setup(cfg, workdir=str(tmp_path))
   assert len(os.listdir(tmp_path / "data_cache")) == 1
 
   def tokenise(*args, **kwargs):
     raise AssertionError("tokenised again")
   monkeypatch.setattr(preference, "tokenize_rows", tokenise)
-  again = train.setup(cfg, workdir=str(tmp_path))
+  again = build.setup(cfg, workdir=str(tmp_path))
   assert again.train_data.examples == first.train_data.examples
   assert again.eval_examples == first.eval_examples and len(first.eval_examples) > 0
   # the hold-out split is two views of the ids mapped from the cache file: nothing copied
   assert again.train_data.examples.tokens is again.eval_examples.tokens
   assert isinstance(again.eval_examples.tokens.base, np.memmap)
   with pytest.raises(AssertionError, match="tokenised again"):
-    train.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))
+    build.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))
   with pytest.raises(ValueError, match=r"config.data.cache_keep=-1 must be an integer >= 0"):
-    train.setup(config(eval_every=0, data__cache_keep=-1), workdir=str(tmp_path))
+    build.setup(config(eval_every=0, data__cache_keep=-1), workdir=str(tmp_path))
 
 
 def test_streamed_data_give_the_same_batches(tmp_path, monkeypatch, capsys):
@@ -244,7 +321,7 @@ def test_streamed_data_give_the_same_batches(tmp_path, monkeypatch, capsys):
 
   def load(streaming):
     cfg = config(data__train=data, data__streaming=streaming)
-    return train.load_data(cfg, tok, pad, str(tmp_path / f"w{streaming}"))
+    return build.load_data(cfg, tok, pad, str(tmp_path / f"w{streaming}"))
   whole, streamed = load(False), load(True)
   assert isinstance(preference.load_rows(data, streaming=True)[1], preference._Stream)
   assert streamed[0].examples == whole[0].examples and streamed[1] == whole[1]
