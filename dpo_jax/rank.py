@@ -12,8 +12,8 @@ policy's own preference). For each model:
 
 with 95% bootstrap confidence intervals (pairs resampled with replacement, the same resamples
 for every model), and for each adjacent pair in the ranking the fraction of resamples in which
-the higher-ranked model keeps its lead (a paired bootstrap). Models are ranked by accuracy, ties
-broken by margin.
+the higher-ranked model keeps its lead (a paired bootstrap); --bootstrap 0 gives the point
+estimates alone. Models are ranked by accuracy, ties broken by margin.
 """
 from __future__ import annotations
 
@@ -28,21 +28,28 @@ from dpo_jax import score, writers
 
 def bootstrap(correct: dict[str, np.ndarray], margins: dict[str, np.ndarray], n: int,
               seed: int = 0) -> dict:
-  """Point estimates, 95% percentile intervals, and paired-bootstrap win fractions."""
+  """Point estimates, 95% percentile intervals, and paired-bootstrap win fractions; n = 0:
+  the point estimates alone (no accuracy_ci, margin_ci or beats_next)."""
+  if n < 0:
+    raise ValueError(f"--bootstrap={n} must be >= 0 (the number of resamples; 0: no intervals)")
+  if seed < 0:
+    raise ValueError(f"--seed={seed} must be >= 0")
   names = list(correct)
   n_pairs = len(next(iter(correct.values())))
+  if not n_pairs:
+    raise ValueError("no pairs to rank: the data holds no preference rows")
   idx = np.random.default_rng(seed).integers(0, n_pairs, size=(n, n_pairs))
   acc_bs = {m: correct[m][idx].mean(1) for m in names}
   mar_bs = {m: margins[m][idx].mean(1) for m in names}
   rows = []
   for m in names:
-    rows.append({
-        "model": m, "accuracy": float(correct[m].mean()),
-        "accuracy_ci": [float(x) for x in np.percentile(acc_bs[m], [2.5, 97.5])],
-        "margin": float(margins[m].mean()),
-        "margin_ci": [float(x) for x in np.percentile(mar_bs[m], [2.5, 97.5])]})
+    row = {"model": m, "accuracy": float(correct[m].mean()), "margin": float(margins[m].mean())}
+    if n:
+      row["accuracy_ci"] = [float(x) for x in np.percentile(acc_bs[m], [2.5, 97.5])]
+      row["margin_ci"] = [float(x) for x in np.percentile(mar_bs[m], [2.5, 97.5])]
+    rows.append(row)
   rows.sort(key=lambda r: (r["accuracy"], r["margin"]), reverse=True)
-  for a, b in zip(rows, rows[1:]):
+  for a, b in zip(rows, rows[1:] if n else []):
     ka = acc_bs[a["model"]] + 1e-9 * mar_bs[a["model"]]   # the same tie-break as the ranking
     kb = acc_bs[b["model"]] + 1e-9 * mar_bs[b["model"]]
     a["beats_next"] = float(np.mean(ka > kb))
@@ -100,7 +107,8 @@ def main(argv=None):
   p.add_argument("--data", required=True, help="held-out preference pairs (JSONL or dataset)")
   p.add_argument("--ref", default=None, help="reference for implicit rewards")
   p.add_argument("--beta", type=float, default=0.1)
-  p.add_argument("--bootstrap", type=int, default=1000)
+  p.add_argument("--bootstrap", type=int, default=1000,
+                 help="resamples for the 95%% intervals (0: point estimates only)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--max_length", type=int, default=1024)
@@ -109,6 +117,11 @@ def main(argv=None):
   p.add_argument("--out", default=None, help="write the ranking as JSON")
   a = p.parse_args(argv)
   score.check_lengths(p, a)
+  score.check_numbers(p, a)
+  if a.bootstrap < 0:
+    p.error(f"--bootstrap={a.bootstrap} must be >= 0 (the number of resamples; 0: no intervals)")
+  if a.seed < 0:
+    p.error(f"--seed={a.seed} must be >= 0")
   import jax   # noqa: PLC0415  (after parsing: --help and flag errors stay fast)
   scored = score_models(a.models, a.data, ref=a.ref, beta=a.beta, batch_size=a.batch_size,
                         max_length=a.max_length, max_prompt_length=a.max_prompt_length,
@@ -119,6 +132,12 @@ def main(argv=None):
   if a.out:   # every process holds the same ranking and writes the same file
     writers.write_atomic(a.out, lambda f: json.dump(result, f, indent=1))
   if jax.process_index() != 0:
+    return result
+  if not a.bootstrap:
+    print(f"{result['pairs']} pairs, score = {result['score']}, no bootstrap (no intervals)")
+    print("| rank | model | accuracy | margin |\n|---|---|---|---|")
+    for r in result["ranking"]:
+      print(f"| {r['rank']} | {r['model']} | {r['accuracy']:.3f} | {r['margin']:.3f} |")
     return result
   print(f"{result['pairs']} pairs, score = {result['score']}, {a.bootstrap} bootstrap "
         "resamples (95% intervals)")

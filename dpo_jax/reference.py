@@ -30,6 +30,7 @@ import numpy as np
 from dpo_jax import sharding, writers
 from dpo_jax.data import preference
 from dpo_jax.models import core, load, logprobs
+from dpo_jax.models.config import check_dtype
 
 MODES = ("initial", "checkpoint", "none", "precomputed", "sync")
 
@@ -52,6 +53,7 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
   """ref_cfg is config.reference (mode, path, dtype, sync_every, sync_alpha)."""
   if mode not in MODES:
     raise ValueError(f"config.reference.mode must be one of {MODES}, got {mode!r}")
+  check_dtype(ref_cfg.dtype, "config.reference.dtype")
   if mode == "none":
     if spec.needs_ref:
       raise ValueError(f"config.loss.name={spec.name!r} needs a reference model but "

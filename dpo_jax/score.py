@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -29,9 +30,11 @@ def parse_args(argv=None):
   p.add_argument("--max_prompt_length", type=int, default=512)
   p.add_argument("--truncation_mode", default="keep_end")
   p.add_argument("--split", default="train")
-  p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype (float32 | bfloat16 | float16)")
   args = p.parse_args(argv)
   check_lengths(p, args)
+  check_numbers(p, args)
   return args
 
 
@@ -42,6 +45,15 @@ def check_lengths(p: argparse.ArgumentParser, args):
             f"--max_length={args.max_length}")
 
 
+def check_numbers(p: argparse.ArgumentParser, args):
+  """Refuses a --beta or --batch_size that would score nothing meaningful, naming the flag."""
+  if not (math.isfinite(args.beta) and args.beta > 0):
+    p.error(f"--beta={args.beta} must be a finite number > 0 (β <= 0 zeroes or flips the "
+            "implicit rewards)")
+  if args.batch_size < 1:
+    p.error(f"--batch_size={args.batch_size} must be >= 1")
+
+
 def main(argv=None):
   args = parse_args(argv)
   import numpy as np   # noqa: PLC0415
@@ -49,7 +61,9 @@ def main(argv=None):
   from dpo_jax import distributed, evaluate, sharding, writers   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
+  from dpo_jax.models.config import check_dtype   # noqa: PLC0415
 
+  check_dtype(args.dtype, "--dtype")   # before any model or data is read
   distributed.maybe_initialize()
   if jax.process_index() == 0:
     print(distributed.device_line(), file=sys.stderr)

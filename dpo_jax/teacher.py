@@ -21,6 +21,7 @@ import jax
 
 from dpo_jax import reference
 from dpo_jax.models import core, load, logprobs
+from dpo_jax.models.config import check_dtype
 
 MODES = ("none", "step", "precomputed")
 SEQUENCE_KEYS = ("teacher_chosen", "teacher_rejected")
@@ -44,6 +45,7 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
   """teacher_cfg is config.teacher (mode, path, dtype)."""
   if teacher_cfg.mode not in MODES:
     raise ValueError(f"config.teacher.mode must be one of {MODES}, got {teacher_cfg.mode!r}")
+  check_dtype(teacher_cfg.dtype, "config.teacher.dtype")
   seq, kl = needs(spec)
   if not (seq or kl):
     if teacher_cfg.mode != "none":

@@ -8,6 +8,24 @@ from typing import Any, Optional
 
 FAMILIES = ("llama", "qwen2", "mistral")
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")   # of params, activations, a reference or a teacher
+REMAT = ("full", "dots", "none")              # the keys of layers.REMAT_POLICIES
+
+
+def check_dtype(value, key: str) -> str:
+  """`value` if it names one of DTYPES; else a ValueError naming the setting `key`."""
+  if not isinstance(value, str) or value not in DTYPES:
+    raise ValueError(f"{key}={value!r} is not a supported dtype; use one of {DTYPES}")
+  return value
+
+
+def read_json(path: str):
+  """The parsed JSON file at `path`; a ValueError naming the file if it does not parse."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,11 @@ class ModelConfig:
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+    check_dtype(self.dtype, "config.model.dtype")
+    check_dtype(self.param_dtype, "config.model.param_dtype")
+    if self.remat not in REMAT:
+      raise ValueError(f"config.model.remat={self.remat!r} is not a rematerialisation policy; "
+                       f"use one of {REMAT}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
                        f"model.num_kv_heads={self.num_kv_heads}")
@@ -196,8 +219,14 @@ class ModelConfig:
 
   @classmethod
   def from_hf_dir(cls, path: str, **overrides) -> "ModelConfig":
-    with open(os.path.join(path, "config.json")) as f:
-      return cls.from_hf_dict(json.load(f), **overrides)
+    file = os.path.join(path, "config.json")
+    hf = read_json(file)
+    if not isinstance(hf, dict):
+      raise ValueError(f"{file}: expected a JSON object, got {type(hf).__name__}")
+    try:
+      return cls.from_hf_dict(hf, **overrides)
+    except KeyError as e:
+      raise ValueError(f"{file}: missing key {e.args[0]!r}") from e
 
 
 def _first(x):

@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 
 from dpo_jax import sharding
 from dpo_jax.models import core
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.config import ModelConfig, read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,8 +148,10 @@ class _Reader:
   def __init__(self, path: str, stack: contextlib.ExitStack):
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-      with open(index) as f:
-        self.weight_map = json.load(f)["weight_map"]
+      index_json = read_json(index)
+      if not isinstance(index_json, dict) or "weight_map" not in index_json:
+        raise ValueError(f"{index}: no 'weight_map' object")
+      self.weight_map = index_json["weight_map"]
     elif os.path.exists(os.path.join(path, SINGLE_FILE)):
       with safe_open(os.path.join(path, SINGLE_FILE), framework="np") as f:
         self.weight_map = {name: SINGLE_FILE for name in f.keys()}
@@ -347,8 +349,8 @@ def load_tokenizer(path: str):
   declared = None
   config = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(config):
-    with open(config) as f:
-      declared = json.load(f).get("tokenizer_class")
+    declared = read_json(config)
+    declared = declared.get("tokenizer_class") if isinstance(declared, dict) else None
   if declared in ("TokenizersBackend", "PreTrainedTokenizerFast"):
     # A generic tokenizer.json (e.g. one built by dpo_jax): AutoTokenizer would swap in the
     # model type's own class (Qwen2Tokenizer, ...), which rebuilds a different pipeline.

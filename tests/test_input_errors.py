@@ -1,0 +1,107 @@
+"""Bad settings and files fail at setup with a ValueError (or a flag error) naming the key, flag
+or file, not deep inside JAX."""
+import re
+
+import numpy as np
+import pytest
+
+from dpo_jax import build, rank, reference, score, teacher
+from dpo_jax.models import TINY, hf_io, layers, load
+from dpo_jax.models import config as model_config
+from helpers import config
+from helpers_hf import tiny_hf_model
+
+
+@pytest.mark.parametrize("key,value", [("model.dtype", "float33"),
+                                       ("model.param_dtype", "fp32")])
+def test_bad_model_dtype_names_the_config_key(key, value):
+  with pytest.raises(ValueError, match=rf"config\.{re.escape(key)}='{value}' is not a "
+                     r"supported dtype; use one of \('float32', 'bfloat16', 'float16'\)"):
+    build.setup(config(**{key.replace(".", "__"): value}))
+
+
+def test_bad_remat_names_the_config_key():
+  with pytest.raises(ValueError, match=r"config\.model\.remat='some'.*'full', 'dots', 'none'"):
+    build.setup(config(model__remat="some"))   # before anything is compiled
+  assert tuple(layers.REMAT_POLICIES) == model_config.REMAT   # the names ModelConfig accepts
+
+
+def test_bad_reference_and_teacher_dtype_name_the_config_key():
+  ref_cfg = config(reference__dtype="bf16").reference
+  with pytest.raises(ValueError, match=r"config\.reference\.dtype='bf16'.*'bfloat16'"):
+    reference.build("initial", ref_cfg, None, TINY, None, None, None, chunk=64)
+  teacher_cfg = config(teacher__dtype="half").teacher
+  with pytest.raises(ValueError, match=r"config\.teacher\.dtype='half'.*'float16'"):
+    teacher.build(teacher_cfg, None, TINY, None, None, chunk=64, workdir=None, batch_size=2,
+                  buckets=(), pad_id=0)
+
+
+def test_score_bad_dtype_names_the_flag(tmp_path):
+  with pytest.raises(ValueError, match=r"--dtype='float33' is not a supported dtype"):
+    score.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+                "--out", str(tmp_path / "o.jsonl"), "--dtype", "float33"])
+  assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf") / "model"
+  tiny_hf_model("llama").save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("text,error", [('{"model_type": "llama",', "not valid JSON"),
+                                        ("[1, 2]", "expected a JSON object, got list"),
+                                        ('{"model_type": "llama"}', "missing key")])
+def test_bad_hf_config_json_names_the_file(hf_dir, tmp_path, text, error):
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(hf_dir, bad)
+  (bad / "config.json").write_text(text)
+  with pytest.raises(ValueError, match=re.escape(f"{bad / 'config.json'}: {error}")):
+    load.model_config(str(bad), TINY)
+
+
+def test_bad_safetensors_index_names_the_file(hf_dir, tmp_path):
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(hf_dir, bad)
+  index = bad / hf_io.INDEX_FILE
+  index.write_text("{")
+  with pytest.raises(ValueError, match=re.escape(f"{index}: not valid JSON")):
+    hf_io.load_hf(str(bad))
+
+
+@pytest.mark.parametrize("flag,value", [("--bootstrap", "-5"), ("--seed", "-1"),
+                                        ("--beta", "0"), ("--beta", "nan"),
+                                        ("--batch_size", "0")])
+def test_rank_bad_numbers_name_the_flag(capsys, flag, value):
+  with pytest.raises(SystemExit) as e:
+    rank.main(["--models", "m", "--data", "d", flag, value])
+  assert e.value.code == 2
+  assert f"{flag}={value}" in capsys.readouterr().err
+
+
+def test_score_bad_numbers_name_the_flag(capsys):
+  for flag, value in (("--beta", "-0.1"), ("--batch_size", "-4")):
+    with pytest.raises(SystemExit) as e:
+      score.main(["--model", "m", "--data", "d", "--out", "o", flag, value])
+    assert e.value.code == 2
+    assert f"{flag}={value}" in capsys.readouterr().err
+
+
+def test_rank_bootstrap_zero_gives_point_estimates(monkeypatch, capsys):
+  correct = {"a": np.array([1.0, 1.0, 0.0, 1.0]), "b": np.array([0.0, 1.0, 0.0, 0.0])}
+  margins = {"a": np.array([0.5, 0.2, -0.1, 0.3]), "b": np.array([-0.2, 0.1, -0.3, -0.1])}
+  with pytest.raises(ValueError, match=r"--bootstrap=-5 must be >= 0"):
+    rank.bootstrap(correct, margins, -5)
+  full, bare = rank.bootstrap(correct, margins, 50), rank.bootstrap(correct, margins, 0)
+  assert bare["bootstrap"] == 0
+  assert [{k: r[k] for k in ("model", "rank", "accuracy", "margin")} for r in full["ranking"]] == (
+      bare["ranking"])   # the same ranking, without intervals or win fractions
+  monkeypatch.setattr(rank, "score_models",
+                      lambda models, data, **kw: {m: (correct[m], margins[m]) for m in models})
+  out = rank.main(["--models", "a", "b", "--data", "d", "--bootstrap", "0"])
+  assert out["ranking"] == bare["ranking"]
+  printed = capsys.readouterr().out
+  assert "no bootstrap" in printed and "| 1 | a | 0.750 | 0.225 |" in printed
