@@ -94,7 +94,8 @@ def function_scorer(spec: str) -> Callable:
 
 
 def implicit_scorer(policy: Model, ref: Model, beta: float, mesh, rules) -> Callable:
-  """β·(log π(y|x) − log π_ref(y|x)) of the sampled token ids."""
+  """β·(log π(y|x) − log π_ref(y|x)) of each response as written (see sequence_logps): the
+  implicit reward dpo_jax.score and the training step give the written pairs."""
   def score(prompts, responses):
     lp = sequence_logps(policy, prompts, responses, mesh, rules)
     lr = sequence_logps(ref, prompts, responses, mesh, rules)
@@ -108,6 +109,10 @@ def reward_model_scorer(path: str) -> Callable:
   import transformers   # noqa: PLC0415
   rm = transformers.AutoModelForSequenceClassification.from_pretrained(path).eval()
   tok = transformers.AutoTokenizer.from_pretrained(path)
+  if tok.pad_token is None:   # a batch of several responses is padded
+    tok.pad_token = tok.eos_token
+  if rm.config.pad_token_id is None:   # the model finds each row's last token by the pad id
+    rm.config.pad_token_id = tok.pad_token_id
 
   def text_of(prompt, response):
     if isinstance(prompt, str):
@@ -126,20 +131,26 @@ def reward_model_scorer(path: str) -> Callable:
 
 
 def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
-  """log π(y|x) summed over each sampled completion's tokens (EOS included when emitted)."""
+  """log π(y|x) of each response as the written rows hold it: its text, tokenised as training
+  and dpo_jax.score tokenise a completion (EOS appended, special tokens as the text has them),
+  not the sampled ids (which lack EOS when cut at max_new_tokens and may not be the text's
+  encoding). Empty responses, which make_pairs leaves out, score nan."""
   from dpo_jax import evaluate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
-  examples = [preference.Tokenized(p, list(ids) or [tok.eos_token_id],
-                                   list(ids) or [tok.eos_token_id])
-              for p, rs in zip(preference.encode_prompts(tok, prompts), responses) for ids, _ in rs]
-  longest = max(len(e.prompt) + len(e.chosen) for e in examples)
-  buckets = preference.default_buckets(max(32, longest))
-  pad = preference.pad_id(tok)
-  out = evaluate.score_pairs(model.cfg, model.params, examples, mesh=mesh, rules=rules,
-                             batch_size=64, buckets=buckets, pad_id=pad)["chosen_logps"]
-  it = iter(out.tolist())
-  return [[next(it) for _ in rs] for rs in responses]
+  rows = [{"prompt": p, "completion": completion(p, text), "label": True}
+          for p, rs in zip(prompts, responses) for _, text in rs if text.strip()]
+  out = iter([])
+  if rows:
+    opts = preference.TokenizeOptions(max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
+    tokenized, _ = preference.tokenize_rows(rows, tok, opts, "sampled responses", "fail")
+    examples = [preference.Tokenized(e.prompt, e.chosen, e.chosen) for e in tokenized]
+    longest = max(len(e.prompt) + len(e.chosen) for e in examples)
+    out = iter(evaluate.score_pairs(
+        model.cfg, model.params, examples, mesh=mesh, rules=rules, batch_size=64,
+        buckets=preference.default_buckets(max(32, longest)), pad_id=preference.pad_id(tok)
+    )["chosen_logps"].tolist())
+  return [[next(out) if text.strip() else float("nan") for _, text in rs] for rs in responses]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,9 +183,16 @@ def make_pairs(prompts, responses, scores, *, rule: str = "best_worst", margin: 
         continue   # identical texts are no preference
       if label_noise and rng.random() < label_noise:
         i, j = j, i
-      rows.append({"prompt": p, "chosen": rs[i][1], "rejected": rs[j][1],
+      rows.append({"prompt": p, "chosen": completion(p, rs[i][1]),
+                   "rejected": completion(p, rs[j][1]),
                    "score_chosen": ss[i], "score_rejected": ss[j]})
   return rows
+
+
+def completion(prompt, text: str):
+  """A response as a training row holds it: a string after a string prompt, one assistant
+  message after chat messages (training refuses strings and messages mixed in a row)."""
+  return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
 def write_jsonl(path: str, rows: Sequence[dict]):
@@ -240,7 +258,7 @@ def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer:
   empty = sum(not text.strip() for rs in responses for _, text in rs)
   stats = {"prompts": len(prompts), "responses": len(flat), "empty_responses": empty,
            "pairs": len(rows),
-           "mean_score": float(np.mean(flat)), "mean_chosen": float(np.mean(
+           "mean_score": float(np.nanmean(flat)), "mean_chosen": float(np.mean(
                [r["score_chosen"] for r in rows])),
            "mean_rejected": float(np.mean([r["score_rejected"] for r in rows])),
            "label_noise": label_noise, "out": out_path}
@@ -254,7 +272,7 @@ def write_samples(model_path: str, prompts_path: str, out_path: str, *, sampling
   mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
   model = Model.load(model_path, mesh, rules)
   prompts = read_prompts(prompts_path)[:max_prompts or None]
-  rows = [{"prompt": p, "completion": text}
+  rows = [{"prompt": p, "completion": completion(p, text)}
           for p, rs in zip(prompts, sample_responses(model, prompts, sampling))
           for _, text in rs if text.strip()]
   return write_with_stats(out_path, rows, {"prompts": len(prompts), "rows": len(rows),
@@ -272,7 +290,7 @@ def distill_pairs(teacher_path: str, student_path: str, prompts_path: str, out_p
   t = sample_responses(Model.load(teacher_path, mesh, rules), prompts, one)
   s = sample_responses(Model.load(student_path, mesh, rules),
                        prompts, dataclasses.replace(one, seed=sampling.seed + 1))
-  rows = [{"prompt": p, "chosen": tr[0][1], "rejected": sr[0][1]}
+  rows = [{"prompt": p, "chosen": completion(p, tr[0][1]), "rejected": completion(p, sr[0][1])}
           for p, tr, sr in zip(prompts, t, s)
           if tr[0][1].strip() and sr[0][1].strip() and tr[0][1] != sr[0][1]]
   return write_with_stats(out_path, rows, {"prompts": len(prompts), "pairs": len(rows),

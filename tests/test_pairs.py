@@ -1,0 +1,79 @@
+"""dpo_jax.pairs: the rows it writes are rows training reads, scored as training scores them."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import pairs, sharding
+from dpo_jax.data import preference
+from dpo_jax.models import TINY, core, load
+
+
+def tiny_model(seed: int) -> pairs.Model:
+  cfg = TINY.replace(dtype="float32")
+  return pairs.Model(cfg, core.init_params(cfg, seed), load.load_tokenizer(None))
+
+
+def full_forward_logp(model: pairs.Model, prompt_ids, completion_ids) -> float:
+  """Σ log π(y_t | x, y_<t) from one plain forward over prompt + completion."""
+  tokens = np.asarray([prompt_ids + completion_ids])
+  net = core.merge(core.split(model.cfg)[0], model.params)
+  hidden, _ = net(tokens, np.arange(tokens.shape[1])[None], np.ones_like(tokens))
+  logp = jax.nn.log_softmax(jnp.einsum("bld,dv->blv", hidden, net.unembedding()), axis=-1)
+  n = len(prompt_ids)
+  return float(sum(logp[0, n - 1 + t, c] for t, c in enumerate(completion_ids)))
+
+
+def test_implicit_scores_are_those_of_the_written_text():
+  """A response cut at max_new_tokens has no EOS among its sampled ids, but training appends EOS
+  to the written completion: the score is that of text + EOS, as dpo_jax.score gives it."""
+  policy, ref = tiny_model(0), tiny_model(1)
+  tok = policy.tokenizer
+  prompts = ["sort 3 1 2:", "add 2 5:"]
+  texts = [["1 2 3", "3 2 1", ""], ["7", "8 "]]
+  # sampled ids: the first response stopped at EOS, the others were cut (no EOS)
+  responses = [[(tok.encode(t, add_special_tokens=False) + ([tok.eos_token_id] if i == 0 else []),
+                 t) for i, t in enumerate(ts)] for ts in texts]
+  mesh, rules = sharding.make_mesh(1, 1, 1, jax.devices()[:1]), sharding.DEFAULT_RULES
+  got = pairs.implicit_scorer(policy, ref, 0.5, mesh, rules)(prompts, responses)
+  for p, ts, scores in zip(prompts, texts, got):
+    prompt_ids = preference.encode_prompt(tok, p)
+    for t, s in zip(ts, scores):
+      if not t:
+        assert np.isnan(s)   # make_pairs leaves empty responses out
+        continue
+      ids = tok.encode(t, add_special_tokens=False) + [tok.eos_token_id]
+      want = 0.5 * (full_forward_logp(policy, prompt_ids, ids)
+                    - full_forward_logp(ref, prompt_ids, ids))
+      np.testing.assert_allclose(s, want, rtol=1e-4, atol=1e-5)
+
+
+def test_pairs_of_chat_prompts_are_rows_training_reads():
+  """After chat messages, the completions are assistant messages (training refuses a string
+  after messages)."""
+  chat = [{"role": "user", "content": "hi"}]
+  rows = pairs.make_pairs([chat, "plain"], [[([1], "a"), ([2], "b")], [([1], "c"), ([2], "d")]],
+                          [[1.0, 0.0], [0.0, 1.0]])
+  assert rows[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+  assert rows[1]["chosen"] == "d" and rows[1]["rejected"] == "c"
+  for i, row in enumerate(rows):
+    preference.normalize(row, f"row {i}")   # raises DataError on a row training refuses
+
+
+def test_reward_model_scores_a_padded_batch_like_one_row_at_a_time(tmp_path):
+  """A reward model whose config has no pad_token_id: several responses of different lengths
+  in one padded batch (transformers refused the batch) score as each does alone."""
+  import torch
+  import transformers
+  from helpers_hf import BASE, tiny_tokenizer
+  torch.manual_seed(0)
+  rm = transformers.LlamaForSequenceClassification(
+      transformers.LlamaConfig(**BASE, num_labels=1, pad_token_id=None)).eval()
+  rm.save_pretrained(tmp_path / "rm")
+  tok = tiny_tokenizer()
+  tok.save_pretrained(tmp_path / "rm")
+  responses = [[([], "w5 w6 w7"), ([], "w8")], [([], "w9 w10")]]
+  batched = pairs.reward_model_scorer(str(tmp_path / "rm"))(["w3 w4", "w11"], responses)
+  alone = [[pairs.reward_model_scorer(str(tmp_path / "rm"))([p], [[r]])[0][0] for r in rs]
+           for p, rs in zip(["w3 w4", "w11"], responses)]
+  np.testing.assert_allclose(np.concatenate(batched), np.concatenate(alone), rtol=1e-5,
+                             atol=1e-6)
