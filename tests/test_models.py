@@ -26,8 +26,11 @@ CASES = {
     "llama": ("llama", {}, 16, None),
     # head_dim 16, theta 1e4: wavelengths 6.3 (high band), 19.9 (medium: smoothed), >= 62.8
     # (low: slowed 8x); 48 positions run past original_max_position_embeddings=32.
+    # Also Llama 3 Instruct's list of EOS ids, and a sliding_window key, which transformers'
+    # Llama ignores (so must we).
     "llama3_rope": ("llama", dict(hidden_size=64, rope_parameters=LLAMA3_ROPE,
-                                  max_position_embeddings=256), 48, None),
+                                  max_position_embeddings=256, eos_token_id=[2, 5, 7],
+                                  sliding_window=4), 48, None),
     "llama_head_dim": ("llama", dict(head_dim=24), 16, "12KB"),
     "qwen2_untied": ("qwen2", dict(tie_word_embeddings=False), 16, None),
     "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True), 16, "20KB"),
@@ -133,11 +136,15 @@ def test_export_reloads_in_transformers(case):
   assert diff < TOL
 
   assert hf_io.load_tokenizer(out).encode("w5 w17 w3", add_special_tokens=False) == [5, 17, 3]
-  if cfg.eos_token_id is not None:
+  with open(os.path.join(case["hf_dir"], "config.json")) as f:
+    eos = json.load(f)["eos_token_id"]
+  if eos is not None:   # written only when the model names a BOS or EOS
     with open(os.path.join(out, "generation_config.json")) as f:
-      assert json.load(f)["eos_token_id"] == cfg.eos_token_id
+      assert json.load(f)["eos_token_id"] == eos
   with open(os.path.join(out, "config.json")) as f:
-    rope = json.load(f)["rope_parameters"]
+    exported = json.load(f)
+  assert exported["eos_token_id"] == eos   # every id of a list, not the first
+  rope = exported["rope_parameters"]
   if cfg.rope_scaling:
     assert rope["rope_type"] == "llama3"
     assert isinstance(rope["original_max_position_embeddings"], int)

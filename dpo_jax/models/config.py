@@ -46,7 +46,7 @@ class ModelConfig:
   sliding_window: Optional[int] = None     # Mistral (and Qwen2 with use_sliding_window)
   max_position_embeddings: int = 4096
   bos_token_id: Optional[int] = None
-  eos_token_id: Optional[int] = None
+  eos_token_id: Optional[int | tuple[int, ...]] = None   # several: any of them ends a sequence
   pad_token_id: Optional[int] = None
   # Numerics and memory (not part of the HF architecture).
   dtype: str = "float32"                   # compute dtype of activations / matmuls
@@ -143,7 +143,8 @@ class ModelConfig:
       scaling = tuple(sorted([("rope_type", "llama3")] +
                              [(k, int(rope[k]) if k.startswith("original") else float(rope[k]))
                               for k in keys]))
-    window = hf.get("sliding_window")
+    # transformers' Llama has no sliding window and ignores the key; Mistral and Qwen2 use it.
+    window = None if family == "llama" else hf.get("sliding_window")
     if family == "qwen2" and not hf.get("use_sliding_window", False):
       window = None
     if family == "qwen2" and window is not None:
@@ -174,7 +175,7 @@ class ModelConfig:
         sliding_window=window,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         bos_token_id=_first(hf.get("bos_token_id")),
-        eos_token_id=_first(hf.get("eos_token_id")),
+        eos_token_id=_ids(hf.get("eos_token_id")),
         pad_token_id=_first(hf.get("pad_token_id")),
     )
     kw.update(overrides)
@@ -202,7 +203,8 @@ class ModelConfig:
         "rope_theta": self.rope_theta,
         "rope_parameters": rope,
         "bos_token_id": self.bos_token_id,
-        "eos_token_id": self.eos_token_id,
+        "eos_token_id": (list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
+                         else self.eos_token_id),
         "pad_token_id": self.pad_token_id,
         "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
     }
@@ -231,6 +233,13 @@ class ModelConfig:
 
 def _first(x):
   return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _ids(x):
+  """An id, or several (Llama 3 Instruct's EOS: end_of_text, eom, eot) kept as a tuple."""
+  if isinstance(x, (list, tuple)):
+    return tuple(x) if len(x) > 1 else _first(x) if x else None
+  return x
 
 
 # A tiny built-in model over the byte-level tokenizer (dpo_jax.data.tokenizer), for the embedded
