@@ -85,6 +85,9 @@ def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
     raise ValueError(f"config.data.cache_keep={keep!r} must be an integer >= 0 (0: keep every "
                      f"file of W/data_cache)")
   streaming = config.data.streaming   # a bool: ml_collections refuses another type
+  if not config.data.train:
+    raise ValueError(f"config.data.train={config.data.train!r}: give a .jsonl/.json file, a "
+                     f"dataset directory or a hub dataset name")
   source, rows = preference.load_rows(config.data.train, config.data.split, streaming)
   split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
   examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
@@ -191,7 +194,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
       buckets=train_data.buckets, pad_id=pad_id)
   te = teacher.build(config.teacher, spec, model_cfg, mesh, rules, chunk=config.logprob_chunk,
                      workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
-                     buckets=train_data.buckets, pad_id=pad_id)
+                     buckets=train_data.buckets, pad_id=pad_id, student_tokenizer=tokenizer)
   train_data.columns = {**ref.columns(train_data.examples, "train"),
                         **te.columns(train_data.examples, "train")}
   eval_columns = ({**ref.columns(eval_examples, "eval"), **te.columns(eval_examples, "eval")}

@@ -97,7 +97,7 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     raise ValueError("config.reference.mode='precomputed' needs a workdir for its cache")
   columns = cached_columns("ref", graphdef, params, mesh, rules, chunk=chunk, stats=stats,
                            workdir=workdir, batch_size=batch_size, buckets=buckets,
-                           pad_id=pad_id, extra=(cfg.dtype, ref_cfg.dtype))
+                           pad_id=pad_id, extra=(cfg.architecture(), ref_cfg.dtype))
 
   def cached(ref_params, batch):
     del ref_params

@@ -40,9 +40,26 @@ def needs(spec) -> tuple[bool, bool]:
   return (any(k in spec.extra_keys for k in SEQUENCE_KEYS), "teacher_kl" in spec.token_stats)
 
 
+# Text whose ids two tokenizers must agree on before one model reads the other's ids.
+PROBE = ("The quick brown fox jumps over the lazy dog. 0123456789 +-*/=<>()[]{} \n\t "
+         "naïve café Straße 東京 😀 def f(x): return x**2")
+
+
+def check_tokenizer(teacher_tokenizer, student_tokenizer, path: str):
+  """The teacher reads the student's token ids, so both must encode text alike (an equal
+  vocabulary size is not enough: Llama 2 and Mistral 7B both have 32,000 tokens)."""
+  enc = lambda tok: (list(tok.encode(PROBE, add_special_tokens=False)), tok.bos_token_id,
+                     tok.eos_token_id)
+  if enc(teacher_tokenizer) != enc(student_tokenizer):
+    raise ValueError(f"config.teacher.path={path}: its tokenizer encodes text differently from "
+                     "the student's (ids or BOS/EOS differ); daDPO needs a teacher with the "
+                     "student's tokenizer")
+
+
 def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: str | None,
-          batch_size: int, buckets, pad_id: int) -> Teacher:
-  """teacher_cfg is config.teacher (mode, path, dtype)."""
+          batch_size: int, buckets, pad_id: int, student_tokenizer=None) -> Teacher:
+  """teacher_cfg is config.teacher (mode, path, dtype); student_tokenizer, when given, must
+  match the teacher's."""
   if teacher_cfg.mode not in MODES:
     raise ValueError(f"config.teacher.mode must be one of {MODES}, got {teacher_cfg.mode!r}")
   check_dtype(teacher_cfg.dtype, "config.teacher.dtype")
@@ -63,6 +80,8 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
   if cfg.vocab_size != student_cfg.vocab_size:
     raise ValueError(f"config.teacher.path={teacher_cfg.path}: vocabulary of {cfg.vocab_size} "
                      f"tokens, the student has {student_cfg.vocab_size}")
+  if student_tokenizer is not None:
+    check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer, teacher_cfg.path)
   params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(teacher_cfg.dtype), p))(
       load.load_params(teacher_cfg.path, cfg, mesh, rules))
   graphdef = core.split(cfg)[0]
@@ -72,7 +91,8 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
       raise ValueError("config.teacher.mode='precomputed' needs a workdir for its cache")
     columns = reference.cached_columns("teacher", graphdef, params, mesh, rules, chunk=chunk,
                                        workdir=workdir, batch_size=batch_size,
-                                       buckets=buckets, pad_id=pad_id, extra=(cfg.dtype,))
+                                       buckets=buckets, pad_id=pad_id,
+                                       extra=(cfg.architecture(),))
     return Teacher("precomputed", None,
                    lambda params_, batch: {"logps": batch["teacher_logps"]}, columns)
 

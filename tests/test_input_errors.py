@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from dpo_jax import build, rank, reference, score, teacher
+from dpo_jax import build, export, rank, reference, score, teacher
 from dpo_jax.models import TINY, hf_io, layers, load
 from dpo_jax.models import config as model_config
 from helpers import config
@@ -41,6 +41,25 @@ def test_score_bad_dtype_names_the_flag(tmp_path):
     score.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
                 "--out", str(tmp_path / "o.jsonl"), "--dtype", "float33"])
   assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_export_bad_dtype_names_the_flag(tmp_path):
+  with pytest.raises(ValueError, match=r"--dtype='fp8' is not a supported dtype"):
+    export.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                 "--dtype", "fp8"])
+  assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value,error", [("", r"config.data.train=''"),
+                                         ("notes.txt", "'.txt' is not a data format")])
+def test_a_data_source_that_is_not_data_is_named(tmp_path, value, error):
+  """An empty data.train was an IndexError inside datasets; a file of another type a
+  FileNotFoundError saying no data file was found."""
+  if value:
+    value = str(tmp_path / value)
+    open(value, "w").write("hello\n")
+  with pytest.raises(ValueError, match=error):
+    build.setup(config(data__train=value))
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +124,13 @@ def test_rank_bootstrap_zero_gives_point_estimates(monkeypatch, capsys):
   assert out["ranking"] == bare["ranking"]
   printed = capsys.readouterr().out
   assert "no bootstrap" in printed and "| 1 | a | 0.750 | 0.225 |" in printed
+
+
+def test_a_teacher_with_another_tokenizer_is_refused():
+  """daDPO's teacher reads the student's ids: an equal vocabulary size is not enough."""
+  from helpers_hf import tiny_tokenizer
+  byte = load.load_tokenizer(None)
+  teacher.check_tokenizer(load.load_tokenizer(None), byte, "T")   # the same: accepted
+  with pytest.raises(ValueError, match="config.teacher.path=T: its tokenizer encodes text"):
+    teacher.check_tokenizer(tiny_tokenizer(264), byte, "T")
+

@@ -66,6 +66,9 @@ def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="reused"):   # changed reference weights
       build.setup(config(**SMALL, reference__mode="precomputed", seed=1),
                   workdir=str(tmp_path))
+    with pytest.raises(AssertionError, match="reused"):   # the same weights used differently
+      build.setup(config(**SMALL, reference__mode="precomputed", model__rope_theta=10.0),
+                  workdir=str(tmp_path))
     with open(files[1], "wb") as f:   # an unreadable cache is computed again
       f.write(b"not an npz")
     with pytest.raises(AssertionError, match="reused"):
