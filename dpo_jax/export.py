@@ -17,7 +17,10 @@ def main(argv=None):
   import jax   # noqa: PLC0415
   from dpo_jax import distributed, sharding   # noqa: PLC0415
   from dpo_jax.models import TINY, hf_io, load   # noqa: PLC0415
+  from dpo_jax.models.config import check_dtype   # noqa: PLC0415
 
+  if args.dtype is not None:
+    check_dtype(args.dtype, "--dtype")   # before the checkpoint is read
   distributed.maybe_initialize()   # on a pod: every host runs this; process 0 writes
   cfg = load.model_config(args.checkpoint, TINY)
   mesh = sharding.make_mesh()

@@ -474,7 +474,9 @@ def print_summary(workdir: str, last: dict):
           f"{last.get('rewards/accuracies', float('nan')):.3f}, margin "
           f"{last.get('rewards/margins', float('nan')):.3f}"
           + (f", {last['perf/step_s'] * 1e3:.1f} ms/step (median, steady state)"
-             if "perf/step_s" in last else ""))
+             if "perf/step_s" in last else "")
+          + (f", {int(last['skipped_steps'])} steps skipped as non-finite (config.nonfinite)"
+             if last.get("skipped_steps") else ""))
   if evals:
     first, final = evals[0], evals[-1]
     print(f"held-out:     preference accuracy {first['eval/rewards/accuracies']:.3f} (step "

@@ -200,12 +200,14 @@ def test_nonfinite_between_log_points_is_caught_one_step_later(tmp_path):
   assert not (tmp_path / "metrics.jsonl").exists() or writers.read_metrics(tmp_path) == []
 
 
-def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path):
+def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, capsys):
   cfg = _nan_config("skip", tmp_path)
-  train.train_and_evaluate(cfg, str(tmp_path))
+  last = train.train_and_evaluate(cfg, str(tmp_path))
   rows = writers.read_metrics(tmp_path)
   assert [r["nonfinite"] for r in rows] == [0.0, 1.0, 1.0, 1.0, 1.0]
   assert [r["skipped_steps"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  train.print_summary(str(tmp_path), last)   # what dpo_jax.main prints at the end
+  assert "4 steps skipped as non-finite" in capsys.readouterr().out
   # Skipped steps change nothing: the params after step 5 are those after step 1.
   run = build.setup(cfg)
   mgr = checkpoint.manager(str(tmp_path / "checkpoints"))
@@ -226,8 +228,10 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("flag,pattern", [
-    ("--config.stepz=3", "stepz"),
-    ("--config.optim.lrr=0.1", "lrr"),
+    ("--config.stepz=3", r"unknown config key in --config.stepz \('stepz'"),
+    ("--config.trainng.lr=1", r"unknown config key in --config.trainng.lr \('trainng'"),
+    ("--config.optim.lrr=0.1", r"unknown config key in --config.optim.lrr \('lrr'; Did you mean "
+                               r"\"lr\""),
     ("--config.steps=abc", "steps"),
     ("--config.loss.name=dpoo", "dpoo.*known"),
     ("--config.nonfinite=ignore", "config.nonfinite"),

@@ -322,7 +322,11 @@ def load_rows(source: Any, split: str = "train",
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
   builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
   ext = os.path.splitext(source)[1]
-  if os.path.isfile(source) and ext in builders:
+  if os.path.isfile(source) and ext not in builders:
+    raise DataError(f"{source}: a file of type {ext or '(none)'!r} is not a data format; use "
+                    ".jsonl, .json, .parquet, .csv or .arrow, a save_to_disk directory, a "
+                    "directory of data files or a hub dataset name")
+  if os.path.isfile(source):
     ds = datasets.load_dataset(builders[ext], data_files=source, split="train",
                                streaming=streaming)
   elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in (
