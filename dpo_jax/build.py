@@ -153,8 +153,11 @@ def check_vocabulary(run: Run):
   embedding; past it, the step's gather returns garbage and the loss turns NaN. Called where the
   data is trained on (the loop, the bench on real data), not on the bench's stand-in rows."""
   vocab, name = run.model_cfg.vocab_size, run.config.model.tokenizer or run.config.model.init
-  for examples in (run.train_data.examples, run.eval_examples):
-    top = max(int(examples.tokens.max()) if len(examples) else 0, run.train_data.pad_id)
+  # Held-out examples split off the training rows are views of the same token array: read once.
+  arrays = {id(e.tokens): e.tokens for e in (run.train_data.examples, run.eval_examples)
+            if len(e)}
+  for tokens in arrays.values():
+    top = max(int(tokens.max()) if tokens.size else 0, run.train_data.pad_id)
     if top >= vocab:
       raise ValueError(f"config.model.vocab_size={vocab} is too small for the tokenizer "
                        f"{name or '(built in)'}: the data holds token id {top}; set it to at "

@@ -94,12 +94,14 @@ def function_scorer(spec: str) -> Callable:
 
 
 def implicit_scorer(policy: Model, ref: Model, beta: float, mesh, rules) -> Callable:
-  """β·(log π(y|x) − log π_ref(y|x)) of each response as written (see sequence_logps): the
+  """β·(log π(y|x) − log π_ref(y|x)) of each response as written (see written_examples): the
   implicit reward dpo_jax.score and the training step give the written pairs."""
   def score(prompts, responses):
-    lp = sequence_logps(policy, prompts, responses, mesh, rules)
-    lr = sequence_logps(ref, prompts, responses, mesh, rules)
-    return [[beta * (a - b) for a, b in zip(x, y)] for x, y in zip(lp, lr)]
+    examples = written_examples(policy.tokenizer, prompts, responses)   # once, for both
+    lp, lr = (iter(score_examples(m, examples, policy.tokenizer, mesh, rules))
+              for m in (policy, ref))
+    return [[beta * (next(lp) - next(lr)) if text.strip() else float("nan") for _, text in rs]
+            for rs in responses]
   return score
 
 
@@ -130,27 +132,44 @@ def reward_model_scorer(path: str) -> Callable:
   return score
 
 
-def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
-  """log π(y|x) of each response as the written rows hold it: its text, tokenised as training
-  and dpo_jax.score tokenise a completion (EOS appended, special tokens as the text has them),
-  not the sampled ids (which lack EOS when cut at max_new_tokens and may not be the text's
-  encoding). Empty responses, which make_pairs leaves out, score nan."""
-  from dpo_jax import evaluate   # noqa: PLC0415
+def written_examples(tok, prompts, responses) -> list:
+  """Each non-empty response as the written rows hold it: its text, tokenised as training and
+  dpo_jax.score tokenise a completion (EOS appended, special tokens as the text has them), not
+  the sampled ids (which lack EOS when cut at max_new_tokens and may not be the text's
+  encoding). Empty responses, which make_pairs leaves out, are not scored."""
   from dpo_jax.data import preference   # noqa: PLC0415
-  tok = model.tokenizer
   rows = [{"prompt": p, "completion": completion(p, text), "label": True}
           for p, rs in zip(prompts, responses) for _, text in rs if text.strip()]
-  out = iter([])
-  if rows:
-    opts = preference.TokenizeOptions(max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
-    tokenized, _ = preference.tokenize_rows(rows, tok, opts, "sampled responses", "fail")
-    examples = [preference.Tokenized(e.prompt, e.chosen, e.chosen) for e in tokenized]
-    longest = max(len(e.prompt) + len(e.chosen) for e in examples)
-    out = iter(evaluate.score_pairs(
-        model.cfg, model.params, examples, mesh=mesh, rules=rules, batch_size=64,
-        buckets=preference.default_buckets(max(32, longest)), pad_id=preference.pad_id(tok)
-    )["chosen_logps"].tolist())
-  return [[next(out) if text.strip() else float("nan") for _, text in rs] for rs in responses]
+  if not rows:
+    return []
+  opts = preference.TokenizeOptions(max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
+  tokenized, _ = preference.tokenize_rows(rows, tok, opts, "sampled responses", "fail")
+  return [preference.Tokenized(e.prompt, e.chosen, e.chosen) for e in tokenized]
+
+
+def score_examples(model: Model, examples, tok, mesh, rules) -> list[float]:
+  """log π(y|x) summed over each example's completion."""
+  from dpo_jax import evaluate   # noqa: PLC0415
+  from dpo_jax.data import preference   # noqa: PLC0415
+  if not examples:
+    return []
+  longest = max(len(e.prompt) + len(e.chosen) for e in examples)
+  return evaluate.score_pairs(
+      model.cfg, model.params, examples, mesh=mesh, rules=rules, batch_size=64,
+      buckets=preference.default_buckets(max(32, longest)), pad_id=preference.pad_id(tok)
+  )["chosen_logps"].tolist()
+
+
+def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
+  """log π(y|x) summed over each sampled completion's tokens (EOS included when emitted): the
+  samples themselves, as a Monte Carlo KL estimate over them needs (evaluate.ground_truth)."""
+  from dpo_jax.data import preference   # noqa: PLC0415
+  tok = model.tokenizer
+  examples = [preference.Tokenized(p, list(ids) or [tok.eos_token_id],
+                                   list(ids) or [tok.eos_token_id])
+              for p, rs in zip(preference.encode_prompts(tok, prompts), responses) for ids, _ in rs]
+  it = iter(score_examples(model, examples, tok, mesh, rules))
+  return [[next(it) for _ in rs] for rs in responses]
 
 
 # ---------------------------------------------------------------------------------------------

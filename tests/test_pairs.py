@@ -77,3 +77,17 @@ def test_reward_model_scores_a_padded_batch_like_one_row_at_a_time(tmp_path):
            for p, rs in zip(["w3 w4", "w11"], responses)]
   np.testing.assert_allclose(np.concatenate(batched), np.concatenate(alone), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_the_kl_estimate_scores_the_sampled_ids():
+  """evaluate.ground_truth's KL is a Monte Carlo mean over π's samples, so sequence_logps scores
+  the sampled ids as they are: a response cut at max_new_tokens gets no EOS appended."""
+  model = tiny_model(0)
+  tok = model.tokenizer
+  cut = tok.encode("1 2", add_special_tokens=False)
+  ended = tok.encode("3", add_special_tokens=False) + [tok.eos_token_id]
+  mesh, rules = sharding.make_mesh(1, 1, 1, jax.devices()[:1]), sharding.DEFAULT_RULES
+  got = pairs.sequence_logps(model, ["sort:"], [[(cut, "1 2"), (ended, "3")]], mesh, rules)
+  prompt_ids = preference.encode_prompt(tok, "sort:")
+  np.testing.assert_allclose(got[0], [full_forward_logp(model, prompt_ids, ids)
+                                      for ids in (cut, ended)], rtol=1e-4, atol=1e-5)
