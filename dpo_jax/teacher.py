@@ -1,7 +1,8 @@
 """daDPO's teacher: a frozen model whose distribution enters the loss (arXiv 2506.15717).
 
 The teacher may have its own architecture (larger than the student) but must share the
-student's vocabulary. What the step gets from it depends on the loss:
+student's tokenizer; its embedding may be padded to another size (check_vocabulary). What the
+step gets from it depends on the loss:
 
   sequence level  (loss dadpo, extra_keys teacher_chosen / teacher_rejected): its summed
                   log-probs of each completion, computed in the step (config.teacher.mode='step')
@@ -56,6 +57,21 @@ def check_tokenizer(teacher_tokenizer, student_tokenizer, path: str):
                      "student's tokenizer")
 
 
+def check_vocabulary(teacher_vocab: int, student_vocab: int, tokenizer, path: str):
+  """Embeddings of different sizes are accepted when both cover every id the (shared) tokenizer
+  can produce: the extra rows are padding (Qwen2.5-7B has 152,064, 1.5B 151,936, for 151,665
+  tokens), and the token-level KL compares the distributions on the shared ids."""
+  if teacher_vocab == student_vocab:
+    return
+  if tokenizer is None:
+    raise ValueError(f"config.teacher.path={path}: vocabulary of {teacher_vocab} tokens, the "
+                     f"student has {student_vocab}, and no tokenizer shows which ids are used")
+  if len(tokenizer) > min(teacher_vocab, student_vocab):
+    raise ValueError(f"config.teacher.path={path}: vocabulary of {teacher_vocab} tokens, the "
+                     f"student has {student_vocab}, and their tokenizer has {len(tokenizer)}: "
+                     "each embedding must cover every token id")
+
+
 def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: str | None,
           batch_size: int, buckets, pad_id: int, student_tokenizer=None) -> Teacher:
   """teacher_cfg is config.teacher (mode, path, dtype); student_tokenizer, when given, must
@@ -77,11 +93,9 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
                      "config.teacher.mode must be 'step'")
   cfg = load.model_config(teacher_cfg.path, student_cfg,
                           **{**load.numerics(student_cfg), "param_dtype": teacher_cfg.dtype})
-  if cfg.vocab_size != student_cfg.vocab_size:
-    raise ValueError(f"config.teacher.path={teacher_cfg.path}: vocabulary of {cfg.vocab_size} "
-                     f"tokens, the student has {student_cfg.vocab_size}")
   if student_tokenizer is not None:
     check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer, teacher_cfg.path)
+  check_vocabulary(cfg.vocab_size, student_cfg.vocab_size, student_tokenizer, teacher_cfg.path)
   params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(teacher_cfg.dtype), p))(
       load.load_params(teacher_cfg.path, cfg, mesh, rules))
   graphdef = core.split(cfg)[0]

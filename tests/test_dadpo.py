@@ -87,12 +87,24 @@ def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
-def test_token_dadpo_kl_matches_full_logits(teacher_dir):
-  path, te_cfg = teacher_dir
+@pytest.fixture(scope="module")
+def padded_teacher_dir(tmp_path_factory):
+  """A teacher whose embedding is padded past the shared tokenizer's 264 ids, like Qwen2.5-7B's
+  152,064 rows against the 1.5B student's 151,936."""
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  from dpo_jax.models import TINY, init_params
+  cfg = TINY.replace(hidden_size=96, num_heads=6, num_kv_heads=3, vocab_size=TINY.vocab_size + 24)
+  path = tmp_path_factory.mktemp("padded_teacher") / "hf"
+  hf_io.save_hf(str(path), cfg, init_params(cfg, 9), tokenizer=byte_tokenizer())
+  return str(path), cfg
+
+
+def check_token_kl(path, te_cfg):
+  """daDPO_token's first step against full logits of both models, KL per predicted completion
+  token in float64; the teacher's distribution is taken on the ids the two embeddings share."""
   cfg = config("configs/dpo.py:runlocal,loss=dadpo_token", **SMALL, loss__beta2=1.0,
                teacher__mode="step", teacher__path=path)
   run, batch_np, ex = first_step(cfg)
-  # Independent: full logits of both models, KL per predicted completion token, in float64.
   def full_logits(model_cfg, params):
     model = core.merge(core.split(model_cfg)[0], params)
     h, _ = model(jnp.asarray(batch_np["tokens"]), jnp.asarray(batch_np["positions"]),
@@ -102,8 +114,9 @@ def test_token_dadpo_kl_matches_full_logits(teacher_dir):
   def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
-  lp = log_softmax(full_logits(run.model_cfg, jax.device_get(run.state["params"])))
-  lt = log_softmax(full_logits(te_cfg, jax.device_get(run.teacher.params)))
+  shared = min(run.model_cfg.vocab_size, te_cfg.vocab_size)
+  lp = log_softmax(full_logits(run.model_cfg, jax.device_get(run.state["params"])))[..., :shared]
+  lt = log_softmax(full_logits(te_cfg, jax.device_get(run.teacher.params))[..., :shared])
   kl_pos = (np.exp(lt) * (lt - lp)).sum(-1)            # KL at each predicting position
   mask = batch_np["loss_mask"][:, 1:]                  # token t predicted from position t-1
   kl_seq = (kl_pos[:, :-1] * mask).sum(1)
@@ -113,6 +126,30 @@ def test_token_dadpo_kl_matches_full_logits(teacher_dir):
   np.testing.assert_allclose(ex["teacher_kl"], kl, rtol=1e-4, atol=1e-5)
   # At the first step ref = policy, so the loss is ln 2 + β2·KL.
   np.testing.assert_allclose(ex["loss"], np.log(2) + kl, rtol=1e-4, atol=1e-5)
+  return run
+
+
+def test_token_dadpo_kl_matches_full_logits(teacher_dir):
+  check_token_kl(*teacher_dir)
+
+
+def test_a_teacher_with_a_padded_embedding(padded_teacher_dir):
+  """Its vocabulary is larger than the student's but the tokenizer is the same: accepted, and
+  both daDPO forms match independent scores."""
+  path, te_cfg = padded_teacher_dir
+  run = check_token_kl(path, te_cfg)
+  assert run.teacher.params["embed_tokens"]["embedding"].shape[0] == run.model_cfg.vocab_size + 24
+  cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta2=0.5,
+               teacher__mode="step", teacher__path=path)
+  run, batch_np, ex = first_step(cfg)
+  examples = [run.train_data.examples[i] for i in run.train_data.indices(0)]
+  kw = dict(mesh=run.mesh, rules=run.rules, batch_size=8, buckets=run.train_data.buckets,
+            pad_id=run.train_data.pad_id)
+  pol = evaluate.score_pairs(run.model_cfg, run.state["params"], examples, **kw)
+  te = evaluate.score_pairs(te_cfg, run.teacher.params, examples, **kw)
+  z = 0.5 * ((pol["chosen_logps"] - te["chosen_logps"]) -
+             (pol["rejected_logps"] - te["rejected_logps"]))
+  np.testing.assert_allclose(ex["loss"], np.logaddexp(0, -z), rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_errors_name_the_config_key(teacher_dir):

@@ -134,3 +134,16 @@ def test_a_teacher_with_another_tokenizer_is_refused():
   with pytest.raises(ValueError, match="config.teacher.path=T: its tokenizer encodes text"):
     teacher.check_tokenizer(tiny_tokenizer(264), byte, "T")
 
+
+
+def test_a_teacher_vocabulary_must_cover_the_tokenizer():
+  """Embeddings of different sizes pass only when each covers every id of the shared tokenizer
+  (264 here)."""
+  byte = load.load_tokenizer(None)
+  teacher.check_vocabulary(280, 264, byte, "T")        # padded teacher: accepted
+  teacher.check_vocabulary(264, 300, byte, "T")        # padded student: accepted
+  with pytest.raises(ValueError, match="config.teacher.path=T: vocabulary of 260 tokens, the "
+                     "student has 264, and their tokenizer has 264"):
+    teacher.check_vocabulary(260, 264, byte, "T")
+  with pytest.raises(ValueError, match="no tokenizer shows which ids"):
+    teacher.check_vocabulary(280, 264, None, "T")

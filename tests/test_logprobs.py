@@ -81,13 +81,16 @@ def test_left_align_and_reduce_packed_layout():
   np.testing.assert_array_equal(red["lens"], [2, 3, 1, 2])
 
 
-def test_teacher_kl_matches_numpy():
+@pytest.mark.parametrize("v_te", [23, 29, 19])
+def test_teacher_kl_matches_numpy(v_te):
+  """KL(p_te ‖ p) per position; with another vocabulary size (a padded embedding) p_te is the
+  teacher's distribution on the shared ids, renormalised, and p the student's whole one."""
   rng = np.random.default_rng(3)
   b, length, d, d_te, v = 2, 10, 8, 12, 23
   h = rng.normal(size=(b, length, d)).astype(np.float32)
   w = rng.normal(size=(d, v)).astype(np.float32)
   h_te = rng.normal(size=(b, length, d_te)).astype(np.float32)
-  w_te = rng.normal(size=(d_te, v)).astype(np.float32)
+  w_te = rng.normal(size=(d_te, v_te)).astype(np.float32)
   tokens = rng.integers(0, v, size=(b, length))
   out = logprobs.token_stats(jnp.asarray(h), jnp.asarray(w), jnp.asarray(tokens), chunk=3,
                              teacher=(jnp.asarray(h_te), jnp.asarray(w_te)))
@@ -95,8 +98,9 @@ def test_teacher_kl_matches_numpy():
   def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
-  lp = log_softmax(np.einsum("bld,dv->blv", np.float64(h), np.float64(w)))
-  lt = log_softmax(np.einsum("bld,dv->blv", np.float64(h_te), np.float64(w_te)))
+  shared = min(v, v_te)
+  lp = log_softmax(np.einsum("bld,dv->blv", np.float64(h), np.float64(w)))[..., :shared]
+  lt = log_softmax(np.einsum("bld,dv->blv", np.float64(h_te), np.float64(w_te))[..., :shared])
   kl = np.zeros((b, length))
   kl[:, 1:] = (np.exp(lt) * (lt - lp)).sum(-1)[:, :-1]
   np.testing.assert_allclose(out["teacher_kl"], kl, rtol=1e-5, atol=1e-5)

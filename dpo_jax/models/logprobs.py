@@ -38,10 +38,12 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
 
   Always: "logp" = log p(tokens[t] | tokens[<t]) and "logit_mean" = mean logit over the vocab.
   Optional (`stats`): "logsumsq" = log Σ_v p_v² (WPO), "entropy" = −Σ_v p_v log p_v.
-  With teacher = (teacher hidden [B, L, D_te], teacher unembedding [D_te, V]) also
+  With teacher = (teacher hidden [B, L, D_te], teacher unembedding [D_te, V_te]) also
   "teacher_kl" = KL(p_te ‖ p) = Σ_v p_te,v (log p_te,v − log p_v) per position (daDPO's
   token-level distillation), computed chunk by chunk like the rest; the teacher's side carries
-  no gradient.
+  no gradient. When V_te ≠ V (an embedding padded past the tokenizer, e.g. Qwen2.5-7B's 152,064
+  rows against 1.5B's 151,936), p_te is the teacher's distribution over the shared ids
+  [0, min(V, V_te)), renormalised there; p is the student's over its whole vocabulary.
   Position 0 (no predecessor) is 0.
   """
   unknown = set(stats) - set(STATS)
@@ -68,7 +70,8 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
     h_te, w_te = jax.lax.stop_gradient(teacher[0]), jax.lax.stop_gradient(teacher[1])
     h_te = jnp.pad(h_te, ((0, 0), (0, pad), (0, 0)))
     xs = (h, t, h_te.reshape(b, n, c, h_te.shape[-1]).swapaxes(0, 1))
-    w_te = w_te.astype(h_te.dtype)
+    shared = min(w.shape[-1], w_te.shape[-1])
+    w_te = w_te[:, :shared].astype(h_te.dtype)
 
   @jax.checkpoint
   def body(_, xs):
@@ -81,10 +84,9 @@ def token_stats(hidden_BxLxD: Array, unembed_DxV: Array, tokens_BxL: Array, *,
     if "entropy" in stats:
       out["entropy"] = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
     if teacher is not None:
-      logp_te = jax.nn.log_softmax(
-          dot2d(xs[2], w_te), axis=-1)
-      out["teacher_kl"] = jnp.sum(jnp.exp(logp_te) * (logp_te - (logits - lse[..., None])),
-                                  axis=-1)
+      logp_te = jax.nn.log_softmax(dot2d(xs[2], w_te), axis=-1)
+      logp = logits[..., :shared] - lse[..., None]
+      out["teacher_kl"] = jnp.sum(jnp.exp(logp_te) * (logp_te - logp), axis=-1)
     return None, out
 
   _, out = jax.lax.scan(body, None, xs)
