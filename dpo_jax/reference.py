@@ -13,8 +13,10 @@ stop_gradient: no activations are kept for the backward pass.
                reference forward (the reference params are dropped after the pass). The
                reference is reference.path if set, else the initial policy.
   sync         TR-DPO (Gorbatovski et al., 2024): every τ = reference.sync_every steps,
-               ref ← α·θ + (1 − α)·ref with α = reference.sync_alpha. The copy is training
-               state: it is saved with each checkpoint and restored on resume.
+               ref ← α·θ + (1 − α)·ref with α = reference.sync_alpha. The copy starts as
+               reference.path if set, else the initial policy; it is training state: saved
+               with each checkpoint and restored on resume.
+A reference.path that the mode would ignore (initial, none) is refused.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     raise ValueError(f"config.reference.mode must be one of {MODES}, got {mode!r}")
   check_dtype(ref_cfg.dtype, "config.reference.dtype")
   if mode == "none":
+    if ref_cfg.path:
+      raise ValueError(f"config.reference.path={ref_cfg.path} is set but "
+                       "config.reference.mode='none' runs no reference")
     if spec.needs_ref:
       raise ValueError(f"config.loss.name={spec.name!r} needs a reference model but "
                        "config.reference.mode='none'")
@@ -67,10 +72,13 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     return jax.lax.stop_gradient(
         logprobs.sequence_logps(model, batch, chunk=chunk, stats=stats, tokens=tokens))
 
-  path = ref_cfg.path if mode in ("checkpoint", "precomputed") else None
+  path = ref_cfg.path
   if mode == "checkpoint" and not path:
     raise ValueError("config.reference.path is required with config.reference.mode="
                      "'checkpoint'")
+  if mode == "initial" and path:
+    raise ValueError(f"config.reference.path={path} is set but config.reference.mode='initial' "
+                     "uses the initial policy; set mode='checkpoint' (or clear the path)")
   params = _load(path, cfg, init_params, mesh, rules, ref_cfg.dtype)
   if mode in ("initial", "checkpoint"):
     return Reference(mode, params, forward)

@@ -101,10 +101,23 @@ def test_checkpoint_reference_from_orbax_and_hf(tmp_path):
     history, _, run = run_steps(config(**SMALL, reference__mode="checkpoint",
                                        reference__path=str(path)), 1)
     results[name] = history[0]
+  # TR-DPO's moving copy starts from reference.path when it is set.
+  history, _, run = run_steps(config(**SMALL, reference__mode="sync", reference__sync_every=4,
+                                     reference__path=str(tmp_path / "hf")), 1)
+  results["sync"] = history[0]
   # The reference is the stage-1 model, the policy the initial one: margins are not zero.
   assert abs(results["orbax"]["rewards/margins"]) > 1e-3
-  for k in ("loss", "rewards/margins", "rewards/chosen", "lambda"):
-    np.testing.assert_allclose(results["orbax"][k], results["hf"][k], rtol=1e-6, err_msg=k)
+  for other in ("hf", "sync"):
+    for k in ("loss", "rewards/margins", "rewards/chosen", "lambda"):
+      np.testing.assert_allclose(results["orbax"][k], results[other][k], rtol=1e-6,
+                                 err_msg=f"{other} {k}")
+  # A path the mode would ignore is refused, not dropped.
+  with pytest.raises(ValueError, match="config.reference.path=.* is set but "
+                     "config.reference.mode='initial'"):
+    build.setup(config(**SMALL, reference__path=str(tmp_path / "hf")))
+  with pytest.raises(ValueError, match="config.reference.mode='none' runs no reference"):
+    build.setup(config("configs/dpo.py:runlocal,loss=simpo", **SMALL,
+                       reference__path=str(tmp_path / "hf")))
 
 
 def test_reference_none_rejects_losses_that_need_one():
