@@ -224,8 +224,10 @@ def read_prompts(path: str) -> list:
   source, rows = preference.load_rows(path)
   out = []
   for i, row in enumerate(rows, 1):
-    if not isinstance(row, dict) or not row.get("prompt"):
-      raise ValueError(f"{source}: row {i}: field 'prompt' is missing or empty")
+    if not isinstance(row, dict):   # a line that is not a JSON object
+      raise preference.DataError(f"{source}: row {i}: "
+                                 f"{getattr(row, 'message', 'expected an object')}")
+    preference.check_prompt(row.get("prompt"), f"{source}: row {i}")
     out.append(row["prompt"])
   return out
 

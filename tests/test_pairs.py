@@ -1,7 +1,10 @@
 """dpo_jax.pairs: the rows it writes are rows training reads, scored as training scores them."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dpo_jax import pairs, sharding
 from dpo_jax.data import preference
@@ -57,6 +60,31 @@ def test_pairs_of_chat_prompts_are_rows_training_reads():
   assert rows[1]["chosen"] == "d" and rows[1]["rejected"] == "c"
   for i, row in enumerate(rows):
     preference.normalize(row, f"row {i}")   # raises DataError on a row training refuses
+
+
+def test_prompts_to_sample_from_pass_training_checks(tmp_path):
+  """A prompt training would refuse (unknown role, ending with the assistant, a late system
+  message) is refused before sampling, naming the row."""
+  from dpo_jax import generate
+  tok = load.load_tokenizer(None)
+  bad = {"unknown role": [{"role": "bot", "content": "x"}],
+         "ends with the assistant": [{"role": "user", "content": "a"},
+                                     {"role": "assistant", "content": "b"}],
+         "late system": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}
+  for name, prompt in bad.items():
+    with pytest.raises(preference.DataError, match="prompt 1: field 'prompt'"):
+      preference.encode_prompts(tok, ["fine", prompt])
+    with pytest.raises(preference.DataError, match="prompt 0: field 'prompt'"):
+      generate.generate_text(TINY, None, tok, [prompt], max_new_tokens=4)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(preference.DataError, match=r"prompts.jsonl: row 2: field 'prompt'"):
+      pairs.read_prompts(str(path))
+  path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+  with pytest.raises(preference.DataError, match="row 2: invalid JSON"):
+    pairs.read_prompts(str(path))
+  path.write_text('{"prompt": "ok"}\n{"prompt": [{"role": "user", "content": "hi"}]}\n')
+  assert pairs.read_prompts(str(path)) == ["ok", [{"role": "user", "content": "hi"}]]
 
 
 def test_reward_model_scores_a_padded_batch_like_one_row_at_a_time(tmp_path):

@@ -488,10 +488,20 @@ def pad_id(tokenizer) -> int:
   return tokenizer.eos_token_id or 0
 
 
+def check_prompt(prompt, where: str) -> bool:
+  """A prompt on its own (to sample from) passes the checks a training row's prompt passes:
+  text, or messages with known roles, a system message only first, not ending with the
+  assistant. Returns whether it is a conversation."""
+  conv = _check_field(where, "prompt", prompt, None)
+  if conv:
+    _check_order(where, prompt, {})
+  return conv
+
+
 def encode_prompts(tokenizer, prompts: Sequence, add_bos: bool = True) -> list[list[int]]:
   """Prompts' token ids exactly as training sees them (for sampling from them), encoded in one
   batched tokenizer call."""
-  chats = [not isinstance(p, str) for p in prompts]
+  chats = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
   texts = [_render(tokenizer, p, [], chat)[0] for p, chat in zip(prompts, chats)]
   return [_with_specials(tokenizer, [ids], chat, add_bos)[0]
           for ids, chat in zip(_encode_many(tokenizer, texts), chats)]
