@@ -184,8 +184,13 @@ def make_pairs(prompts, responses, scores, *, rule: str = "best_worst", margin: 
   rng = random.Random(seed)
   rows = []
   for p, rs, ss in zip(prompts, responses, scores):
-    # An empty response (EOS at once) cannot be a training completion: leave it out.
-    keep = [i for i, (_, text) in enumerate(rs) if text.strip()]
+    # An empty response (EOS at once) cannot be a training completion: leave it out. A text
+    # sampled twice is one candidate (under `margin` it would write the same pair twice).
+    first = {}
+    for i, (_, text) in enumerate(rs):
+      if text.strip():
+        first.setdefault(text, i)
+    keep = sorted(first.values())
     rs, ss = [rs[i] for i in keep], [ss[i] for i in keep]
     if len(rs) < 2:
       continue

@@ -62,6 +62,16 @@ def test_pairs_of_chat_prompts_are_rows_training_reads():
     preference.normalize(row, f"row {i}")   # raises DataError on a row training refuses
 
 
+def test_a_text_sampled_twice_makes_no_duplicate_pair():
+  resp = [[([1], "a"), ([2], "b"), ([1], "a"), ([3], ""), ([4], "c")]]
+  scores = [[2.0, 1.0, 2.0, 5.0, 0.0]]
+  rows = pairs.make_pairs(["p"], resp, scores, rule="margin", margin=0.5)
+  got = sorted((r["chosen"], r["rejected"]) for r in rows)
+  assert got == [("a", "b"), ("a", "c"), ("b", "c")]
+  best = pairs.make_pairs(["p"], resp, scores)
+  assert [(r["chosen"], r["rejected"]) for r in best] == [("a", "c")]
+
+
 def test_prompts_to_sample_from_pass_training_checks(tmp_path):
   """A prompt training would refuse (unknown role, ending with the assistant, a late system
   message) is refused before sampling, naming the row."""
