@@ -144,20 +144,32 @@ def written_examples(tok, prompts, responses) -> list:
     return []
   opts = preference.TokenizeOptions(max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
   tokenized, _ = preference.tokenize_rows(rows, tok, opts, "sampled responses", "fail")
-  return [preference.Tokenized(e.prompt, e.chosen, e.chosen) for e in tokenized]
+  return [(e.prompt, e.chosen) for e in tokenized]
 
 
 def score_examples(model: Model, examples, tok, mesh, rules) -> list[float]:
-  """log π(y|x) summed over each example's completion."""
+  """log π(y|x) summed over each (prompt ids, completion ids) example's completion. Two
+  consecutive examples with one prompt are scored as one pair's two sequences, so that n
+  responses to a prompt take about n sequence slots, not 2n."""
   from dpo_jax import evaluate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   if not examples:
     return []
-  longest = max(len(e.prompt) + len(e.chosen) for e in examples)
-  return evaluate.score_pairs(
-      model.cfg, model.params, examples, mesh=mesh, rules=rules, batch_size=64,
-      buckets=preference.default_buckets(max(32, longest)), pad_id=preference.pad_id(tok)
-  )["chosen_logps"].tolist()
+  rows, twos, i = [], [], 0
+  while i < len(examples):
+    (p, y), nxt = examples[i], examples[i + 1] if i + 1 < len(examples) else None
+    two = nxt is not None and list(nxt[0]) == list(p)
+    rows.append(preference.Tokenized(p, y, nxt[1] if two else y))
+    twos.append(two)
+    i += 2 if two else 1
+  longest = max(len(p) + len(y) for p, y in examples)
+  out = evaluate.score_pairs(
+      model.cfg, model.params, rows, mesh=mesh, rules=rules, batch_size=64,
+      buckets=preference.default_buckets(max(32, longest)), pad_id=preference.pad_id(tok))
+  scores = []
+  for two, c, r in zip(twos, out["chosen_logps"].tolist(), out["rejected_logps"].tolist()):
+    scores += [c, r] if two else [c]
+  return scores
 
 
 def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
@@ -165,8 +177,7 @@ def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[f
   samples themselves, as a Monte Carlo KL estimate over them needs (evaluate.ground_truth)."""
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
-  examples = [preference.Tokenized(p, list(ids) or [tok.eos_token_id],
-                                   list(ids) or [tok.eos_token_id])
+  examples = [(p, list(ids) or [tok.eos_token_id])
               for p, rs in zip(preference.encode_prompts(tok, prompts), responses) for ids, _ in rs]
   it = iter(score_examples(model, examples, tok, mesh, rules))
   return [[next(it) for _ in rs] for rs in responses]

@@ -32,7 +32,7 @@ def test_implicit_scores_are_those_of_the_written_text():
   policy, ref = tiny_model(0), tiny_model(1)
   tok = policy.tokenizer
   prompts = ["sort 3 1 2:", "add 2 5:"]
-  texts = [["1 2 3", "3 2 1", ""], ["7", "8 "]]
+  texts = [["1 2 3", "3 2 1", "", "2 1 3"], ["7", "8 "]]   # an odd response out, then a pair
   # sampled ids: the first response stopped at EOS, the others were cut (no EOS)
   responses = [[(tok.encode(t, add_special_tokens=False) + ([tok.eos_token_id] if i == 0 else []),
                  t) for i, t in enumerate(ts)] for ts in texts]
