@@ -148,6 +148,12 @@ def test_export_reloads_in_transformers(case):
   if cfg.rope_scaling:
     assert rope["rope_type"] == "llama3"
     assert isinstance(rope["original_max_position_embeddings"], int)
+    # transformers v4's form as well: rope_scaling without rope_theta, which is top-level.
+    assert exported["rope_scaling"] == {k: v for k, v in LLAMA3_ROPE.items()
+                                        if k != "rope_theta"}
+    assert exported["rope_theta"] == LLAMA3_ROPE["rope_theta"]
+  else:
+    assert exported["rope_scaling"] is None
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_window"])

@@ -202,6 +202,8 @@ class ModelConfig:
         "tie_word_embeddings": self.tie_word_embeddings,
         "rope_theta": self.rope_theta,
         "rope_parameters": rope,
+        # transformers v4 (and tools that read its files) know only rope_scaling; v5 reads both.
+        "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
         "bos_token_id": self.bos_token_id,
         "eos_token_id": (list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
                          else self.eos_token_id),
