@@ -49,12 +49,11 @@ def test_dadpo_token_loss_matches_numpy():
     np.testing.assert_allclose(m["teacher_kl"], kl, rtol=1e-5)
 
 
-def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):
-  path, te_cfg = teacher_dir
+def check_sequence_dadpo(path, te_cfg):
+  """Sequence-level daDPO's first step against each model's scores from the scoring path."""
   cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta=0.1,
                loss__beta2=0.5, teacher__mode="step", teacher__path=path)
   run, batch_np, ex = first_step(cfg)
-  # Independent: score the same examples with each model through the scoring path.
   examples = [run.train_data.examples[i] for i in run.train_data.indices(0)]
   kw = dict(mesh=run.mesh, rules=run.rules, batch_size=8, buckets=run.train_data.buckets,
             pad_id=run.train_data.pad_id)
@@ -65,6 +64,10 @@ def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):
              (pol["rejected_logps"] - te["rejected_logps"]))
   np.testing.assert_allclose(ex["loss"], np.logaddexp(0, -z), rtol=1e-4, atol=1e-5)
   assert np.abs(z).max() > 0.1   # the teacher really differs from the student
+
+
+def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):
+  check_sequence_dadpo(*teacher_dir)
 
 
 def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):
@@ -139,17 +142,7 @@ def test_a_teacher_with_a_padded_embedding(padded_teacher_dir):
   path, te_cfg = padded_teacher_dir
   run = check_token_kl(path, te_cfg)
   assert run.teacher.params["embed_tokens"]["embedding"].shape[0] == run.model_cfg.vocab_size + 24
-  cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta2=0.5,
-               teacher__mode="step", teacher__path=path)
-  run, batch_np, ex = first_step(cfg)
-  examples = [run.train_data.examples[i] for i in run.train_data.indices(0)]
-  kw = dict(mesh=run.mesh, rules=run.rules, batch_size=8, buckets=run.train_data.buckets,
-            pad_id=run.train_data.pad_id)
-  pol = evaluate.score_pairs(run.model_cfg, run.state["params"], examples, **kw)
-  te = evaluate.score_pairs(te_cfg, run.teacher.params, examples, **kw)
-  z = 0.5 * ((pol["chosen_logps"] - te["chosen_logps"]) -
-             (pol["rejected_logps"] - te["rejected_logps"]))
-  np.testing.assert_allclose(ex["loss"], np.logaddexp(0, -z), rtol=1e-4, atol=1e-5)
+  check_sequence_dadpo(path, te_cfg)
 
 
 def test_teacher_errors_name_the_config_key(teacher_dir):
