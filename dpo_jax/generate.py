@@ -28,13 +28,15 @@ Design (shapes: B batch, P padded prompt length, N max_new_tokens, V vocab, S = 
   strictly before it is < p; the most likely token is always kept); tokens tied with the last
   kept logit are kept too. Greedy is argmax of the raw logits. temperature == 0 means greedy.
   temperature, top_k, top_p, eos_id, pad_id and seed are traced arguments: changing them does not
-  recompile (only greedy vs sampling, and filtering on/off, are compile-time modes).
+  recompile (only greedy vs sampling, filtering on/off, and the number of stop ids are
+  compile-time).
 - Randomness: jax.random.key(seed), folded with the step number; one categorical draw per step
   over the whole batch. Deterministic for a given (seed, prompts batch); a row's sample depends on
   the other rows of its batch only through the batch size / order of the draw.
-- EOS: the EOS token IS included in a row's tokens, its length and its log-prob sum (as in the
-  preference data, where a string completion ends with a scored EOS). After EOS the row emits
-  pad_id and stops accumulating log-probs; `tokens` are cut after the EOS.
+- EOS: any of the stop ids (eos_id: one or several) ends a row. The EOS token IS included in a
+  row's tokens, its length and its log-prob sum (as in the preference data, where a string
+  completion ends with a scored EOS). After EOS the row emits pad_id and stops accumulating
+  log-probs; `tokens` are cut after the EOS.
 - log-probs are under the untempered, unfiltered model distribution (log_softmax of the raw
   f32 logits), i.e. what dpo_jax's scoring computes for the same completion.
 - Sharding: params may be plain (one device) or placed on a mesh (e.g. load.load_params). With
@@ -119,6 +121,7 @@ def decode_fn(cfg: ModelConfig, max_new_tokens: int, greedy: bool, filtered: boo
               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[tuple] = None):
   """The jitted fn(params, tokens, positions, segment_ids, prompt_lens, seed, temperature,
   top_k, top_p, eos_id, pad_id) -> (out [B, N], lengths [B], logps [B], finished [B]).
+  eos_id is an int32 array [E] of stop ids (-1 entries match nothing).
 
   tokens/positions/segment_ids: [B, P] left-padded prompts; prompt_lens [B]. One compiled
   program per input shapes (jax.jit's cache; see `_cache_size()`). Built once per static
@@ -162,7 +165,7 @@ def _decode_fn(cfg, max_new_tokens, greedy, filtered, mesh, rules):
       out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, 1)
       logps = logps + jnp.where(live, logp, 0.0)
       lengths = lengths + live.astype(jnp.int32)
-      done = done | (live & (tok == eos_id))
+      done = done | (live & jnp.any(tok[:, None] == eos_id[None, :], axis=-1))
       return out, lengths, logps, done
 
     # Prefill: slots [0, P).
@@ -210,6 +213,22 @@ def _batch_shards(mesh, rules) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def stop_list(eos_id) -> list[int]:
+  """eos_id (None, an int or ints) as a non-empty list for the decoder (-1 matches nothing)."""
+  if eos_id is None:
+    return [-1]
+  ids = [int(eos_id)] if isinstance(eos_id, (int, np.integer)) else [int(i) for i in eos_id]
+  return ids or [-1]
+
+
+def stop_ids(cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
+  """Every id that ends a response: the tokenizer's EOS and the model config's EOS id(s) (a
+  Llama 3 Instruct config lists <|end_of_text|> and <|eot_id|>, its tokenizer names one)."""
+  ids = [tokenizer.eos_token_id]
+  ids += list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else [cfg.eos_token_id]
+  return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
   """(tokens, positions, segment_ids) [B, length] int32 with each prompt right-aligned."""
   b = len(prompts)
@@ -226,7 +245,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
 
 def sample(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           eos_id: Optional[int] = None, pad_id: int = 0, seed: int = 0, greedy: bool = False,
+           eos_id: int | Sequence[int] | None = None, pad_id: int = 0, seed: int = 0,
+           greedy: bool = False,
            return_logps: bool = False, mesh: Optional[jax.sharding.Mesh] = None,
            rules: Optional[tuple] = None) -> dict[str, Any]:
   """Continues each prompt (a list of token ids) by up to max_new_tokens tokens.
@@ -234,7 +254,8 @@ def sample(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
   Returns {"tokens": [list[int]] (cut after the first EOS, EOS included), "lengths": int32 [B],
   "finished": bool [B] (emitted EOS), and with return_logps "logps": f32 [B] (summed log-probs of
   the returned tokens under the untempered, unfiltered model), "token_array": int32 [B, N] (the
-  same tokens, pad_id after EOS)}. See the module docstring.
+  same tokens, pad_id after EOS)}. eos_id: one stop id, several (any of them ends a row: Llama 3
+  Instruct's <|end_of_text|> and <|eot_id|>), or None. See the module docstring.
   """
   prompts = [list(map(int, p)) for p in prompts]
   if not prompts:
@@ -272,7 +293,7 @@ def sample(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
         mesh, jax.sharding.PartitionSpec(row.spec[0])))
   fn = decode_fn(cfg, int(max_new_tokens), greedy, filtered, mesh, rules)
   scalars = (np.uint32(seed % 2**32), np.float32(temperature if not greedy else 1.0),
-             np.int32(top_k), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
+             np.int32(top_k), np.float32(top_p), np.asarray(stop_list(eos_id), np.int32),
              np.int32(pad_id))
   out, lengths, logps, finished = sharding.to_host(fn(params, *arrays, lens, *scalars))
   out, lengths, logps, finished = out[:b], lengths[:b], logps[:b], finished[:b]
@@ -300,15 +321,16 @@ def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
 
 
 def generate_text(cfg: ModelConfig, params, tokenizer, prompts: Sequence, *,
-                  max_new_tokens: int, add_bos: bool = True, eos_id: Optional[int] = -1,
+                  max_new_tokens: int, add_bos: bool = True,
+                  eos_id: int | Sequence[int] | None = -1,
                   pad_id: Optional[int] = None, **kw) -> dict[str, Any]:
   """sample() on text prompts (strings or lists of chat messages); adds "text" (decoded with
-  skip_special_tokens=True) and "prompt_tokens". eos_id defaults (-1) to the tokenizer's EOS;
-  pass None to never stop early. pad_id defaults to the tokenizer's pad (else EOS, else 0).
+  skip_special_tokens=True) and "prompt_tokens". eos_id defaults (-1) to stop_ids(cfg,
+  tokenizer); pass None to never stop early. pad_id defaults to the tokenizer's pad (else EOS, else 0).
   Other keyword arguments go to sample().
   """
   if eos_id == -1:
-    eos_id = tokenizer.eos_token_id
+    eos_id = stop_ids(cfg, tokenizer)
   if pad_id is None:
     pad_id = preference.pad_id(tokenizer)
   ids = preference.encode_prompts(tokenizer, prompts, add_bos)

@@ -58,12 +58,13 @@ class Model:
 
 def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
                      ) -> list[list[tuple[list[int], str]]]:
-  """n responses per prompt: [(completion token ids incl. EOS if emitted, text)] per prompt."""
+  """n responses per prompt: [(completion token ids incl. EOS if emitted, text)] per prompt.
+  Any of the model's stop ids (generate.stop_ids) ends a response."""
   from dpo_jax import generate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
   ids = [ids for ids in preference.encode_prompts(tok, prompts) for _ in range(sampling.n)]
-  pad = preference.pad_id(tok)
+  pad, stops = preference.pad_id(tok), generate.stop_ids(model.cfg, tok)
   tokens = []
   for start in range(0, len(ids), sampling.batch_size):
     chunk = ids[start:start + sampling.batch_size]
@@ -71,10 +72,10 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
     out = generate.sample(model.cfg, model.params, chunk + [chunk[0]] * fill,
                           max_new_tokens=sampling.max_new_tokens,
                           temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k, eos_id=tok.eos_token_id, pad_id=pad,
+                          top_k=sampling.top_k, eos_id=stops, pad_id=pad,
                           seed=sampling.seed * 1_000_003 + start)
     tokens += [list(t) for t in out["tokens"][:len(chunk)]]
-  texts = [tok.decode([t for t in ts if t != tok.eos_token_id], skip_special_tokens=True)
+  texts = [tok.decode([t for t in ts if t not in stops], skip_special_tokens=True)
            for ts in tokens]
   per = list(zip(tokens, texts))
   return [per[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]

@@ -151,6 +151,35 @@ def test_eos_everywhere_stops_early_and_pads(params):
   np.testing.assert_array_equal(out["token_array"][:, 1:], 0)
 
 
+def test_any_of_several_eos_ids_ends_a_row_as_in_transformers(hf_pair):
+  """A Llama 3 Instruct config lists several EOS ids: any of them ends a row, as in transformers'
+  generate, and generate_text stops on the config's ids as well as the tokenizer's."""
+  model, cfg, params = hf_pair
+  n, prompts = 10, [[1, 17, 33, 5], [1, 90, 4, 4, 61, 12, 8]]
+  free = generate.sample(cfg, params, prompts, max_new_tokens=n, greedy=True)["tokens"]
+  firsts = [next(t for i, t in enumerate(row) if i >= 2 and t not in row[:i]) for row in free]
+  stops = sorted(set(firsts))
+  ours = generate.sample(cfg, params, prompts, max_new_tokens=n, greedy=True, eos_id=stops,
+                         pad_id=0)
+  for r, p in enumerate(prompts):
+    with torch.no_grad():
+      got = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=int),
+                           do_sample=False, max_new_tokens=n, eos_token_id=stops)
+    want = got[0, len(p):].tolist()
+    assert ours["tokens"][r] == want and want[-1] in stops and len(want) < n, r
+    assert ours["finished"][r]
+  tok = tiny_tokenizer(cfg.vocab_size)
+  assert tok.eos_token_id not in stops
+  llama3 = cfg.replace(eos_token_id=(tok.eos_token_id, *stops))
+  assert generate.stop_ids(llama3, tok) == (tok.eos_token_id, *stops)
+  text = generate.generate_text(llama3, params, tok, ["w17 w33 w5"], max_new_tokens=n,
+                                greedy=True)
+  alone = generate.generate_text(cfg.replace(eos_token_id=None), params, tok, ["w17 w33 w5"],
+                                 max_new_tokens=n, greedy=True, eos_id=None)["tokens"][0]
+  cut = next(i for i, t in enumerate(alone) if t in (tok.eos_token_id, *stops)) + 1
+  assert cut < n and text["tokens"][0] == alone[:cut]
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Sampling: top-k / top-p / temperature.
 # ---------------------------------------------------------------------------------------------
