@@ -90,7 +90,7 @@ def filter_logits(logits_BxV: Array, top_k, top_p) -> Array:
   desc = jnp.where(desc >= kth, desc, neg_inf)                          # top-k (ties kept)
   probs = jax.nn.softmax(desc, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs                           # mass strictly before
-  keep = (before < top_p) | (jnp.arange(v) == 0)
+  keep = (before < top_p) | (top_p >= 1) | (jnp.arange(v) == 0)
   keep &= desc > neg_inf
   n_keep = jnp.sum(keep, axis=-1, keepdims=True)                        # keep is a prefix
   threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)

@@ -59,15 +59,18 @@ def bootstrap(correct: dict[str, np.ndarray], margins: dict[str, np.ndarray], n:
 
 
 def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=1024,
-                 max_prompt_length=512, split="train"):
-  """{model: (correct [N] 0/1, margin [N])} from dpo_jax's scoring path."""
+                 max_prompt_length=512, truncation_mode="keep_end", split="train",
+                 dtype="float32"):
+  """{model: (correct [N] 0/1, margin [N])} from dpo_jax's scoring path; every model and the
+  ref compute in `dtype` (a checkpoint's own training dtype would mix numerics with an HF
+  directory's)."""
   from dpo_jax import distributed, evaluate, sharding   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
   distributed.maybe_initialize()
   mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
   source, rows = preference.load_rows(data, split)
-  opts = preference.TokenizeOptions(max_length, max_prompt_length)
+  opts = preference.TokenizeOptions(max_length, max_prompt_length, truncation_mode)
   buckets = preference.default_buckets(max_length)
   cache, tokenised = {}, {}   # tokenised: by tokenizing_key, so models that share a tokenizer
                               # (checkpoints of one run) share one tokenising of the rows
@@ -81,8 +84,9 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
         tokenised[key] = preference.tokenize_cached(None, rows, tok, opts, source, "fail",
                                                     **distributed.tokenize_split())[0]
       examples = tokenised[key]
-      cfg = load.model_config(path, TINY)
+      cfg = load.model_config(path, TINY, dtype=dtype)
       pad = preference.pad_id(tok)
+      score.check_examples(examples, cfg.vocab_size, pad, source, path)
       cache[path] = evaluate.score_pairs(cfg, load.load_params(path, cfg, mesh, rules),
                                          examples, mesh=mesh, rules=rules,
                                          batch_size=batch_size, buckets=buckets, pad_id=pad)
@@ -113,7 +117,10 @@ def main(argv=None):
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--max_length", type=int, default=1024)
   p.add_argument("--max_prompt_length", type=int, default=512)
+  p.add_argument("--truncation_mode", default="keep_end")
   p.add_argument("--split", default="train")
+  p.add_argument("--dtype", default="float32",
+                 help="compute dtype of every model and the ref (float32 | bfloat16 | float16)")
   p.add_argument("--out", default=None, help="write the ranking as JSON")
   a = p.parse_args(argv)
   score.check_lengths(p, a)
@@ -122,10 +129,12 @@ def main(argv=None):
     p.error(f"--bootstrap={a.bootstrap} must be >= 0 (the number of resamples; 0: no intervals)")
   if a.seed < 0:
     p.error(f"--seed={a.seed} must be >= 0")
+  from dpo_jax.models.config import check_dtype   # noqa: PLC0415
+  check_dtype(a.dtype, "--dtype")
   import jax   # noqa: PLC0415  (after parsing: --help and flag errors stay fast)
   scored = score_models(a.models, a.data, ref=a.ref, beta=a.beta, batch_size=a.batch_size,
                         max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-                        split=a.split)
+                        truncation_mode=a.truncation_mode, split=a.split, dtype=a.dtype)
   result = bootstrap({m: c for m, (c, _) in scored.items()},
                      {m: g for m, (_, g) in scored.items()}, a.bootstrap, a.seed)
   result["score"] = "implicit reward" if a.ref else "log-prob"

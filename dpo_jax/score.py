@@ -17,6 +17,8 @@ import math
 import os
 import sys
 
+import numpy as np
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m dpo_jax.score", description=__doc__.split("\n")[0])
@@ -54,9 +56,24 @@ def check_numbers(p: argparse.ArgumentParser, args):
     p.error(f"--batch_size={args.batch_size} must be >= 1")
 
 
+def check_examples(examples, vocab_size: int, pad_id: int, source: str, model: str):
+  """Rows a pair score means something for: each has a rejected completion (an unpaired
+  prompt/completion/label row would be scored against another row's completion), and every id
+  indexes `model`'s embedding (past it the gather returns garbage and the scores turn NaN)."""
+  from dpo_jax.data import preference   # noqa: PLC0415
+  unpaired = np.flatnonzero(examples.lens[:, 2] < 0)
+  if unpaired.size:
+    raise preference.DataError(
+        f"{source}: row {unpaired[0] + 1}: unpaired (prompt, completion, label), as are "
+        f"{unpaired.size} of {len(examples)} rows; scoring needs (prompt, chosen, rejected) rows")
+  top = max(int(examples.tokens.max()) if examples.tokens.size else 0, pad_id)
+  if top >= vocab_size:
+    raise ValueError(f"{model}: a vocabulary of {vocab_size} tokens, but {source} tokenised "
+                     f"with this tokenizer holds token id {top}")
+
+
 def main(argv=None):
   args = parse_args(argv)
-  import numpy as np   # noqa: PLC0415
   import jax   # noqa: PLC0415
   from dpo_jax import distributed, evaluate, sharding, writers   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
@@ -79,8 +96,13 @@ def main(argv=None):
   pad_id = preference.pad_id(tokenizer)
   buckets = preference.default_buckets(args.max_length)
 
+  if args.ref and not preference.same_encoding(load.load_tokenizer(args.ref), tokenizer):
+    raise ValueError(f"--ref {args.ref}: its tokenizer encodes text differently from --model's; "
+                     "the reference scores the ids --model's tokenizer writes")
+
   def scores(path):
     cfg = load.model_config(path, TINY, dtype=args.dtype)
+    check_examples(examples, cfg.vocab_size, pad_id, source, path)
     params = load.load_params(path, cfg, mesh, rules)
     return evaluate.score_pairs(cfg, params, examples, mesh=mesh, rules=rules,
                                 batch_size=args.batch_size, buckets=buckets, pad_id=pad_id)

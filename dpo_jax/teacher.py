@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from dpo_jax import reference
+from dpo_jax.data import preference
 from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import check_dtype
 
@@ -41,17 +42,10 @@ def needs(spec) -> tuple[bool, bool]:
   return (any(k in spec.extra_keys for k in SEQUENCE_KEYS), "teacher_kl" in spec.token_stats)
 
 
-# Text whose ids two tokenizers must agree on before one model reads the other's ids.
-PROBE = ("The quick brown fox jumps over the lazy dog. 0123456789 +-*/=<>()[]{} \n\t "
-         "naïve café Straße 東京 😀 def f(x): return x**2")
-
-
 def check_tokenizer(teacher_tokenizer, student_tokenizer, path: str):
   """The teacher reads the student's token ids, so both must encode text alike (an equal
   vocabulary size is not enough: Llama 2 and Mistral 7B both have 32,000 tokens)."""
-  enc = lambda tok: (list(tok.encode(PROBE, add_special_tokens=False)), tok.bos_token_id,
-                     tok.eos_token_id)
-  if enc(teacher_tokenizer) != enc(student_tokenizer):
+  if not preference.same_encoding(teacher_tokenizer, student_tokenizer):
     raise ValueError(f"config.teacher.path={path}: its tokenizer encodes text differently from "
                      "the student's (ids or BOS/EOS differ); daDPO needs a teacher with the "
                      "student's tokenizer")

@@ -235,6 +235,13 @@ def test_filter_matches_transformers_warpers(temperature, top_k, top_p):
   np.testing.assert_allclose(ours[~np.isinf(ours)], want[~np.isinf(want)], rtol=1e-6)
 
 
+def test_top_p_one_keeps_the_top_k_whatever_the_float_sum():
+  """top_p = 1 keeps every token top_k keeps, even when the f32 cumulative mass reaches 1.0
+  after the first (a dominant logit)."""
+  out = generate.filter_logits(jnp.asarray([[20.0, 0.0, 0.0, 0.0, -1.0]]), 3, 1.0)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(out)), [[True, True, True, True, False]])
+
+
 def _expected_probs(logits, temperature, top_k, top_p):
   """softmax(logits / T) restricted by top-k then top-p, in plain NumPy (float64)."""
   z = np.asarray(logits, np.float64) / temperature

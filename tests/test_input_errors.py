@@ -147,3 +147,44 @@ def test_a_teacher_vocabulary_must_cover_the_tokenizer():
     teacher.check_vocabulary(260, 264, byte, "T")
   with pytest.raises(ValueError, match="no tokenizer shows which ids"):
     teacher.check_vocabulary(280, 264, None, "T")
+
+
+def test_score_and_rank_refuse_rows_and_models_they_cannot_score(tmp_path):
+  """Unpaired rows (their 'rejected' would be another row's completion), a model whose
+  vocabulary the data's ids run past (NaN scores), and a --ref with another tokenizer are
+  refused by name, before anything is written."""
+  from dpo_jax.data import preference
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  from helpers_hf import tiny_tokenizer
+  byte = byte_tokenizer()
+  for name, cfg, tok in (("fits", TINY, byte), ("small", TINY.replace(vocab_size=97), byte),
+                         ("words", TINY, tiny_tokenizer(TINY.vocab_size))):
+    hf_io.save_hf(str(tmp_path / name), cfg, hf_io_params(cfg), tokenizer=tok)
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text('{"prompt": "Add 2 and 2.", "chosen": "4", "rejected": "five"}\n')
+  unpaired = tmp_path / "unpaired.jsonl"
+  unpaired.write_text('{"prompt": "a", "completion": "b", "label": false}\n'
+                      '{"prompt": "Add", "completion": "4", "label": true}\n')
+  out = tmp_path / "scores.jsonl"
+  fits, small = str(tmp_path / "fits"), str(tmp_path / "small")
+  with pytest.raises(preference.DataError, match=r"unpaired.jsonl: row 1: unpaired \(prompt, "
+                     r"completion, label\), as are 2 of 2 rows"):
+    score.main(["--model", fits, "--data", str(unpaired), "--out", str(out)])
+  with pytest.raises(preference.DataError, match="row 1: unpaired"):
+    rank.main(["--models", fits, "--data", str(unpaired), "--bootstrap", "0"])
+  with pytest.raises(ValueError, match=rf"{small}: a vocabulary of 97 tokens, but .*pairs.jsonl "
+                     "tokenised with this tokenizer holds token id"):
+    score.main(["--model", fits, "--ref", small, "--data", str(pairs), "--out", str(out)])
+  with pytest.raises(ValueError, match=rf"{small}: a vocabulary of 97 tokens"):
+    rank.main(["--models", fits, small, "--data", str(pairs), "--bootstrap", "0"])
+  with pytest.raises(ValueError, match="--ref .*words: its tokenizer encodes text differently"):
+    score.main(["--model", fits, "--ref", str(tmp_path / "words"), "--data", str(pairs),
+                "--out", str(out)])
+  assert not out.exists()
+  score.main(["--model", fits, "--ref", fits, "--data", str(pairs), "--out", str(out)])
+  assert out.exists()
+
+
+def hf_io_params(cfg):
+  from dpo_jax.models import init_params
+  return init_params(cfg, 0)

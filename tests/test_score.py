@@ -68,14 +68,14 @@ def test_score_hf_directory_matches_torch(tmp_path):
 
 
 def test_score_checkpoint_equals_its_hf_export(tmp_path, monkeypatch):
-  """A dpo_jax checkpoint scores the same as its export, which transformers reproduces. The
-  scored ids are mapped from a file (they need not fit in memory)."""
+  """A dpo_jax checkpoint scores the same as its export, which transformers reproduces, whatever
+  dtype it was trained in. The scored ids are mapped from a file (they need not fit in memory)."""
   from dpo_jax import evaluate, export, score, train
   scored, score_pairs = [], evaluate.score_pairs
   monkeypatch.setattr(evaluate, "score_pairs", lambda cfg, params, examples, **kw: scored.append(
       type(examples.tokens.base)) or score_pairs(cfg, params, examples, **kw))
   from helpers import config
-  cfg = config(steps=2)
+  cfg = config(steps=2, model__dtype="bfloat16")   # trained in bf16, scored in f32
   cfg.unlock()
   cfg.progress = False
   workdir = tmp_path / "w"
@@ -88,6 +88,12 @@ def test_score_checkpoint_equals_its_hf_export(tmp_path, monkeypatch):
   a = [json.loads(line) for line in (tmp_path / "ckpt.jsonl").read_text().splitlines()]
   b = [json.loads(line) for line in (tmp_path / "hf.jsonl").read_text().splitlines()]
   assert a == b and scored == [np.memmap] * 2
+  # rank, too, computes every model and the ref in one dtype (float32 unless --dtype): the
+  # checkpoint and its export are one model, so its rewards against the export are all 0.
+  from dpo_jax import rank
+  paths = [str(workdir / "checkpoints" / "2"), str(tmp_path / "hf")]
+  for correct, margin in rank.score_models(paths, str(data), ref=paths[1]).values():
+    np.testing.assert_array_equal(margin, 0.0)
   import transformers
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
   tok = byte_tokenizer()

@@ -488,6 +488,20 @@ def pad_id(tokenizer) -> int:
   return tokenizer.eos_token_id or 0
 
 
+# Text whose ids two tokenizers must agree on before one model reads the other's ids.
+PROBE = ("The quick brown fox jumps over the lazy dog. 0123456789 +-*/=<>()[]{} \n\t "
+         "naïve café Straße 東京 😀 def f(x): return x**2")
+
+
+def same_encoding(a, b) -> bool:
+  """Whether two tokenizers give the same ids for a probe text and the same BOS/EOS: one model
+  may then read ids the other's tokenizer wrote (an equal vocabulary size is not enough: Llama 2
+  and Mistral 7B both have 32,000 tokens)."""
+  enc = lambda tok: (list(tok.encode(PROBE, add_special_tokens=False)), tok.bos_token_id,
+                     tok.eos_token_id)
+  return enc(a) == enc(b)
+
+
 def check_prompt(prompt, where: str) -> bool:
   """A prompt on its own (to sample from) passes the checks a training row's prompt passes:
   text, or messages with known roles, a system message only first, not ending with the
