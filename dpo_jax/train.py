@@ -160,12 +160,14 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
 
   def whole_batch_values(params, frozen, batch):
     """Every micro-batch's policy, reference and teacher values ([k, 2b, ...]; no gradient),
-    and the loss of the whole batch as a function of the stacked policy values."""
+    the whole batch's loss as a function of the stacked policy values, and (params, frozen,
+    batch) as values computed after those (see after_loop)."""
     def values(mb):
       pol, te, _ = policy_values(params, frozen, mb)
       te_seq = None if te is None or "logps" not in te else {"logps": te["logps"]}
-      return pol, ref_logps_fn(frozen["ref"], mb), te_seq
+      return pol, ref_logps_fn(frozen["ref"], after_loop(mb, pol["logps"])), te_seq
     pols, refs, tes = jax.lax.map(values, batch)
+    params, frozen, batch = after_loop((params, frozen, batch), pols["logps"])
     vocab = core.merge(graphdef, params).cfg.vocab_size
     pairs = {k: merge_pairs(batch[k]) for k in ("valid", "label")}
 
@@ -173,12 +175,11 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
       logps = pair_logps(spec, merge_rows(pol_stack), merge_rows(refs), pairs, vocab,
                          merge_rows(tes))
       return spec(logps, **hparams, **loss_state)
-    return pols, pairs, whole_loss
+    return pols, pairs, whole_loss, (params, frozen, batch)
 
   def whole_batch(params, loss_state, frozen, batch):
     """(loss sum, metric sums), gradient sum of a batch-coupled loss (see above)."""
-    pols, pairs, whole_loss = whole_batch_values(params, frozen, batch)
-    pols = jax.lax.stop_gradient(pols)
+    pols, pairs, whole_loss, (params, frozen, batch) = whole_batch_values(params, frozen, batch)
     loss_b, metrics = whole_loss(pols, loss_state)
     totals = summarise(merge_rows(pols), loss_b, metrics, pairs["valid"])
 
@@ -188,9 +189,8 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
         stack = jax.tree.map(lambda s, x: s.at[i].set(x), pols, pol)
         return jnp.sum(whole_loss(stack, loss_state)[0] * pairs["valid"])
       return jax.grad(loss_through_micro_batch)(params)
-    k = batch["valid"].shape[0]
-    grads = accumulate(lambda xs: partial_grad(*xs), (jnp.arange(k), batch))
-    return totals, grads
+    return totals, accumulate(lambda xs: partial_grad(*xs),
+                              (jnp.arange(batch["valid"].shape[0]), batch))
 
   def gradients(params, loss_state, frozen, batch):
     """A batch-coupled loss over several micro-batches needs the whole batch's values first."""
@@ -204,14 +204,14 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
     return metrics
 
   def train_step(state, frozen, batch):
-    n_valid = jnp.sum(batch["valid"])
     (loss_sum, sums), grads = gradients(state["params"], state["loss_state"], frozen, batch)
+    n_valid = sums["logps/chosen"][1]   # Σ valid, from the loop's output (see after_loop)
     # Exact accumulation: every micro-batch contributed a SUM; divide once by the pair count.
     grads = jax.tree.map(lambda g: g / n_valid, grads)
     metrics = finish(loss_sum, sums, n_valid)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["learning_rate"] = schedule(state["step"])
+    metrics["learning_rate"] = schedule(state["step"] - state["skipped"])   # optax's count
     # A non-finite loss or gradient leaves params, optimizer and loss state as they were (a
     # select, not a branch); the loop then stops or counts the step (config.nonfinite).
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -231,7 +231,7 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
 
   def eval_step(params, loss_state, frozen, batch):
     """(loss sum, metric sums) of the whole batch: batch statistics as in training."""
-    pols, pairs, whole_loss = whole_batch_values(params, frozen, batch)
+    pols, pairs, whole_loss, _ = whole_batch_values(params, frozen, batch)
     return summarise(merge_rows(pols), *whole_loss(pols, loss_state), pairs["valid"])
 
   def example_metrics(params, loss_state, frozen, batch):
@@ -240,6 +240,21 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
     return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
 
   return StepFns(train_step, eval_step, example_metrics)
+
+
+def after_loop(tree, loop_output):
+  """`tree`'s values, computed only once `loop_output` is (x + 0·t, exact for finite t).
+
+  XLA:CPU runs independent parts of a program concurrently, and each device may order a loop's
+  collectives and those beside it differently: they then wait for each other for ever (the
+  whole-batch path's parameter all-gathers hoisted out of its second pass, its reference layer
+  loop beside the policy's). Deriving what follows a loop from its output removes the race.
+  Other backends order collectives by stream, one CPU device has none: `tree` as it is."""
+  if jax.default_backend() != "cpu" or jax.device_count() == 1:
+    return tree
+  t = jnp.sum(loop_output) * 0
+  return jax.tree.map(lambda x: x | (t != 0) if x.dtype == jnp.bool_ else x + t.astype(x.dtype),
+                      tree)
 
 
 def merge_rows(tree):

@@ -215,6 +215,14 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, capsys):
   p5 = jax.device_get(train.restore_state(mgr, run, 5)["params"])
   jax.tree.map(np.testing.assert_array_equal, p1, p5)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(p5))
+  # A skipped step does not advance optax's count, so the schedule stands still; the logged
+  # learning rate is the one the next update would apply.
+  opt_state = train.restore_state(mgr, run, 5)["opt_state"]
+  assert {int(x) for x in jax.tree.leaves(opt_state) if np.ndim(x) == 0} == {1}
+  _, schedule = train.make_optimizer(cfg.optim, run.steps)
+  np.testing.assert_allclose([r["learning_rate"] for r in rows],
+                             [float(schedule(0))] + [float(schedule(1))] * 4, rtol=1e-6)
+  assert float(schedule(1)) != float(schedule(2))
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
