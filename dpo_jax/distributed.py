@@ -175,6 +175,14 @@ class PreemptionFlag:
       self.signal_name = self._agreement.notice
     return stop
 
+  def raise_if_late(self, step: int, directory):
+    """A signal after the last step's check (during the final save, say) still stops this
+    process, so that a pipeline's next stage does not start. Several processes agree on a stop
+    step inside the loop only (StopAgreement): there a late signal is left to the scheduler."""
+    if self._set and self._agreement is None:
+      raise Preempted(f"stopped by {self.signal_name} after the last step {step}; the run is "
+                      f"complete and its checkpoint saved in {directory}")
+
   def restore(self):
     import signal   # noqa: PLC0415
     for sig, old in self._old.items():

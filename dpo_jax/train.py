@@ -406,8 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   last = {}
   bar = tqdm(range(start, run.steps), initial=start, total=run.steps, desc="dpo",
              disable=not config.progress or jax.process_index() != 0)
-  # Steady-state step time: synced intervals between log points that compiled, evaluated and
-  # checkpointed nothing (the device_get of the metrics is the sync).
+  # Steady-state step time: synced intervals between log points that compiled nothing.
   step_times, compiled_for = [], set()
   t_mark, n_since, clean = time.perf_counter(), 0, False
   preempt, pending = distributed.PreemptionFlag(), None
@@ -454,6 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       if every(done, config.log_every):
         jax.block_until_ready(state["step"])
         t_mark, n_since, clean = time.perf_counter(), 0, True
+    preempt.raise_if_late(run.steps, mgr.directory)
   finally:
     preempt.restore()
     writer.close()

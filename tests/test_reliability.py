@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import build, checkpoint, train, writers
+from dpo_jax import build, checkpoint, distributed, train, writers
 from helpers import REPO, config, xla_env
 
 ENV = xla_env()
@@ -87,6 +87,28 @@ def test_sigterm_saves_exits_cleanly_and_resumes_exactly(tmp_path, uninterrupted
   assert logged_steps(workdir) == stopped
   finish(workdir)
   assert (workdir / "metrics.jsonl").read_text() == uninterrupted()
+
+
+def test_a_signal_during_the_final_save_still_stops(tmp_path, monkeypatch):
+  """SIGTERM after the last step's check (here during its save): the run is complete, and it
+  still ends in Preempted, so that a pipeline does not start its next stage."""
+  save = train.save_state
+
+  def save_then_signal(mgr, run, state, step):
+    out = save(mgr, run, state, step)
+    if step == run.steps:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return out
+  monkeypatch.setattr(train, "save_state", save_then_signal)
+  cfg = config(steps=2, log_every=1, eval_every=0, ckpt_every=1)
+  cfg.unlock()
+  cfg.progress = False
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(distributed.Preempted, match="SIGTERM after the last step 2; the run is "
+                     "complete"):
+    train.train_and_evaluate(cfg, str(tmp_path))
+  assert [r["step"] for r in writers.read_metrics(tmp_path)] == [1, 2]
+  assert signal.getsignal(signal.SIGTERM) == before   # the handler is given back
 
 
 def test_sigkill_then_rerun_resumes_exactly(tmp_path, uninterrupted):
