@@ -124,6 +124,28 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_tra
   return r.params, r.train, r.meta, (r.ref if abstract_ref is not None else None)
 
 
+def check_resume(mgr: ocp.CheckpointManager, step: int, model_cfg: ModelConfig,
+                 saves_ref: bool):
+  """What resuming needs beyond parameters of the right shapes: the model the checkpoint was
+  trained as (a changed rope_theta or norm eps keeps every shape; how it computes, dtype or
+  remat, may change), and TR-DPO's moving reference saved exactly when this run keeps one."""
+  from dpo_jax.models import load   # noqa: PLC0415  (load imports this module)
+  saved = ModelConfig.from_hf_dict(read_meta(mgr, step)["model"], **load.numerics(model_cfg))
+  if diff := saved.architecture_diff(model_cfg):
+    raise CheckpointError(f"{mgr.directory}/{step}: written for another model than config.model "
+                          f"describes (checkpoint vs config): {diff}; resume with the config "
+                          "that wrote it, or use the checkpoint as model.init in a new workdir")
+  has_ref = mgr.item_metadata(step).get("ref") is not None
+  if has_ref and not saves_ref:
+    raise CheckpointError(f"{mgr.directory}/{step}: it holds TR-DPO's moving reference "
+                          "(config.reference.mode='sync'), which this run's reference mode "
+                          "would drop; resume with reference.mode='sync'")
+  if saves_ref and not has_ref:
+    raise CheckpointError(f"{mgr.directory}/{step}: config.reference.mode='sync' needs the "
+                          "moving reference, but this checkpoint was written by another "
+                          "reference mode; resume with the mode that wrote it")
+
+
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 

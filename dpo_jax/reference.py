@@ -119,11 +119,9 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
 def _load(path, cfg, init_params, mesh, rules, dtype):
   if path:
     ref_cfg = load.model_config(path, cfg, **load.numerics(cfg))
-    diff = [f"{k}: {a!r} vs {b!r}" for (k, a), (_, b) in zip(ref_cfg.architecture(),
-                                                           cfg.architecture()) if a != b]
-    if diff:
+    if diff := ref_cfg.architecture_diff(cfg):
       raise ValueError(f"config.reference.path={path}: its architecture differs from the "
-                       f"policy's (reference vs policy): {'; '.join(diff)}")
+                       f"policy's (reference vs policy): {diff}")
     params = load.load_params(path, cfg, mesh, rules)
   else:
     params = init_params

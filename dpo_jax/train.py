@@ -365,12 +365,10 @@ def save_state(mgr, run: build.Run, state: dict, step: int):
 
 def restore_state(mgr, run: build.Run, step: int) -> dict:
   """Restores the train state (and a TR-DPO reference into `run`) resharded onto run.mesh."""
-  sh = run.state_shardings
-  abstract = checkpoint.abstract_like(run.state, sh)
-  abstract_ref = None
-  if run.reference.saved:
-    abstract_ref = checkpoint.abstract_like(
-        run.ref_params, jax.tree.map(lambda x: x.sharding, run.ref_params))
+  checkpoint.check_resume(mgr, step, run.model_cfg, run.reference.saved)
+  abstract = checkpoint.abstract_like(run.state, run.state_shardings)
+  abstract_ref = None if not run.reference.saved else checkpoint.abstract_like(
+      run.ref_params, jax.tree.map(lambda x: x.sharding, run.ref_params))
   params, train, _, ref = checkpoint.restore(
       mgr, step, abstract["params"], {k: v for k, v in abstract.items() if k != "params"},
       abstract_ref)

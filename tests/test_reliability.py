@@ -196,6 +196,31 @@ def test_mismatching_checkpoint_names_the_field_and_parameter(tmp_path):
     checkpoint.restore_params(str(tmp_path / "a"), abstract)
 
 
+def test_resume_refuses_another_model_or_reference_mode(tmp_path):
+  """Resuming checks more than the parameter shapes: a model that computes something else with
+  the same shapes (rope_theta) and a change to or from TR-DPO's saved reference are named;
+  how the model computes (remat here) may change."""
+  def cfg(**kw):
+    c = config(**{"steps": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 1, **kw})
+    c.unlock()
+    c.progress = False
+    return c
+  for name, written in (("plain", cfg(steps=1)),
+                        ("sync", cfg(steps=1, reference__mode="sync", reference__sync_every=1))):
+    train.train_and_evaluate(written, str(tmp_path / name))
+  with pytest.raises(checkpoint.CheckpointError, match=r"plain/checkpoints/1: written for "
+                     r"another model .*rope_theta: 10000.0 vs 500000.0"):
+    train.train_and_evaluate(cfg(model__rope_theta=5e5), str(tmp_path / "plain"))
+  with pytest.raises(checkpoint.CheckpointError, match="reference.mode='sync' needs the moving "
+                     "reference, but this checkpoint was written by another reference mode"):
+    train.train_and_evaluate(cfg(reference__mode="sync"), str(tmp_path / "plain"))
+  with pytest.raises(checkpoint.CheckpointError, match="holds TR-DPO's moving reference"):
+    train.train_and_evaluate(cfg(), str(tmp_path / "sync"))
+  assert [r["step"] for r in writers.read_metrics(tmp_path / "plain")] == [1]   # nothing lost
+  train.train_and_evaluate(cfg(model__remat="none"), str(tmp_path / "plain"))
+  assert [r["step"] for r in writers.read_metrics(tmp_path / "plain")] == [1, 2]
+
+
 def _nan_config(policy, tmp_path, every=1):
   # lr 1e30: the first update is finite, every later forward overflows to NaN/Inf.
   cfg = config(steps=5, log_every=every, eval_every=0, ckpt_every=every, keep_checkpoints=10,

@@ -94,6 +94,11 @@ class ModelConfig:
     return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
                  if f.name not in skip)
 
+  def architecture_diff(self, other: "ModelConfig") -> str:
+    """'field: self's vs other's; ...' over architecture(); empty when both compute alike."""
+    return "; ".join(f"{k}: {a!r} vs {b!r}" for (k, a), (_, b) in
+                     zip(self.architecture(), other.architecture()) if a != b)
+
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
