@@ -157,7 +157,7 @@ def check_vocabulary(run: Run):
   arrays = {id(e.tokens): e.tokens for e in (run.train_data.examples, run.eval_examples)
             if len(e)}
   for tokens in arrays.values():
-    top = max(int(tokens.max()) if tokens.size else 0, run.train_data.pad_id)
+    top = preference.largest_id(tokens, run.train_data.pad_id)
     if top >= vocab:
       raise ValueError(f"config.model.vocab_size={vocab} is too small for the tokenizer "
                        f"{name or '(built in)'}: the data holds token id {top}; set it to at "

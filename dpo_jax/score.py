@@ -66,7 +66,7 @@ def check_examples(examples, vocab_size: int, pad_id: int, source: str, model: s
     raise preference.DataError(
         f"{source}: row {unpaired[0] + 1}: unpaired (prompt, completion, label), as are "
         f"{unpaired.size} of {len(examples)} rows; scoring needs (prompt, chosen, rejected) rows")
-  top = max(int(examples.tokens.max()) if examples.tokens.size else 0, pad_id)
+  top = preference.largest_id(examples.tokens, pad_id)
   if top >= vocab_size:
     raise ValueError(f"{model}: a vocabulary of {vocab_size} tokens, but {source} tokenised "
                      f"with this tokenizer holds token id {top}")

@@ -1113,6 +1113,12 @@ class _Sink:
     self.out.close()
 
 
+def largest_id(tokens: np.ndarray, pad_id: int) -> int:
+  """The largest id a model reads from these token ids (an Examples' flat array) and their pad
+  id: it must index the model's embedding."""
+  return max(int(tokens.max()) if tokens.size else 0, pad_id)
+
+
 def _narrow(tokens: np.ndarray) -> np.ndarray:
   """Token ids as uint16 when every id fits (most vocabularies), else int32."""
   if tokens.dtype == np.uint16:
