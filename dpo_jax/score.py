@@ -93,6 +93,9 @@ def main(argv=None):
   # the ids go to an unlinked file in $TMPDIR a round of rows at a time, then are mapped from it
   examples, _ = preference.tokenize_cached(None, rows, tokenizer, opts, source, "fail",
                                            **distributed.tokenize_split())
+  note = preference.truncation_note(examples, opts, source)
+  if note and jax.process_index() == 0:
+    print(note, file=sys.stderr)
   pad_id = preference.pad_id(tokenizer)
   buckets = preference.default_buckets(args.max_length)
 

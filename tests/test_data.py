@@ -547,6 +547,39 @@ def test_truncate_function_and_no_completion_left():
     P.tokenize_rows(rows, tok, OPTS, "src")
 
 
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_is_recorded_per_example_and_reported(tmp_path, mode):
+  """Each example records whether truncation cut its prompt, chosen or rejected ids, counted
+  here from the texts' lengths (BOS + bytes, bytes + EOS); the flags survive rounds, the file
+  of ids, the cache, take and concat, and truncation_note counts them."""
+  opts = P.TokenizeOptions(max_length=20, max_prompt_length=8, truncation_mode=mode)
+  shapes = [(7, 12, 12), (8, 12, 12), (8, 13, 3), (30, 3, 30), (3, 40, 40), (2, 2, 18)]
+  rows = [{"prompt": "p" * (lp - 1), "chosen": "c" * (lc - 1), "rejected": "r" * (lr - 1)}
+          for lp, lc, lr in shapes]
+  want = []
+  for lp, lc, lr in shapes:
+    room = opts.max_length - min(lp, 8)
+    want.append((lp > 8) * P.CUT_PROMPT + (lc > room) * P.CUT_CHOSEN + (lr > room) * P.CUT_REJECTED)
+  assert want == [0, 0, 2, 5, 6, 0]
+  exs, _ = P.tokenize_rows(rows, BYTE, opts, round_rows=2, spill_dir=str(tmp_path))
+  assert exs.cut.tolist() == want == [e.cut for e in exs]
+  assert [tok1(r, opts=opts).cut for r in rows] == want
+  cache = str(tmp_path / "cache")
+  for _ in range(2):   # written, then read back
+    cached, _ = P.tokenize_cached(cache, rows, BYTE, opts)
+    assert cached == exs and cached.cut.tolist() == want
+  both = P.Examples.concat([exs.take([3, 0]), exs[4:]])
+  assert both.cut.tolist() == [5, 0, 6, 0]
+  assert P.truncation_note(exs, opts, "src") == (
+      f"src: truncation cut 3 of 6 examples (max_length=20, max_prompt_length=8, {mode}): "
+      "the prompt of 1, the chosen completion of 2, the rejected completion of 2")
+  assert P.truncation_note(exs.take([0, 1, 5]), opts, "src") is None
+  unpaired = [{"prompt": "p" * 3, "completion": "c" * n, "label": True} for n in (5, 30, 30)]
+  assert P.truncation_note(P.tokenize_rows(unpaired, BYTE, opts)[0], opts, "u") == (
+      f"u: truncation cut 2 of 3 examples (max_length=20, max_prompt_length=8, {mode}): "
+      "the completion of 2")
+
+
 def test_bad_options():
   with pytest.raises(ValueError, match="max_prompt_length=64 must be smaller"):
     P.tokenize_rows([good()], BYTE, P.TokenizeOptions(64, 64))
@@ -1170,9 +1203,13 @@ def test_each_process_tokenises_only_its_rows(tmp_path, monkeypatch):
 
 
 _ids = st.lists(st.integers(0, (1 << 17) - 1), min_size=1, max_size=6)
-_example = st.builds(lambda p, c, r, paired, label: P.Tokenized(p, c, r if paired else None,
-                                                                 label),
-                     _ids, _ids, _ids, st.booleans(), st.sampled_from([0.0, 1.0, 0.25]))
+_example = st.builds(lambda p, c, r, paired, label, cut: P.Tokenized(
+    p, c, r if paired else None, label, cut if paired else cut & 3),
+    _ids, _ids, _ids, st.booleans(), st.sampled_from([0.0, 1.0, 0.25]), st.integers(0, 7))
+
+
+def cuts(examples):
+  return [e.cut for e in examples]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
@@ -1181,10 +1218,11 @@ def test_examples_behave_as_the_list_they_hold(ex, small, data):
   """Examples against a plain list of Tokenized: items, slices, index arrays, lengths, dtype."""
   if small:
     ex = [P.Tokenized([t % 300 for t in e.prompt], [t % 300 for t in e.chosen],
-                      None if e.rejected is None else [t % 300 for t in e.rejected], e.label)
-          for e in ex]
+                      None if e.rejected is None else [t % 300 for t in e.rejected], e.label,
+                      e.cut) for e in ex]
   e = P.Examples.of(ex)
   assert len(e) == len(ex) and e == ex and list(e) == ex and P.Examples.of(e) is e
+  assert cuts(e) == cuts(ex) == e.cut.tolist()   # Tokenized's == leaves the cut flags out
   ids = [t for x in ex for seq in (x.prompt, x.chosen, x.rejected or []) for t in seq]
   assert e.tokens.dtype == (np.uint16 if max(ids, default=0) < 1 << 16 else np.int32)
   assert e.tokens.tolist() == ids
@@ -1200,10 +1238,12 @@ def test_examples_behave_as_the_list_they_hold(ex, small, data):
   idx = data.draw(st.lists(st.integers(0, max(len(ex) - 1, 0)), max_size=10)) if ex else []
   view = e.take(idx)
   assert view == [ex[i] for i in idx] == e[np.array(idx, np.int64)]
+  assert cuts(view) == [ex[i].cut for i in idx]
   assert view.tokens is e.tokens   # a view: no ids copied
   view.COMPACT_BLOCK = 2   # compact() in several blocks
   own = view.compact()
   assert own == [ex[i] for i in idx] and own.contiguous and own.compact() is own
+  assert own == view and cuts(own) == cuts(view)
   assert own.tokens.dtype == e.tokens.dtype
   assert own.tokens.tolist() == [t for i in idx for x in [ex[i]]
                                  for seq in (x.prompt, x.chosen, x.rejected or []) for t in seq]
@@ -1213,14 +1253,17 @@ def test_examples_behave_as_the_list_they_hold(ex, small, data):
                            for x in ex), default=0)
   both = P.Examples.concat([e, view, view[::-1]])
   assert both == ex + [ex[i] for i in idx] + [ex[i] for i in idx][::-1]
+  assert cuts(both) == cuts(ex) + [ex[i].cut for i in idx] + [ex[i].cut for i in idx][::-1]
   assert both[len(ex):].take(range(len(idx))) == [ex[i] for i in idx]   # a view of a view
 
 
 def test_examples_reject_arrays_that_do_not_match():
   with pytest.raises(ValueError, match=r"2 lengths for 5 tokens \(6 expected\)"):
     P.Examples(np.arange(5), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0])
-  with pytest.raises(ValueError, match=r"2 lengths and 1 labels"):
+  with pytest.raises(ValueError, match=r"2 lengths, 1 labels and 2 cut flags"):
     P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0])
+  with pytest.raises(ValueError, match=r"2 lengths, 2 labels and 1 cut flags"):
+    P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0], cut=[0])
   with pytest.raises(ValueError, match=r"2 starts for 2 examples do not lie within 6 tokens"):
     P.Examples(np.arange(6), [[1, 1, 1], [1, 1, 1]], [1.0, 1.0], starts=[0, 4])
   with pytest.raises(ValueError, match=r"1 starts for 2 examples"):
@@ -1325,7 +1368,7 @@ def test_npz_files_are_written_a_chunk_at_a_time_as_numpy_reads_them(tmp_path):
 
 def test_cached_ids_are_mapped_from_the_file(tmp_path, monkeypatch):
   """tokenize_cached hands back the ids mapped from its file (also right after writing it), a
-  rename over the file leaves a mapping on the old contents, and a file written before "starts",
+  rename over the file leaves a mapping on the old contents, and a file without the cut flags,
   one with starts out of range, or a compressed one are handled."""
   calls, tokenise = [], P.tokenize_rows
   monkeypatch.setattr(P, "tokenize_rows", lambda *a, **k: calls.append(1) or tokenise(*a, **k))
@@ -1348,16 +1391,20 @@ def test_cached_ids_are_mapped_from_the_file(tmp_path, monkeypatch):
   [path] = [os.path.join(cache, f) for f in os.listdir(cache)]
   ex = want[0]
   writers.write_npz(path, {"tokens": ex.tokens[::-1].copy(), "lens": ex.lens, "labels": ex.labels,
-                           "skipped": np.int64(1)})   # replaced under the mapping; no "starts"
+                           "starts": ex.starts, "cut": ex.cut,
+                           "skipped": np.int64(1)})   # replaced under the mapping
   assert first == want[0] and again == want[0]
   (old, _), n = run()
   assert n == 0 and old.tokens.tolist() == ex.tokens[::-1].tolist() and old != want[0]
   writers.write_npz(path, {"tokens": ex.tokens, "lens": ex.lens, "labels": ex.labels,
-                           "starts": ex.starts + 1, "skipped": np.int64(1)})
+                           "starts": ex.starts + 1, "cut": ex.cut, "skipped": np.int64(1)})
   assert run() == (want, 1)   # starts past the end: tokenised again
+  writers.write_npz(path, {"tokens": ex.tokens, "lens": ex.lens, "labels": ex.labels,
+                           "starts": ex.starts, "skipped": np.int64(1)})
+  assert run() == (want, 1)   # no cut flags (written before them): tokenised again
   with open(path, "wb") as f:
     np.savez_compressed(f, tokens=ex.tokens, lens=ex.lens, labels=ex.labels, starts=ex.starts,
-                        skipped=np.int64(1))
+                        cut=ex.cut, skipped=np.int64(1))
   assert run() == (want, 1) and run() == (want, 0)   # compressed: not mapped, written again
   scratch = tmp_path / "scratch"   # $TMPDIR: the ids are tokenised into a file there
   scratch.mkdir()

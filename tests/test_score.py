@@ -101,3 +101,26 @@ def test_score_checkpoint_equals_its_hf_export(tmp_path, monkeypatch):
     lp, n = torch_logps(hf, tok, row["prompt"], row["chosen"])
     assert s["chosen_len"] == n
     np.testing.assert_allclose(s["chosen_logps"], lp, rtol=1e-5, atol=1e-4)
+
+
+def test_score_and_rank_report_truncation(tmp_path, capsys):
+  """score and rank say how many pairs truncation cut, as training does, and score the cut
+  ids: a chosen completion cut to the room left keeps no EOS."""
+  from dpo_jax import rank, score
+  from dpo_jax.models import TINY, hf_io, init_params
+  tok = byte_tokenizer()
+  hf_io.save_hf(str(tmp_path / "m"), TINY, init_params(TINY, 0), tokenizer=tok)
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in [
+      {"prompt": "p" * 30, "chosen": "c" * 30, "rejected": "r"}, ROWS[1]]))
+  out = tmp_path / "scores.jsonl"
+  flags = ["--data", str(data), "--max_length", "32", "--max_prompt_length", "16"]
+  score.main(["--model", str(tmp_path / "m"), "--out", str(out), *flags])
+  note = (f"{data}: truncation cut 1 of 2 examples (max_length=32, max_prompt_length=16, "
+          "keep_end): the prompt of 1, the chosen completion of 1")
+  err = capsys.readouterr().err
+  assert note in err, err
+  first = json.loads(out.read_text().splitlines()[0])
+  assert first["chosen_len"] == 32 - 16 and first["rejected_len"] == 2
+  rank.main(["--models", str(tmp_path / "m"), "--bootstrap", "0", *flags])
+  assert note in capsys.readouterr().err

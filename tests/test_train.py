@@ -1,4 +1,5 @@
 """The train step and loop: metrics, resume, sharding invariance, exact accumulation, compiles."""
+import json
 import os
 import shutil
 import subprocess
@@ -293,6 +294,34 @@ def test_a_rerun_reads_the_tokenised_data_from_the_cache(tmp_path, monkeypatch):
     build.setup(config(eval_every=0, data__cache=False), workdir=str(tmp_path))
   with pytest.raises(ValueError, match=r"config.data.cache_keep=-1 must be an integer >= 0"):
     build.setup(config(eval_every=0, data__cache_keep=-1), workdir=str(tmp_path))
+
+
+def test_truncation_is_reported_per_file(tmp_path, capsys):
+  """Training says, per data file, how many examples truncation cut and what it cut; nothing
+  when it cut none."""
+  tok = train.load.load_tokenizer(config().model.init)
+  pad = preference.pad_id(tok)
+  train_rows = [{"prompt": "x " * 40, "chosen": "a", "rejected": "b"},
+                {"prompt": "Hi.", "chosen": "a", "rejected": "b"},
+                {"prompt": "x " * 40, "chosen": "a " * 40, "rejected": "b"}]
+  eval_rows = [{"prompt": "Hi.", "chosen": "a " * 40, "rejected": "b"},
+               {"prompt": "Hi.", "chosen": "a", "rejected": "b"}]
+  paths = []
+  for name, rows in (("train", train_rows), ("eval", eval_rows)):
+    paths.append(tmp_path / f"{name}.jsonl")
+    paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = config(data__train=str(paths[0]), data__eval=str(paths[1]), data__max_length=32,
+               data__max_prompt_length=16, data__cache=False, batch_size=2)
+  build.load_data(cfg, tok, pad)
+  err = capsys.readouterr().err
+  assert (f"{paths[0]}: truncation cut 2 of 3 examples (max_length=32, max_prompt_length=16, "
+          "keep_end): the prompt of 2, the chosen completion of 1") in err
+  assert (f"{paths[1]}: truncation cut 1 of 2 examples (max_length=32, max_prompt_length=16, "
+          "keep_end): the chosen completion of 1") in err
+  build.load_data(config(data__train=str(paths[0]), data__eval=str(paths[1]), data__cache=False,
+                         data__max_length=512, data__max_prompt_length=256, batch_size=2),
+                  tok, pad)
+  assert "truncation" not in capsys.readouterr().err
 
 
 def test_streamed_data_give_the_same_batches(tmp_path, monkeypatch, capsys):

@@ -32,6 +32,8 @@ Truncation rule (applied per sequence, before batching):
      (truncation_mode="keep_end", TRL's default) or its first ones ("keep_start").
   2. The completion is then cut at the end so that prompt + completion <= max_length.
   3. A row whose completion would keep no token is an error naming the row.
+Each example records what was cut (Examples.cut: CUT_PROMPT | CUT_CHOSEN | CUT_REJECTED), and
+truncation_note() says how many were, so that the trainer, score and rank report it.
 Prompt tokens are never scored: the loss mask covers completion tokens only (for strings the
 completion ends with the tokenizer's EOS, which is scored).
 """
@@ -60,6 +62,7 @@ from dpo_jax import writers
 ROLES = ("system", "user", "assistant", "tool")
 ON_ERROR = ("fail", "skip")
 TRUNCATION_MODES = ("keep_end", "keep_start")
+CUT_PROMPT, CUT_CHOSEN, CUT_REJECTED = 1, 2, 4   # Examples.cut: what truncate() cut
 _KINDS = {True: "paired (prompt, chosen, rejected)",
           False: "unpaired (prompt, completion, label)"}
 
@@ -75,6 +78,7 @@ class Tokenized:
   chosen: list[int]
   rejected: Optional[list[int]] = None
   label: float = 1.0
+  cut: int = dataclasses.field(default=0, compare=False)   # CUT_* flags: what truncation cut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,6 +579,7 @@ def _check_options(opts: TokenizeOptions):
 
 
 def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, field: str):
+  """(prompt ids, completion ids) within the options' lengths (the module's truncation rule)."""
   prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
   if opts.truncation_mode not in TRUNCATION_MODES:
     raise ValueError(f"config.data.truncation_mode must be keep_end or keep_start, got "
@@ -590,6 +595,23 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
     raise DataError(f"{where}: field {field!r}: no completion token fits in max_length="
                     f"{opts.max_length} after a prompt of {len(prompt_ids)} tokens")
   return prompt_ids, completion_ids[:room]
+
+
+def truncation_note(examples: Examples, opts: TokenizeOptions, source: str) -> Optional[str]:
+  """One line saying how many of the examples truncation cut, and what it cut in how many;
+  None when it cut none."""
+  cut = examples.cut
+  n = int(np.count_nonzero(cut))
+  if not n:
+    return None
+  paired = bool((examples.lens[:, 2] >= 0).any())
+  parts = (("prompt", CUT_PROMPT), ("chosen completion" if paired else "completion", CUT_CHOSEN),
+           ("rejected completion", CUT_REJECTED))
+  what = [f"the {name} of {k}" for name, flag in parts
+          if (k := int(np.count_nonzero(cut & flag)))]
+  return (f"{source}: truncation cut {n} of {len(examples)} examples "
+          f"(max_length={opts.max_length}, max_prompt_length={opts.max_prompt_length}, "
+          f"{opts.truncation_mode}): {', '.join(what)}")
 
 
 ROUND_ROWS = 4096   # rows tokenised (by all processes together) between two stores of examples
@@ -680,7 +702,7 @@ def _check_round(parts: Sequence[Part], r: int, per: int, source: str):
                     f"process must read the same data set in the same order)")
 
 
-CACHE_FORMAT = "dpo_jax examples 1"   # change when Examples or tokenising changes
+CACHE_FORMAT = "dpo_jax examples 2"   # change when Examples or tokenising changes
 
 
 def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOptions,
@@ -717,7 +739,7 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
     return examples, skipped
   writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
                            "labels": examples.labels, "starts": examples.starts,
-                           "skipped": np.int64(skipped)})
+                           "cut": examples.cut, "skipped": np.int64(skipped)})
   writers.prune(cache_dir, keep)
   return _read_examples(path) or (examples, skipped)
 
@@ -725,10 +747,10 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
 def _read_examples(path: str) -> Optional[tuple[Examples, int]]:
   """tokenize_cached's file as (examples with mapped ids, skipped), or None."""
   z = writers.read_npz(path, mapped=("tokens",))
-  if z is None or not {"tokens", "lens", "labels", "skipped"} <= set(z):
+  if z is None or not {"tokens", "lens", "labels", "starts", "cut", "skipped"} <= set(z):
     return None
-  try:   # files written before "starts" hold the examples one after another
-    out = (Examples(z["tokens"], z["lens"], z["labels"], z.get("starts"), narrow=False),
+  try:
+    out = (Examples(z["tokens"], z["lens"], z["labels"], z["starts"], narrow=False, cut=z["cut"]),
            int(z["skipped"]))
   except ValueError as e:
     print(f"{path}: not a readable cache ({e}); computing it again", file=sys.stderr)
@@ -837,7 +859,10 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
     rejected = truncate(prompt_ids, completions[1], opts, where, "rejected")[1] if paired else None
   except DataError as e:
     return str(e)
-  return Tokenized(prompt, chosen, rejected, r["label"])
+  cut = ((len(prompt) < len(prompt_ids)) * CUT_PROMPT
+         + (len(chosen) < len(completions[0])) * CUT_CHOSEN
+         + (paired and len(rejected) < len(completions[1])) * CUT_REJECTED)
+  return Tokenized(prompt, chosen, rejected, r["label"], int(cut))
 
 
 def collect(parts: Sequence[Part], numbers, source: str, on_error: str,
@@ -875,7 +900,7 @@ def pack_part(part: Part) -> bytes:
   buf = io.BytesIO()
   ex = part.examples.compact()
   np.savez(buf, index=part.index, paired=part.paired, lens=ex.lens, tokens=ex.tokens,
-           labels=ex.labels, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8),
+           labels=ex.labels, cut=ex.cut, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8),
            round_rows=np.int64(part.round_rows))
   return buf.getvalue()
 
@@ -883,13 +908,14 @@ def pack_part(part: Part) -> bytes:
 def unpack_part(blob: bytes) -> Part:
   z = np.load(io.BytesIO(blob), allow_pickle=False)
   return Part(z["index"], z["paired"], json.loads(z["errors"].tobytes().decode()),
-              Examples(z["tokens"], z["lens"], z["labels"]), int(z["round_rows"]))
+              Examples(z["tokens"], z["lens"], z["labels"], cut=z["cut"]), int(z["round_rows"]))
 
 
 class Examples(collections.abc.Sequence):
   """Tokenized examples held as arrays: every example's prompt, chosen and rejected ids one after
   another in a flat token array (uint16 when every id fits, else int32), with [N, 3] lengths
-  (rejected -1: unpaired), [N] labels and [N] starts (where each example's ids begin). A Python
+  (rejected -1: unpaired), [N] labels, [N] starts (where each example's ids begin) and [N] cut
+  (uint8 CUT_* flags: what truncation cut; zeros when not given). A Python
   list of ids costs 36 bytes a token above id 256; this costs 2 or 4, and the parts of a shared
   tokenising are exchanged as they are.
 
@@ -900,7 +926,8 @@ class Examples(collections.abc.Sequence):
   COMPACT_BLOCK = 4096   # examples gathered at a time by compact()
 
   def __init__(self, tokens: np.ndarray, lens: np.ndarray, labels: np.ndarray,
-               starts: Optional[np.ndarray] = None, narrow: bool = True):
+               starts: Optional[np.ndarray] = None, narrow: bool = True,
+               cut: Optional[np.ndarray] = None):
     """starts None: the examples follow each other in `tokens`. narrow=False keeps the tokens'
     dtype (uint16 or int32) without reading them to choose it."""
     tokens = np.asarray(tokens)
@@ -913,8 +940,11 @@ class Examples(collections.abc.Sequence):
     self.lens = np.asarray(lens, np.int32).reshape(-1, 3)
     self.labels = np.asarray(labels, np.float64).reshape(-1)
     self.sizes = sizes = np.maximum(self.lens, 0).sum(1, dtype=np.int64)   # ids an example
-    if len(self.labels) != len(self.lens):
-      raise ValueError(f"{len(self.lens)} lengths and {len(self.labels)} labels")
+    self.cut = (np.zeros(len(self.lens), np.uint8) if cut is None
+                else np.asarray(cut, np.uint8).reshape(-1))
+    if not len(self.labels) == len(self.cut) == len(self.lens):
+      raise ValueError(f"{len(self.lens)} lengths, {len(self.labels)} labels and "
+                       f"{len(self.cut)} cut flags")
     if starts is None:
       if sizes.sum() != self.tokens.size:
         raise ValueError(f"{len(self.lens)} lengths for {self.tokens.size} tokens "
@@ -945,7 +975,8 @@ class Examples(collections.abc.Sequence):
     return Examples(np.concatenate([p.tokens for p in parts]),
                     np.concatenate([p.lens for p in parts]),
                     np.concatenate([p.labels for p in parts]),
-                    np.concatenate([p.starts + s for p, s in zip(parts, shift)]))
+                    np.concatenate([p.starts + s for p, s in zip(parts, shift)]),
+                    cut=np.concatenate([p.cut for p in parts]))
 
   def __len__(self) -> int:
     return len(self.lens)
@@ -961,7 +992,7 @@ class Examples(collections.abc.Sequence):
     (lp, lc, lr), at = self.lens[i].tolist(), int(self.starts[i])
     ids = self.tokens[at:at + lp + lc + max(lr, 0)].tolist()
     return Tokenized(ids[:lp], ids[lp:lp + lc], None if lr < 0 else ids[lp + lc:],
-                     float(self.labels[i]))
+                     float(self.labels[i]), int(self.cut[i]))
 
   def __iter__(self):
     return (self[i] for i in range(len(self)))
@@ -970,7 +1001,7 @@ class Examples(collections.abc.Sequence):
     """The examples at the given indices, in that order, on the same token array."""
     idx = np.asarray(idx, np.int64).reshape(-1)
     return Examples(self.tokens, self.lens[idx], self.labels[idx], self.starts[idx],
-                    narrow=False)
+                    narrow=False, cut=self.cut[idx])
 
   @property
   def contiguous(self) -> bool:
@@ -991,7 +1022,7 @@ class Examples(collections.abc.Sequence):
       n = int(sizes[b].sum())
       at = np.repeat(self.starts[b] - to[b], sizes[b]) + np.arange(to[a], to[a] + n)
       out[to[a]:to[a] + n] = self.tokens[at]
-    return Examples(out, self.lens, self.labels, narrow=False)
+    return Examples(out, self.lens, self.labels, narrow=False, cut=self.cut)
 
   @property
   def longest(self) -> int:
@@ -1002,11 +1033,12 @@ class Examples(collections.abc.Sequence):
   def nbytes(self) -> int:
     """Bytes of the arrays it holds (the whole token array, also when it is shared)."""
     return (self.tokens.nbytes + self.lens.nbytes + self.labels.nbytes + self.starts.nbytes
-            + self.sizes.nbytes)
+            + self.sizes.nbytes + self.cut.nbytes)
 
   def __eq__(self, other):
     if isinstance(other, Examples):
       return (np.array_equal(self.lens, other.lens) and np.array_equal(self.labels, other.labels)
+              and np.array_equal(self.cut, other.cut)
               and np.array_equal(self.compact().tokens, other.compact().tokens))
     if isinstance(other, collections.abc.Sequence) and not isinstance(other, (str, bytes)):
       return len(self) == len(other) and all(a == b for a, b in zip(self, other))
@@ -1025,6 +1057,7 @@ class _Builder:
 
   def __init__(self):
     self.tokens, self.lens, self.labels = array.array("H"), array.array("i"), array.array("d")
+    self.cut = array.array("B")
 
   def _widen(self):
     self.tokens = array.array("i", self.tokens)
@@ -1043,13 +1076,14 @@ class _Builder:
         self._widen()
         self.tokens.extend(ids)
     self.labels.append(e.label)
+    self.cut.append(e.cut)
 
   def extend(self, examples: Examples):
     examples = examples.compact()
     if examples.tokens.dtype == np.int32 and self.tokens.typecode == "H":
       self._widen()
     for out, a in ((self.tokens, examples.tokens), (self.lens, examples.lens),
-                   (self.labels, examples.labels)):
+                   (self.labels, examples.labels), (self.cut, examples.cut)):
       a = np.ascontiguousarray(a, out.typecode).reshape(-1)   # no copy when it is so already
       if a.size:
         out.frombytes(memoryview(a).cast("B"))
@@ -1058,7 +1092,7 @@ class _Builder:
     wide = self.tokens.typecode == "i"
     return Examples(np.frombuffer(self.tokens, np.int32 if wide else np.uint16),
                     np.frombuffer(self.lens, np.int32), np.frombuffer(self.labels, np.float64),
-                    narrow=wide)
+                    narrow=wide, cut=np.frombuffer(self.cut, np.uint8))
 
   def close(self):
     """Nothing to release (tokenize_rows closes either store)."""
@@ -1067,13 +1101,13 @@ class _Builder:
 class _Sink:
   """_Builder's extend/build with the ids in a file of `directory` instead of memory: the file
   is deleted as soon as it is opened (a crash leaves nothing behind) and mapped read-only when
-  done. Lengths and labels stay in memory. The ids are uint16 until a round brings int32 ones:
-  then those stored are rewritten as int32 once."""
+  done. Lengths, labels and cut flags stay in memory. The ids are uint16 until a round brings
+  int32 ones: then those stored are rewritten as int32 once."""
   CHUNK = 1 << 24   # bytes read at a time when widening the file
 
   def __init__(self, directory: str):
     self.directory, self.dtype, self.size = directory, np.dtype(np.uint16), 0
-    self.lens, self.labels = [], []
+    self.lens, self.labels, self.cut = [], [], []
     self.out = self._open()
 
   def _open(self):
@@ -1091,6 +1125,7 @@ class _Sink:
     self.size += examples.tokens.size
     self.lens.append(examples.lens)
     self.labels.append(examples.labels)
+    self.cut.append(examples.cut)
 
   def _widen(self):
     self.dtype = np.dtype(np.int32)
@@ -1103,10 +1138,11 @@ class _Sink:
   def build(self) -> Examples:
     lens = np.concatenate(self.lens) if self.lens else np.zeros((0, 3), np.int32)
     labels = np.concatenate(self.labels) if self.labels else np.zeros(0)
+    cut = np.concatenate(self.cut) if self.cut else np.zeros(0, np.uint8)
     self.out.flush()
     tokens = (np.memmap(self.out, self.dtype, "r", shape=(self.size,)) if self.size
               else np.zeros(0, self.dtype))
-    return Examples(tokens, lens, labels, narrow=False)
+    return Examples(tokens, lens, labels, narrow=False, cut=cut)
 
   def close(self):
     """Closes the file (a mapping of it stays, and its space is freed with the mapping)."""
