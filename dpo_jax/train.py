@@ -232,11 +232,12 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
   def eval_step(params, loss_state, frozen, batch):
     """(loss sum, metric sums) of the whole batch: batch statistics as in training."""
     pols, pairs, whole_loss, _ = whole_batch_values(params, frozen, batch)
-    return summarise(merge_rows(pols), *whole_loss(pols, loss_state), pairs["valid"])
+    return summarise(merge_rows(pols), *whole_loss(pols, spec.at_eval(loss_state)),
+                     pairs["valid"])
 
   def example_metrics(params, loss_state, frozen, batch):
     """Per-example loss and metrics ([b] each) of one micro-batch, e.g. λ per pair."""
-    _, loss_b, metrics = forward(params, loss_state, frozen, batch)
+    _, loss_b, metrics = forward(params, spec.at_eval(loss_state), frozen, batch)
     return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
 
   return StepFns(train_step, eval_step, example_metrics)

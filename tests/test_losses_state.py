@@ -13,7 +13,7 @@ from dpo_jax import losses
 from test_losses import (B, DEVIATIONS, bco_delta, f64, kto_z0, lcpo_parts,  # noqa: F401
                          make_batch, record, ref_aot, ref_aot_unpaired, ref_bco, ref_bco_pair,
                          ref_cpo, ref_dpo, ref_ipo, ref_kto, ref_orpo, ref_simpo, ref_sft,
-                         ref_wpo, to_logps)
+                         ref_wpo, to_logps, wpo_weight)
 
 
 def step_average(metrics: dict) -> dict:
@@ -67,6 +67,34 @@ def test_bco_unpaired_delta_sequence():
     seen += list(0.1 * (b["pc"] - b["rc"]))
     record("bco", "state δ sequence", state["delta"], np.mean(seen))
     record("bco", "loss with running δ", loss, ref_bco(b, frozen_delta=np.mean(seen)))
+
+
+@pytest.mark.parametrize("name", ["bco_pair", "bco", "wpo(bco_pair)",
+                                  "sigmoid:0.8+bco_pair:0.2"])
+def test_bco_evaluation_uses_the_stored_delta(name):
+  """Evaluation (LossSpec.at_eval: training=False) uses the stored δ, without folding the
+  evaluated batch in, and reports the state unchanged, as TRL's BCOTrainer evaluates; training
+  folds it in. Losses that take no `training` get the state alone."""
+  spec = losses.get(name)
+  unpaired = name == "bco"
+  b = make_batch(95, "wide", unpaired=unpaired)
+  b64, stored = f64(b), {"delta": 0.37, "delta_count": 24.0}
+  prefix = "bco_pair/" if "+" in name else ""
+  state = {prefix + k: jnp.asarray(v, jnp.float32) for k, v in stored.items()}
+  assert "training" not in spec.hparams and spec.at_eval(state) == {**state, "training": False}
+  ref = ref_bco if unpaired else ref_bco_pair
+  for training, delta in ((False, stored["delta"]), (True, None)):
+    kw = spec.at_eval(state) if not training else state
+    loss, metrics = spec(to_logps(b), **kw)
+    want = ref(b64, **stored, frozen_delta=delta)
+    if name.startswith("wpo"):
+      want = want * wpo_weight(b64)
+    if "+" in name:
+      want = 0.8 * ref_dpo(b64) + 0.2 * want
+    record(name, f"loss, training={training}", loss, want)
+    assert (float(metrics[prefix + "delta_count"]) == stored["delta_count"]) != training
+  assert losses.get("dpo").at_eval(state) == state
+  assert losses.get("lcpo(hinge)").at_eval({"eta": 0.5}) == {"eta": 0.5}
 
 
 def test_lcpo_eta_sequence():
@@ -201,7 +229,9 @@ def test_batch_level_losses_sharded_equal_global():
   args = jax.device_put((to_logps(bp), to_logps(bu)), data)
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(args))
   sharded = jax.jit(_all_batch_level)(*args)
-  unsharded = jax.jit(_all_batch_level)(*args)
+  one = jax.device_put((to_logps(bp), to_logps(bu)), jax.devices()[0])
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(one))
+  unsharded = jax.jit(_all_batch_level)(*one)
   for name, hp, ref in SHARDED + SHARDED_UNPAIRED:
     got, want = sharded[name][0], unsharded[name][0]
     record(name, "8-way sharded vs unsharded", got, want, 1e-6, 1e-6)
@@ -301,8 +331,8 @@ def test_padding_rows_are_skipped_by_batch_statistics():
 
 def run_all():
   for name, fn in list(globals().items()):
-    if name == "test_step_style_call":
-      for n in losses.names() + EXTRA_SPECS:
-        fn(n)
-    elif name.startswith("test_") and callable(fn):
-      fn()
+    if not (name.startswith("test_") and callable(fn)):
+      continue
+    cases = [m.args[1] for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+    for case in (cases[0] if cases else [()]):
+      fn(*([case] if cases else []))

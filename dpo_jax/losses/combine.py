@@ -50,6 +50,8 @@ def combine(weights: dict[str, float]) -> core.LossSpec:
     for k, v in s.hparams.items():
       defaults.setdefault(k, []).append(v)
   conflicting = {k for k, vs in defaults.items() if any(v != vs[0] for v in vs)}
+  # `training` (see LossSpec.at_eval) reaches the terms that take it.
+  training = [k for s in specs.values() for k in core.accepted_hparams(s, {"training": 1})][:1]
 
   def fn(logps: core.PairLogps, **hparams):
     state_keys = {k for k in hparams if "/" in k}
@@ -92,7 +94,8 @@ def combine(weights: dict[str, float]) -> core.LossSpec:
   fn.__signature__ = inspect.Signature(
       [inspect.Parameter("logps", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
       + [inspect.Parameter(k, kw, default=None if k in conflicting else vs[0])
-         for k, vs in defaults.items()])
+         for k, vs in defaults.items()]
+      + [inspect.Parameter(k, kw, default=True) for k in training])
   return core.LossSpec(
       name=_canonical(weights), fn=fn,
       needs_ref=any(s.needs_ref for s in specs.values()),

@@ -92,16 +92,22 @@ class LossSpec:
     """Keyword hyperparameters and their defaults (a wrapper's include its base loss's).
 
     Loss state (the keys of init_state(), e.g. BCO's delta) is not a hyperparameter: the step
-    passes it separately.
+    passes it separately. Nor is `training` (see at_eval).
     """
     params = inspect.signature(self.fn).parameters
     out = {}
     if "base" in params and any(p.kind == p.VAR_KEYWORD for p in params.values()):
       out.update(get(params["base"].default).hparams)
     out.update({k: p.default for k, p in params.items() if p.kind == p.KEYWORD_ONLY})
-    for k in self.init_state():
+    for k in (*self.init_state(), "training"):
       out.pop(k, None)
     return out
+
+  def at_eval(self, loss_state: dict) -> dict:
+    """The keywords beside the hyperparameters that an evaluation passes: the loss state, and
+    training=False to a loss that takes `training` (BCO: δ is the stored running mean, not
+    updated with the evaluated batch, as TRL evaluates). Training passes the state alone."""
+    return {**loss_state, **{k: False for k in accepted_hparams(self, {"training": False})}}
 
 
 _REGISTRY: dict[str, LossSpec] = {}

@@ -40,7 +40,7 @@ def fdpo(logps: PairLogps, *, beta: float = 0.1, divergence: str = "reverse_kl",
   """ℓ(β[g(r_w) − g(r_l)]) for divergence ∈ {reverse_kl, forward_kl, js, alpha}; see module doc.
 
   Rewards in the metrics stay β·r (as TRL logs them); λ = ½(|∂L/∂S_θ(y_w)| + |∂L/∂S_θ(y_l)|)/β.
-  f_alpha default 0.5 is ours (TRL's f_alpha_divergence_coef defaults to 1.0 = reverse KL).
+  f_alpha defaults to 0.5, as TRL main's f_alpha_divergence_coef (TRL 0.19 had 1.0).
   """
   def loss_fn(pc, pr):
     gw = f_score(pc - logps.ref_chosen, divergence, f_alpha)

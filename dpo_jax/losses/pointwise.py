@@ -70,24 +70,32 @@ def delta_update_state(state: dict, metrics: dict) -> dict:
           "delta_count": jnp.asarray(metrics["delta_count"], jnp.float32)}
 
 
+def fold_delta(rewards, delta, delta_count, weights, training: bool):
+  """(δ, count) with these rewards folded in (running_mean); in evaluation the stored ones."""
+  if training:
+    return running_mean(rewards, delta, delta_count, weights)
+  return jnp.asarray(delta, jnp.float32), jnp.asarray(delta_count, jnp.float32)
+
+
 @register("bco_pair", init_state=delta_init_state, update_state=delta_update_state,
           batch_coupled=True)
 def bco_pair(logps: PairLogps, *, beta: float = 0.1, use_delta: bool = True,
-             delta: float = 0.0, delta_count: float = 0.0):
+             delta: float = 0.0, delta_count: float = 0.0, training: bool = True):
   """BCO on pairs (Jung et al., 2024, arXiv 2404.04656): ℓ(u_w − δ) + ℓ(−(u_l − δ)).
 
   use_delta=True (default): δ = running mean of all β·r seen (chosen and rejected, this batch
   included, no gradient), as TRL 0.19 did; `delta`/`delta_count` are the loss state.
   use_delta=False: δ = 0, which matches TRL main loss_type="bco_pair" (it dropped δ). TRL 0.19
   weighted every step's batch mean equally; we weight by reward count (equal for equal batches).
-  metrics["delta"], ["delta_count"] are the updated state either way. Under gradient
-  accumulation the step averages them over micro-batches, so a step then counts as one
-  micro-batch of rewards at the step's mean (steps weighted equally, as in TRL 0.19).
+  metrics["delta"], ["delta_count"] are the updated state either way. The loss is batch-coupled,
+  so under gradient accumulation the step folds the whole batch into δ at once.
+  training=False (evaluation, LossSpec.at_eval): δ is the stored mean, without this batch, and
+  the metrics report the state unchanged (TRL evaluates without updating its RunningMoments).
   """
   chosen_r, rejected_r = rewards(logps, beta)
   w = row_weights(logps)
-  new_delta, new_count = running_mean(jnp.concatenate([chosen_r, rejected_r]), delta, delta_count,
-                                      jnp.concatenate([w, w]))
+  new_delta, new_count = fold_delta(jnp.concatenate([chosen_r, rejected_r]), delta, delta_count,
+                                    jnp.concatenate([w, w]), training)
   d = new_delta if use_delta else 0.0
   loss, metrics = _pair(logps, beta, lambda uw, ul: -log_sigmoid(uw - d) - log_sigmoid(d - ul))
   metrics.update(delta=new_delta, delta_count=new_count)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax.losses.core import (PairLogps, grad_weight, log_sigmoid, register, row_weights,
-                                 running_mean, unpaired_reward_metrics, weighted_mean)
-from dpo_jax.losses.pointwise import delta_init_state, delta_update_state
+                                 unpaired_reward_metrics, weighted_mean)
+from dpo_jax.losses.pointwise import delta_init_state, delta_update_state, fold_delta
 
 
 def _unpaired(logps: PairLogps, beta, loss_of_reward):
@@ -55,16 +55,18 @@ def kto(logps: PairLogps, *, beta: float = 0.1, desirable_weight: float = 1.0,
 @register("bco", unpaired=True, init_state=delta_init_state, update_state=delta_update_state,
           batch_coupled=True)
 def bco(logps: PairLogps, *, beta: float = 0.1, use_delta: bool = True, delta: float = 0.0,
-        delta_count: float = 0.0):
+        delta_count: float = 0.0, training: bool = True):
   """BCO (Jung et al., 2024, arXiv 2404.04656), unpaired.
 
   desirable: ℓ(βr − δ), undesirable: w·ℓ(−(βr − δ)). δ as in bco_pair: the count-weighted running
   mean of all β·r seen, this batch included (TRL BCOTrainer's RunningMoments); use_delta=False
-  sets δ = 0 (what TRL main's DPO bco_pair does). Optional UDM weight w: logps.extra["udm_weight"]
-  [B] (used on undesirable rows only; see `udm_weight`), else 1. Matches TRL BCOTrainer.
+  sets δ = 0 (what TRL main's DPO bco_pair does); training=False: the stored δ (bco_pair).
+  Optional UDM weight w: logps.extra["udm_weight"] [B] (used on undesirable rows only; see
+  `udm_weight`), else 1. The train step sets no udm_weight (dpo_jax has no prompt classifier),
+  so training uses w = 1; a caller of the loss may pass one. Matches TRL BCOTrainer.
   """
   rewards = beta * (logps.policy_chosen - logps.ref_chosen)
-  new_delta, new_count = running_mean(rewards, delta, delta_count, row_weights(logps))
+  new_delta, new_count = fold_delta(rewards, delta, delta_count, row_weights(logps), training)
   d = new_delta if use_delta else 0.0
   weight = 1.0
   if logps.extra is not None and "udm_weight" in logps.extra:
