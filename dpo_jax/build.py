@@ -187,13 +187,14 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
           file=sys.stderr)
 
   n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
-  if isinstance(train_data, packing.PackedBatches):
-    train_data.row_multiple = n_batch   # packed rows shard evenly over data×fsdp
   micro = config.batch_size // max(config.grad_accum, 1)
   if micro % n_batch:
     raise ValueError(f"config.batch_size={config.batch_size} / config.grad_accum="
                      f"{config.grad_accum} = {micro} pairs per micro-batch is not divisible by "
                      f"the {n_batch} data×fsdp devices of config.mesh")
+  if isinstance(train_data, packing.PackedBatches):
+    train_data.row_multiple = n_batch   # packed rows shard evenly over data×fsdp
+    train_data.check_row_buckets(config.grad_accum)
 
   params = load.load_params(config.model.init, model_cfg, mesh, rules, config.seed)
   ref = reference.build(

@@ -346,6 +346,30 @@ def test_share_prompt_trains_from_config(tmp_path):
   assert all(r["rewards/accuracies"] >= 0 for r in train_rows)
 
 
+def test_row_buckets_that_a_later_step_could_outgrow_fail_at_setup():
+  """A largest row bucket below the rows of the worst micro-batch (one per sequence, one per
+  pair when prompts are shared), or a bucket that does not shard over data×fsdp, fails at setup
+  naming config.data.row_buckets, not at the step that draws a long batch (after checkpoints,
+  and again on resume). Buckets that hold any batch pass."""
+  base = dict(SMALL, data__packing=True, data__buckets=(128,))
+  with pytest.raises(ValueError, match=r"config.data.row_buckets=\(8,\): a micro-batch of 8 "
+                     r"pairs needs up to 16 rows \(one per sequence when none share a row\); add "
+                     r"a bucket of at least 16"):
+    build.setup(config("configs/dpo.py:runlocal", **base, data__row_buckets=(8,)))
+  with pytest.raises(ValueError, match=r"a micro-batch of 4 pairs needs up to 4 rows \(one per "
+                     r"pair when none share a row\); add a bucket of at least 4"):
+    build.setup(config("configs/dpo.py:runlocal", **base, data__share_prompt=True, grad_accum=2,
+                       data__row_buckets=(2,)), devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match=r"row_buckets=\(8, 12\): \[12\] are not multiples of "
+                     r"the 8 data×fsdp devices"):
+    build.setup(config("configs/dpo.py:runlocal", **base, data__row_buckets=(8, 12)))
+  data = build.setup(config("configs/dpo.py:runlocal", **base, data__row_buckets=(8, 16)),
+                     devices=jax.devices()[:1]).train_data
+  assert data.row_multiple == 1 and data.row_buckets == (8, 16)
+  for step in range(4):   # every batch fits the buckets
+    assert data.microbatches(step, 1)["tokens"].shape[1] in (8, 16)
+
+
 def test_share_prompt_with_precomputed_reference(tmp_path):
   """Precomputed reference log-probs are per-sequence columns: on shared-prompt rows they reach
   the loss unchanged, and the per-example metrics equal one row per sequence."""

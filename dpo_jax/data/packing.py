@@ -326,6 +326,25 @@ class PackedBatches(preference.Batches):
             f"config.data.row_length={row_length}; raise it (0 = twice max_length always fits) "
             f"or set config.data.share_prompt=False")
 
+  def check_row_buckets(self, k: int):
+    """Fails now, naming config.data.row_buckets, where a step of k micro-batches could fail
+    later (after checkpoints, and again on resume, since batches are a function of the step): a
+    bucket that does not shard over row_multiple devices, or a largest bucket below the rows the
+    worst micro-batch needs, one row per sequence (per pair with share_prompt)."""
+    if self.row_buckets is None:
+      return
+    key = f"config.data.row_buckets={self.row_buckets}"
+    bad = [r for r in self.row_buckets if r % self.row_multiple]
+    if bad:
+      raise ValueError(f"{key}: {bad} are not multiples of the {self.row_multiple} data×fsdp "
+                       f"devices the rows are sharded over")
+    units = self.batch_size // k * (1 if self.share_prompt else 2)
+    if max(self.row_buckets) < units:
+      need = -(-units // self.row_multiple) * self.row_multiple
+      raise ValueError(f"{key}: a micro-batch of {self.batch_size // k} pairs needs up to "
+                       f"{units} rows (one per {'pair' if self.share_prompt else 'sequence'} "
+                       f"when none share a row); add a bucket of at least {need}")
+
   def microbatches(self, step: int, k: int = 1) -> dict[str, np.ndarray]:
     idx = self.indices(step)
     if self.batch_size % k:
