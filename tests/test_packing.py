@@ -255,6 +255,9 @@ CASES = {   # name: (loss, grad_accum, row bucket, overrides)
     # prompt sharing: rows [prompt | chosen | rejected], several pairs per row
     "wpo_shared_tokens": ("wpo(dpo)", 1, 4, {"share": True}),
     "kto_shared_accum2": ("kto", 2, 4, {"unpaired": True, "share": True}),
+    # batch-coupled paired losses through the whole-batch path: AOT's global sort, BCO's δ
+    "aot_accum2": ("aot", 2, 4, {}),
+    "bco_pair_shared_accum2": ("bco_pair", 2, 4, {"share": True}),
 }
 
 
