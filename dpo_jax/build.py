@@ -201,7 +201,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
       config.reference.mode, config.reference, spec, model_cfg, params, mesh, rules,
       chunk=config.logprob_chunk, stats=train.side_stats(spec, train.REF_STATS), tokens=spec.needs_tokens,
       workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
-      buckets=train_data.buckets, pad_id=pad_id)
+      buckets=train_data.buckets, pad_id=pad_id, tokenizer=tokenizer)
   te = teacher.build(config.teacher, spec, model_cfg, mesh, rules, chunk=config.logprob_chunk,
                      workdir=workdir, batch_size=config.eval_batch_size or config.batch_size,
                      buckets=train_data.buckets, pad_id=pad_id, student_tokenizer=tokenizer)
@@ -209,6 +209,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
                         **te.columns(train_data.examples, "train")}
   eval_columns = ({**ref.columns(eval_examples, "eval"), **te.columns(eval_examples, "eval")}
                   if eval_examples else {})
+  ref.columns = te.columns = reference.no_columns   # release the weights they hold
   steps = total_steps(config, len(train_data.examples))
   tx, schedule = train.make_optimizer(config.optim, steps)
   graphdef = core.split(model_cfg)[0]

@@ -37,13 +37,20 @@ from dpo_jax.models.config import check_dtype
 MODES = ("initial", "checkpoint", "none", "precomputed", "sync")
 
 
+def no_columns(examples, split) -> dict:
+  """Reference.columns and Teacher.columns once the precomputed passes are done (their closures
+  hold the frozen weights, which are then released)."""
+  del examples, split
+  return {}
+
+
 @dataclasses.dataclass
 class Reference:
   mode: str
   params: Any                                   # None when no reference forward runs
   logps_fn: Callable[[Any, dict], Optional[dict]]
   # Per-example columns to attach to batches (precomputed): examples, split -> {name: [N, 2]}.
-  columns: Callable[[list, str], dict] = lambda examples, split: {}
+  columns: Callable[[list, str], dict] = no_columns
   update: Optional[Callable[[Any, Any], Any]] = None   # sync: (ref, policy) -> new ref
   every: int = 0
   saved: bool = False                           # part of the checkpointed training state
@@ -51,8 +58,9 @@ class Reference:
 
 def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int,
           stats: tuple[str, ...] = (), tokens: bool = False, workdir: str | None = None,
-          batch_size: int = 16, buckets=(), pad_id: int = 0) -> Reference:
-  """ref_cfg is config.reference (mode, path, dtype, sync_every, sync_alpha)."""
+          batch_size: int = 16, buckets=(), pad_id: int = 0, tokenizer=None) -> Reference:
+  """ref_cfg is config.reference (mode, path, dtype, sync_every, sync_alpha); `tokenizer`, the
+  policy's, is checked against a reference.path's own (see check_tokenizer)."""
   if mode not in MODES:
     raise ValueError(f"config.reference.mode must be one of {MODES}, got {mode!r}")
   check_dtype(ref_cfg.dtype, "config.reference.dtype")
@@ -79,6 +87,8 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
   if mode == "initial" and path:
     raise ValueError(f"config.reference.path={path} is set but config.reference.mode='initial' "
                      "uses the initial policy; set mode='checkpoint' (or clear the path)")
+  if path and tokenizer is not None and has_tokenizer(path):
+    check_tokenizer(load.load_tokenizer(path), tokenizer, "config.reference.path", path)
   params = _load(path, cfg, init_params, mesh, rules, ref_cfg.dtype)
   if mode in ("initial", "checkpoint"):
     return Reference(mode, params, forward)
@@ -114,6 +124,24 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     return out
 
   return Reference(mode, None, cached, columns=columns)
+
+
+def has_tokenizer(path: str) -> bool:
+  """Whether a model source holds a tokenizer: a dpo_jax workdir always does (W/tokenizer), a
+  Hugging Face directory when it has tokenizer files."""
+  names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+  return not load.hf_io.is_hf_dir(path) or any(os.path.exists(os.path.join(path, n))
+                                               for n in names)
+
+
+def check_tokenizer(model_tokenizer, policy_tokenizer, key: str, path: str):
+  """A frozen model (reference, teacher) reads the policy's token ids, so both tokenizers must
+  encode text alike (an equal vocabulary size is not enough: Llama 2 and Mistral 7B both have
+  32,000 tokens)."""
+  if not preference.same_encoding(model_tokenizer, policy_tokenizer):
+    raise ValueError(f"{key}={path}: its tokenizer encodes text differently from the policy's "
+                     "(ids or BOS/EOS differ); it reads the policy's token ids, so it needs the "
+                     "policy's tokenizer")
 
 
 def _load(path, cfg, init_params, mesh, rules, dtype):

@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 import jax
 
 from dpo_jax import reference
-from dpo_jax.data import preference
 from dpo_jax.models import core, load, logprobs
 from dpo_jax.models.config import check_dtype
 
@@ -34,21 +33,12 @@ class Teacher:
   mode: str
   params: Any
   fn: Callable[[Any, dict], Optional[dict]]
-  columns: Callable[[list, str], dict] = lambda examples, split: {}
+  columns: Callable[[list, str], dict] = reference.no_columns
 
 
 def needs(spec) -> tuple[bool, bool]:
   """(sequence-level log-probs, token-level KL) that loss `spec` reads from the teacher."""
   return (any(k in spec.extra_keys for k in SEQUENCE_KEYS), "teacher_kl" in spec.token_stats)
-
-
-def check_tokenizer(teacher_tokenizer, student_tokenizer, path: str):
-  """The teacher reads the student's token ids, so both must encode text alike (an equal
-  vocabulary size is not enough: Llama 2 and Mistral 7B both have 32,000 tokens)."""
-  if not preference.same_encoding(teacher_tokenizer, student_tokenizer):
-    raise ValueError(f"config.teacher.path={path}: its tokenizer encodes text differently from "
-                     "the student's (ids or BOS/EOS differ); daDPO needs a teacher with the "
-                     "student's tokenizer")
 
 
 def check_vocabulary(teacher_vocab: int, student_vocab: int, tokenizer, path: str):
@@ -88,7 +78,8 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
   cfg = load.model_config(teacher_cfg.path, student_cfg,
                           **{**load.numerics(student_cfg), "param_dtype": teacher_cfg.dtype})
   if student_tokenizer is not None:
-    check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer, teacher_cfg.path)
+    reference.check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer,
+                              "config.teacher.path", teacher_cfg.path)
   check_vocabulary(cfg.vocab_size, student_cfg.vocab_size, student_tokenizer, teacher_cfg.path)
   params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(teacher_cfg.dtype), p))(
       load.load_params(teacher_cfg.path, cfg, mesh, rules))

@@ -22,6 +22,20 @@ def config(spec: str = "configs/dpo.py:runlocal", **overrides):
                         {k.replace("__", "."): v for k, v in overrides.items()})
 
 
+def setup_holding(cfg, workdir):
+  """(build.setup(cfg, workdir), bytes of the device arrays it created and holds beyond its
+  train state), so that a test can show which weights a run keeps."""
+  import gc   # noqa: PLC0415
+  import jax   # noqa: PLC0415
+  from dpo_jax import build   # noqa: PLC0415
+  gc.collect()
+  before = {id(x) for x in jax.live_arrays()}
+  run = build.setup(cfg, workdir=str(workdir))
+  gc.collect()
+  kept = before | {id(x) for x in jax.tree.leaves(run.state)}
+  return run, sum(x.nbytes for x in jax.live_arrays() if id(x) not in kept)
+
+
 def unpaired_rows(path, n_pairs: int = 64) -> str:
   """The shipped pairs as unpaired (KTO) rows {prompt, completion, label}: chosen -> True,
   rejected -> False. Returns the path."""

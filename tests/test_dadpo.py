@@ -6,7 +6,7 @@ import pytest
 
 from dpo_jax import build, evaluate, losses, train
 from dpo_jax.models import core, hf_io
-from helpers import config
+from helpers import config, setup_holding
 
 SMALL = dict(data__max_length=64, data__max_prompt_length=40, data__eval_fraction=0.0,
              optim__lr=1e-2, optim__warmup_ratio=0.0, eval_every=0, batch_size=8)
@@ -76,8 +76,12 @@ def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):
   for mode in ("step", "precomputed"):
     cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, teacher__mode=mode,
                  teacher__path=path)
-    run = build.setup(cfg, workdir=str(tmp_path))
+    run, held = setup_holding(cfg, tmp_path)
     assert (run.teacher.params is None) == (mode == "precomputed")
+    teacher_bytes = sum(x.nbytes for x in jax.tree.leaves(run.teacher.params or {}))
+    policy_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state["params"]))
+    # the reference (initial policy) and, in step mode only, the teacher's weights
+    assert policy_bytes + teacher_bytes <= held < 1.25 * policy_bytes + teacher_bytes, held
     step = run.jit_train_step()
     state, hist = run.state, []
     for i in range(2):

@@ -10,7 +10,7 @@ import pytest
 
 from dpo_jax import build, export, reference, train
 from dpo_jax.data.preference import Examples, Tokenized
-from helpers import config
+from helpers import config, setup_holding
 
 SMALL = dict(data__max_length=64, data__max_prompt_length=40, optim__lr=1e-2,
              optim__warmup_ratio=0.0, eval_every=0)
@@ -47,6 +47,17 @@ def test_precomputed_equals_initial_and_skips_reference_forward(tmp_path):
   # No reference forward in the step: the policy forward+backward is ~3 forwards, +1 for ref.
   ratio = flops(run2) / flops(run1)
   assert ratio < 0.85, ratio
+
+
+def test_precomputed_reference_holds_no_weights(tmp_path):
+  """After its pass the precomputed mode keeps no reference weights (nor a copy made for the
+  fingerprint); the initial mode keeps one copy of the policy's."""
+  params = None
+  for mode, copies in (("precomputed", 0), ("initial", 1)):
+    run, held = setup_holding(config(**SMALL, reference__mode=mode), tmp_path)
+    params = sum(x.nbytes for x in jax.tree.leaves(run.state["params"]))
+    assert copies * params <= held < copies * params + params / 4, (mode, held, params)
+    del run
 
 
 def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
@@ -118,6 +129,22 @@ def test_checkpoint_reference_from_orbax_and_hf(tmp_path):
   with pytest.raises(ValueError, match="config.reference.mode='none' runs no reference"):
     build.setup(config("configs/dpo.py:runlocal,loss=simpo", **SMALL,
                        reference__path=str(tmp_path / "hf")))
+  # The reference reads the policy's ids: a tokenizer that encodes text otherwise, with the
+  # same vocabulary size, is refused; a directory without tokenizer files cannot be checked.
+  from helpers_hf import tiny_tokenizer   # noqa: PLC0415
+  names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+  shutil.copytree(tmp_path / "hf", tmp_path / "bare",
+                  ignore=lambda d, files: [f for f in files if f in names])
+  shutil.copytree(tmp_path / "bare", tmp_path / "words")
+  tiny_tokenizer(run.model_cfg.vocab_size).save_pretrained(tmp_path / "words")
+  for mode in ("checkpoint", "sync", "precomputed"):
+    with pytest.raises(ValueError, match=r"config.reference.path=.*words: its tokenizer "
+                       r"encodes text differently from the policy's"):
+      build.setup(config(**SMALL, reference__mode=mode, reference__path=str(tmp_path / "words")),
+                  workdir=str(tmp_path / "w"))
+  history, _, _ = run_steps(config(**SMALL, reference__mode="checkpoint",
+                                   reference__path=str(tmp_path / "bare")), 1)
+  np.testing.assert_allclose(history[0]["loss"], results["orbax"]["loss"], rtol=1e-6)
 
 
 def test_reference_none_rejects_losses_that_need_one():
