@@ -900,7 +900,8 @@ def pack_part(part: Part) -> bytes:
   buf = io.BytesIO()
   ex = part.examples.compact()
   np.savez(buf, index=part.index, paired=part.paired, lens=ex.lens, tokens=ex.tokens,
-           labels=ex.labels, cut=ex.cut, errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8),
+           labels=ex.labels, cut=ex.cut,
+           errors=np.frombuffer(json.dumps(part.errors).encode(), np.uint8),
            round_rows=np.int64(part.round_rows))
   return buf.getvalue()
 
