@@ -88,20 +88,14 @@ def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
   if not config.data.train:
     raise ValueError(f"config.data.train={config.data.train!r}: give a .jsonl/.json file, a "
                      f"dataset directory or a hub dataset name")
+  source, rows = preference.load_rows(config.data.train, config.data.split, streaming)
   split = distributed.tokenize_split()   # several processes: each tokenises 1/n of the rows
-
-  def tokenize(name, split_name):
-    source, rows = preference.load_rows(name, split_name, streaming)
-    out = preference.tokenize_cached(cache, rows, tokenizer, opts, source, config.data.on_error,
-                                     **split, keep=keep)
-    note = preference.truncation_note(out[0], opts, source)
-    if note and jax.process_index() == 0:
-      print(note, file=sys.stderr)
-    return out
-
-  examples, skipped = tokenize(config.data.train, config.data.split)
+  examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
+                                                 config.data.on_error, **split, keep=keep)
   if config.data.eval:
-    eval_examples, eskipped = tokenize(config.data.eval, config.data.eval_split)
+    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split, streaming)
+    eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
+                                                         config.data.on_error, **split, keep=keep)
     skipped += eskipped
   else:   # hold out a deterministic fraction of the training rows
     n_eval = int(len(examples) * config.data.eval_fraction)

@@ -64,7 +64,6 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
   """{model: (correct [N] 0/1, margin [N])} from dpo_jax's scoring path; every model and the
   ref compute in `dtype` (a checkpoint's own training dtype would mix numerics with an HF
   directory's)."""
-  import jax   # noqa: PLC0415
   from dpo_jax import distributed, evaluate, sharding   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
@@ -84,9 +83,6 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
       if key not in tokenised:   # into $TMPDIR, mapped back
         tokenised[key] = preference.tokenize_cached(None, rows, tok, opts, source, "fail",
                                                     **distributed.tokenize_split())[0]
-        note = preference.truncation_note(tokenised[key], opts, source)
-        if note and jax.process_index() == 0:
-          print(note, file=sys.stderr)
       examples = tokenised[key]
       cfg = load.model_config(path, TINY, dtype=dtype)
       pad = preference.pad_id(tok)

@@ -88,7 +88,7 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     raise ValueError(f"config.reference.path={path} is set but config.reference.mode='initial' "
                      "uses the initial policy; set mode='checkpoint' (or clear the path)")
   if path and tokenizer is not None and has_tokenizer(path):
-    check_tokenizer(load.load_tokenizer(path), tokenizer, "config.reference.path", path)
+    check_tokenizer(load.load_tokenizer(path), tokenizer, f"config.reference.path={path}")
   params = _load(path, cfg, init_params, mesh, rules, ref_cfg.dtype)
   if mode in ("initial", "checkpoint"):
     return Reference(mode, params, forward)
@@ -134,12 +134,12 @@ def has_tokenizer(path: str) -> bool:
                                                for n in names)
 
 
-def check_tokenizer(model_tokenizer, policy_tokenizer, key: str, path: str):
-  """A frozen model (reference, teacher) reads the policy's token ids, so both tokenizers must
-  encode text alike (an equal vocabulary size is not enough: Llama 2 and Mistral 7B both have
-  32,000 tokens)."""
+def check_tokenizer(model_tokenizer, policy_tokenizer, where: str):
+  """A frozen model (reference, teacher; `where` names its setting) reads the policy's token
+  ids, so both tokenizers must encode text alike (an equal vocabulary size is not enough: Llama
+  2 and Mistral 7B both have 32,000 tokens)."""
   if not preference.same_encoding(model_tokenizer, policy_tokenizer):
-    raise ValueError(f"{key}={path}: its tokenizer encodes text differently from the policy's "
+    raise ValueError(f"{where}: its tokenizer encodes text differently from the policy's "
                      "(ids or BOS/EOS differ); it reads the policy's token ids, so it needs the "
                      "policy's tokenizer")
 

@@ -75,7 +75,7 @@ def check_examples(examples, vocab_size: int, pad_id: int, source: str, model: s
 def main(argv=None):
   args = parse_args(argv)
   import jax   # noqa: PLC0415
-  from dpo_jax import distributed, evaluate, sharding, writers   # noqa: PLC0415
+  from dpo_jax import distributed, evaluate, reference, sharding, writers   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   from dpo_jax.models import TINY, load   # noqa: PLC0415
   from dpo_jax.models.config import check_dtype   # noqa: PLC0415
@@ -93,15 +93,11 @@ def main(argv=None):
   # the ids go to an unlinked file in $TMPDIR a round of rows at a time, then are mapped from it
   examples, _ = preference.tokenize_cached(None, rows, tokenizer, opts, source, "fail",
                                            **distributed.tokenize_split())
-  note = preference.truncation_note(examples, opts, source)
-  if note and jax.process_index() == 0:
-    print(note, file=sys.stderr)
   pad_id = preference.pad_id(tokenizer)
   buckets = preference.default_buckets(args.max_length)
 
-  if args.ref and not preference.same_encoding(load.load_tokenizer(args.ref), tokenizer):
-    raise ValueError(f"--ref {args.ref}: its tokenizer encodes text differently from --model's; "
-                     "the reference scores the ids --model's tokenizer writes")
+  if args.ref:   # the reference scores the ids --model's tokenizer writes
+    reference.check_tokenizer(load.load_tokenizer(args.ref), tokenizer, f"--ref {args.ref}")
 
   def scores(path):
     cfg = load.model_config(path, TINY, dtype=args.dtype)

@@ -79,7 +79,7 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
                           **{**load.numerics(student_cfg), "param_dtype": teacher_cfg.dtype})
   if student_tokenizer is not None:
     reference.check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer,
-                              "config.teacher.path", teacher_cfg.path)
+                              f"config.teacher.path={teacher_cfg.path}")
   check_vocabulary(cfg.vocab_size, student_cfg.vocab_size, student_tokenizer, teacher_cfg.path)
   params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(teacher_cfg.dtype), p))(
       load.load_params(teacher_cfg.path, cfg, mesh, rules))

@@ -130,7 +130,7 @@ def test_a_teacher_with_another_tokenizer_is_refused():
   """daDPO's teacher reads the student's ids: an equal vocabulary size is not enough."""
   from helpers_hf import tiny_tokenizer
   byte = load.load_tokenizer(None)
-  check = lambda tok: reference.check_tokenizer(tok, byte, "config.teacher.path", "T")
+  check = lambda tok: reference.check_tokenizer(tok, byte, "config.teacher.path=T")
   check(load.load_tokenizer(None))   # the same: accepted
   with pytest.raises(ValueError, match="config.teacher.path=T: its tokenizer encodes text"):
     check(tiny_tokenizer(264))

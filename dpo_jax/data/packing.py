@@ -326,6 +326,11 @@ class PackedBatches(preference.Batches):
             f"config.data.row_length={row_length}; raise it (0 = twice max_length always fits) "
             f"or set config.data.share_prompt=False")
 
+  def units(self, k: int) -> int:
+    """Sequences (pairs with share_prompt) of one of k micro-batches: the rows it needs when
+    none share a row."""
+    return self.batch_size // k * (1 if self.share_prompt else 2)
+
   def check_row_buckets(self, k: int):
     """Fails now, naming config.data.row_buckets, where a step of k micro-batches could fail
     later (after checkpoints, and again on resume, since batches are a function of the step): a
@@ -338,7 +343,7 @@ class PackedBatches(preference.Batches):
     if bad:
       raise ValueError(f"{key}: {bad} are not multiples of the {self.row_multiple} data×fsdp "
                        f"devices the rows are sharded over")
-    units = self.batch_size // k * (1 if self.share_prompt else 2)
+    units = self.units(k)
     if max(self.row_buckets) < units:
       need = -(-units // self.row_multiple) * self.row_multiple
       raise ValueError(f"{key}: a micro-batch of {self.batch_size // k} pairs needs up to "
@@ -352,8 +357,7 @@ class PackedBatches(preference.Batches):
                        f"config.grad_accum={k}")
     row_buckets = self.row_buckets
     if row_buckets is None:   # the same buckets whatever k: every step compiles a known set
-      units = self.batch_size // k * (1 if self.share_prompt else 2)
-      row_buckets = default_row_buckets(units, self.row_multiple)
+      row_buckets = default_row_buckets(self.units(k), self.row_multiple)
     cols = preference.add_columns({}, self.columns, idx)
     return pack_microbatches([self.examples[i] for i in idx], k, row_length=self.row_length,
                              row_buckets=row_buckets, pad_id=self.pad_id,

@@ -720,6 +720,7 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   at a time in a file in the temporary directory ($TMPDIR: host-local scratch, where cache_dir
   may be on a network file system).
   Several processes (exchange given) agree on reading the cache: all read it, or all tokenise.
+  Process 0 of `part` prints truncation_note (stderr) when truncation cut any example.
   """
   key = cache_key(rows, tokenizer, opts, on_error) if cache_dir else None
   if cache_dir and key is None:
@@ -731,17 +732,20 @@ def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOpt
   if exchange is not None and path is not None:   # tokenize_rows is collective: all or none
     if not all(b == b"1" for b in exchange(b"0" if cached is None else b"1")):
       cached = None
-  if cached is not None:
-    return cached
-  examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange,
-                                    spill_dir=tempfile.gettempdir())
-  if path is None:
-    return examples, skipped
-  writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
-                           "labels": examples.labels, "starts": examples.starts,
-                           "cut": examples.cut, "skipped": np.int64(skipped)})
-  writers.prune(cache_dir, keep)
-  return _read_examples(path) or (examples, skipped)
+  if cached is None:
+    examples, skipped = tokenize_rows(rows, tokenizer, opts, source, on_error, part, exchange,
+                                      spill_dir=tempfile.gettempdir())
+    cached = examples, skipped
+    if path is not None:
+      writers.write_npz(path, {"tokens": examples.tokens, "lens": examples.lens,
+                               "labels": examples.labels, "starts": examples.starts,
+                               "cut": examples.cut, "skipped": np.int64(skipped)})
+      writers.prune(cache_dir, keep)
+      cached = _read_examples(path) or cached
+  note = truncation_note(cached[0], opts, source)
+  if note and part[0] == 0:
+    print(note, file=sys.stderr)
+  return cached
 
 
 def _read_examples(path: str) -> Optional[tuple[Examples, int]]:
