@@ -124,13 +124,35 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_params, abstract_tra
   return r.params, r.train, r.meta, (r.ref if abstract_ref is not None else None)
 
 
+def objective(config: dict) -> dict:
+  """What a run optimises besides the model (config as JSON): the loss, where log π_ref comes
+  from, and the teacher. A precomputed reference and the `initial` mode have the same source;
+  hyperparameters (β, the learning rate, steps) are not part of it."""
+  ref, teacher = config.get("reference") or {}, config.get("teacher") or {}
+  where = lambda path: os.path.realpath(path) if path else None   # noqa: E731
+  return {"loss.name": (config.get("loss") or {}).get("name"),
+          "the reference": "none" if ref.get("mode") == "none" else (
+              where(ref.get("path")) or "the initial policy"),
+          "teacher.path": None if teacher.get("mode", "none") == "none" else
+          where(teacher.get("path"))}
+
+
 def check_resume(mgr: ocp.CheckpointManager, step: int, model_cfg: ModelConfig,
-                 saves_ref: bool):
+                 saves_ref: bool, config=None):
   """What resuming needs beyond parameters of the right shapes: the model the checkpoint was
   trained as (a changed rope_theta or norm eps keeps every shape; how it computes, dtype or
-  remat, may change), and TR-DPO's moving reference saved exactly when this run keeps one."""
+  remat, may change), the same objective as `config` (a ConfigDict, see `objective`), and
+  TR-DPO's moving reference saved exactly when this run keeps one."""
   from dpo_jax.models import load   # noqa: PLC0415  (load imports this module)
-  saved = ModelConfig.from_hf_dict(read_meta(mgr, step)["model"], **load.numerics(model_cfg))
+  meta = read_meta(mgr, step)
+  saved = ModelConfig.from_hf_dict(meta["model"], **load.numerics(model_cfg))
+  if config is not None and "config" in meta:
+    was, now = (objective(json.loads(c)) for c in (meta["config"], config.to_json_best_effort()))
+    if diff := "; ".join(f"{k}: {was[k]!r} vs {now[k]!r}" for k in was if was[k] != now[k]):
+      raise CheckpointError(f"{mgr.directory}/{step}: written for another objective than this "
+                            f"config's (checkpoint vs config): {diff}; resume with the config "
+                            "that wrote it, or start a new workdir with config.model.init set "
+                            "to this checkpoint")
   if diff := saved.architecture_diff(model_cfg):
     raise CheckpointError(f"{mgr.directory}/{step}: written for another model than config.model "
                           f"describes (checkpoint vs config): {diff}; resume with the config "

@@ -115,7 +115,7 @@ def build(mode: str, ref_cfg, spec, cfg, init_params, mesh, rules, *, chunk: int
     raise ValueError("config.reference.mode='precomputed' needs a workdir for its cache")
   columns = cached_columns("ref", graphdef, params, mesh, rules, chunk=chunk, stats=stats,
                            workdir=workdir, batch_size=batch_size, buckets=buckets,
-                           pad_id=pad_id, extra=(cfg.architecture(), ref_cfg.dtype))
+                           pad_id=pad_id, extra=(forward_key(cfg), ref_cfg.dtype))
 
   def cached(ref_params, batch):
     del ref_params
@@ -185,6 +185,13 @@ def fingerprint_params(params, extra=()) -> str:
     h.update(jax.tree_util.keystr(path).encode())
     h.update(sharding.to_host(x).tobytes())
   return h.hexdigest()
+
+
+def forward_key(cfg) -> tuple:
+  """cfg.architecture() less what cannot change a forward pass's values: remat (what a
+  backward pass keeps) and param_dtype (the weights themselves are hashed). A cache survives a
+  change of them; other numerics (dtype, scan_layers, chunks) may round differently."""
+  return tuple(kv for kv in cfg.architecture() if kv[0] not in ("remat", "param_dtype"))
 
 
 def cached_columns(prefix: str, graphdef, params, mesh, rules, *, chunk: int, stats=(),

@@ -59,7 +59,7 @@ def check_vocabulary(teacher_vocab: int, student_vocab: int, tokenizer, path: st
 def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: str | None,
           batch_size: int, buckets, pad_id: int, student_tokenizer=None) -> Teacher:
   """teacher_cfg is config.teacher (mode, path, dtype); student_tokenizer, when given, must
-  match the teacher's."""
+  match the teacher's (a Hugging Face directory without tokenizer files cannot be checked)."""
   if teacher_cfg.mode not in MODES:
     raise ValueError(f"config.teacher.mode must be one of {MODES}, got {teacher_cfg.mode!r}")
   check_dtype(teacher_cfg.dtype, "config.teacher.dtype")
@@ -77,7 +77,7 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
                      "config.teacher.mode must be 'step'")
   cfg = load.model_config(teacher_cfg.path, student_cfg,
                           **{**load.numerics(student_cfg), "param_dtype": teacher_cfg.dtype})
-  if student_tokenizer is not None:
+  if student_tokenizer is not None and reference.has_tokenizer(teacher_cfg.path):
     reference.check_tokenizer(load.load_tokenizer(teacher_cfg.path), student_tokenizer,
                               f"config.teacher.path={teacher_cfg.path}")
   check_vocabulary(cfg.vocab_size, student_cfg.vocab_size, student_tokenizer, teacher_cfg.path)
@@ -91,7 +91,7 @@ def build(teacher_cfg, spec, student_cfg, mesh, rules, *, chunk: int, workdir: s
     columns = reference.cached_columns("teacher", graphdef, params, mesh, rules, chunk=chunk,
                                        workdir=workdir, batch_size=batch_size,
                                        buckets=buckets, pad_id=pad_id,
-                                       extra=(cfg.architecture(),))
+                                       extra=(reference.forward_key(cfg),))
     return Teacher("precomputed", None,
                    lambda params_, batch: {"logps": batch["teacher_logps"]}, columns)
 

@@ -366,7 +366,7 @@ def save_state(mgr, run: build.Run, state: dict, step: int):
 
 def restore_state(mgr, run: build.Run, step: int) -> dict:
   """Restores the train state (and a TR-DPO reference into `run`) resharded onto run.mesh."""
-  checkpoint.check_resume(mgr, step, run.model_cfg, run.reference.saved)
+  checkpoint.check_resume(mgr, step, run.model_cfg, run.reference.saved, run.config)
   abstract = checkpoint.abstract_like(run.state, run.state_shardings)
   abstract_ref = None if not run.reference.saved else checkpoint.abstract_like(
       run.ref_params, jax.tree.map(lambda x: x.sharding, run.ref_params))

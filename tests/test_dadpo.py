@@ -1,10 +1,12 @@
 """daDPO: the teacher's log-probs and token distributions enter the loss inside the step."""
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import build, evaluate, losses, train
+from dpo_jax import build, evaluate, losses, reference, train
 from dpo_jax.models import core, hf_io
 from helpers import config, setup_holding
 
@@ -68,6 +70,18 @@ def check_sequence_dadpo(path, te_cfg):
 
 def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):
   check_sequence_dadpo(*teacher_dir)
+
+
+def test_a_teacher_without_tokenizer_files(teacher_dir, tmp_path):
+  """Like a reference, a Hugging Face teacher directory without tokenizer files is taken as
+  is: its tokenizer cannot be compared with the student's."""
+  path, _ = teacher_dir
+  shutil.copytree(path, tmp_path / "bare", ignore=lambda d, files: [
+      f for f in files if f.startswith(("tokenizer", "special_tokens"))])
+  assert not reference.has_tokenizer(str(tmp_path / "bare"))
+  runs = [build.setup(config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, teacher__mode="step",
+                             teacher__path=p)) for p in (path, str(tmp_path / "bare"))]
+  jax.tree.map(np.testing.assert_array_equal, *(jax.device_get(r.teacher.params) for r in runs))
 
 
 def test_precomputed_teacher_equals_in_step_teacher(teacher_dir, tmp_path):

@@ -604,6 +604,11 @@ def test_special_metrics():
   record("wpo", "weight", m["wpo/weight"], wpo_weight(b64))
   _, m = losses.get("mallows")(to_logps(b))
   record("mallows", "phi", m["mallows/phi"], -0.29 * np.log(b64["ent"]))
+  _, m = losses.get("ld")(to_logps(b), ld_alpha=0.3)
+  ld = ld_logps(b64, 0.3)
+  record("ld", "ld_logps/chosen", m["ld_logps/chosen"], ld["pc"])
+  record("ld", "ld_logps/rejected", m["ld_logps/rejected"], ld["pr"])
+  assert np.abs(ld["pc"] - b64["pc"]).max() > 1e-2   # the weighting changed something
 
 
 def test_dpo_lambda_is_sigmoid_weight():

@@ -329,6 +329,37 @@ def test_padding_rows_are_skipped_by_batch_statistics():
   record("lcpo", "η over real rows", m["eta_next"], 0.5 * 0.9 + 0.5 * w.mean())
 
 
+@pytest.mark.parametrize("name", losses.names() + EXTRA_SPECS)
+def test_empty_padding_rows_stay_finite(name):
+  """Rows that pad a batch hold no tokens (lengths 0, every log-prob 0, valid 0), so a loss that
+  divides by a length meets the clamp at 1: loss and gradient stay finite, and the real rows'
+  losses are those of the real rows alone."""
+  spec = losses.get(name)
+  n = B - 8
+  b = make_batch(104, "wide", unpaired=spec.unpaired)
+  real = {k: (v[:n] if isinstance(v, np.ndarray) else v) for k, v in b.items()}
+  padded = {k: (np.concatenate([v[:n], np.zeros_like(v[n:])]) if isinstance(v, np.ndarray)
+                else v) for k, v in b.items()}
+  valid = jnp.asarray(np.arange(B) < n, jnp.float32)
+  state = spec.init_state()
+
+  def total(pc, pr, tpc, tpr):
+    lp = to_logps(padded, ref=spec.needs_ref)._replace(
+        policy_chosen=pc, policy_rejected=pr, policy_chosen_tokens=tpc,
+        policy_rejected_tokens=tpr, valid=valid)
+    loss = spec(lp, **spec.hparams, **state)[0]
+    return jnp.sum(loss * valid), loss
+
+  lp = to_logps(padded, ref=spec.needs_ref)
+  (_, loss), grads = jax.value_and_grad(total, argnums=(0, 1, 2, 3), has_aux=True)(
+      lp.policy_chosen, lp.policy_rejected, lp.policy_chosen_tokens, lp.policy_rejected_tokens)
+  assert np.all(np.isfinite(loss)), name
+  for g in grads:
+    assert np.all(np.isfinite(g)), name
+  alone = spec(to_logps(real, ref=spec.needs_ref), **spec.hparams, **state)[0]
+  record(name, "empty padding rows", np.asarray(loss)[:n], alone, 1e-5, 1e-6)
+
+
 def run_all():
   for name, fn in list(globals().items()):
     if not (name.startswith("test_") and callable(fn)):

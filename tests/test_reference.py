@@ -71,6 +71,8 @@ def test_precomputed_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
   with monkeypatch.context() as m:
     m.setattr(reference, "_precompute", fail)
     build.setup(cfg, workdir=str(tmp_path))   # same data, same reference: reused
+    build.setup(config(**SMALL, reference__mode="precomputed", model__remat="none"),
+                workdir=str(tmp_path))   # what a backward pass keeps: reused
     with pytest.raises(AssertionError, match="reused"):   # changed data: recomputed
       build.setup(config(**{**SMALL, "data__eval_fraction": 0.2},
                          reference__mode="precomputed"), workdir=str(tmp_path))

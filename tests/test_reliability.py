@@ -198,10 +198,11 @@ def test_mismatching_checkpoint_names_the_field_and_parameter(tmp_path):
 
 def test_resume_refuses_another_model_or_reference_mode(tmp_path):
   """Resuming checks more than the parameter shapes: a model that computes something else with
-  the same shapes (rope_theta) and a change to or from TR-DPO's saved reference are named;
-  how the model computes (remat here) may change."""
-  def cfg(**kw):
-    c = config(**{"steps": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 1, **kw})
+  the same shapes (rope_theta), another loss or reference, and a change to or from TR-DPO's
+  saved reference are named; how the model computes (remat here) may change, and so may how
+  the same reference is served (precomputed from the initial policy)."""
+  def cfg(spec="configs/dpo.py:runlocal", **kw):
+    c = config(spec, **{"steps": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 1, **kw})
     c.unlock()
     c.progress = False
     return c
@@ -216,8 +217,19 @@ def test_resume_refuses_another_model_or_reference_mode(tmp_path):
     train.train_and_evaluate(cfg(reference__mode="sync"), str(tmp_path / "plain"))
   with pytest.raises(checkpoint.CheckpointError, match="holds TR-DPO's moving reference"):
     train.train_and_evaluate(cfg(), str(tmp_path / "sync"))
+  guide = os.path.realpath(tmp_path / "sync")
+  with pytest.raises(checkpoint.CheckpointError, match=r"plain/checkpoints/1: written for "
+                     rf"another objective .*: the reference: 'the initial policy' vs '{guide}'"):
+    train.train_and_evaluate(cfg(reference__mode="checkpoint", reference__path=guide),
+                             str(tmp_path / "plain"))
+  with pytest.raises(checkpoint.CheckpointError, match=r"loss.name: 'dpo' vs 'ipo'; resume"):
+    train.train_and_evaluate(cfg("configs/dpo.py:runlocal,loss=ipo"), str(tmp_path / "plain"))
+  with pytest.raises(checkpoint.CheckpointError, match=r"loss.name: 'dpo' vs 'simpo'; the "
+                     "reference: 'the initial policy' vs 'none'"):
+    train.train_and_evaluate(cfg("configs/dpo.py:runlocal,loss=simpo"), str(tmp_path / "plain"))
   assert [r["step"] for r in writers.read_metrics(tmp_path / "plain")] == [1]   # nothing lost
-  train.train_and_evaluate(cfg(model__remat="none"), str(tmp_path / "plain"))
+  train.train_and_evaluate(cfg(model__remat="none", reference__mode="precomputed"),
+                           str(tmp_path / "plain"))
   assert [r["step"] for r in writers.read_metrics(tmp_path / "plain")] == [1, 2]
 
 

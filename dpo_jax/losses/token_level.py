@@ -24,6 +24,8 @@ def ld(logps: PairLogps, *, base: str = "dpo", ld_alpha: float = 0.5, **hparams)
   S_LD(y) = Σ_{t≤ℓ} logp_t + α·Σ_{t>ℓ} logp_t with ℓ = min(|y_w|, |y_l|), for the policy and (when
   its tokens are given) the reference, then the base loss on S_LD. Matches TRL ld_alpha=α with
   loss_type=base. α ∈ [0, 1]; α=1 is the base loss. Default α=0.5 is ours (TRL: None = off).
+  The step's logps/* metrics stay the plain sums; `ld_logps/*` are the policy's S_LD, which
+  TRL logs as logps/*.
   """
   spec = get(base)
   shared = jnp.minimum(logps.chosen_len, logps.rejected_len)
@@ -33,4 +35,6 @@ def ld(logps: PairLogps, *, base: str = "dpo", ld_alpha: float = 0.5, **hparams)
     if tokens is not None:
       length = logps.chosen_len if name.endswith("chosen") else logps.rejected_len
       fields[name] = ld_sum(tokens, length, shared, ld_alpha)
-  return spec(logps._replace(**fields), **hparams)
+  loss, metrics = spec(logps._replace(**fields), **hparams)
+  return loss, {**metrics, "ld_logps/chosen": fields["policy_chosen"],
+                "ld_logps/rejected": fields["policy_rejected"]}
