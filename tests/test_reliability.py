@@ -316,7 +316,8 @@ def test_cli_config_errors_name_the_key(tmp_path, flag, pattern):
 
 def test_resume_with_an_incompatible_train_state_is_named(tmp_path):
   """The workdir was written by DPO (no loss state); resuming it as BCO (a running δ in the
-  train state) is refused with a CheckpointError, not an Orbax tree dump."""
+  train state) is refused naming the loss, and below that check, restoring BCO's train state
+  from it is a CheckpointError, not an Orbax tree dump."""
   cfg = config(steps=1, log_every=1, eval_every=0, ckpt_every=1)
   cfg.unlock()
   cfg.progress = False
@@ -324,5 +325,11 @@ def test_resume_with_an_incompatible_train_state_is_named(tmp_path):
   other = config("configs/dpo.py:runlocal,loss=bco_pair", steps=2, log_every=1, eval_every=0)
   other.unlock()
   other.progress = False
-  with pytest.raises(checkpoint.CheckpointError, match=r"/1: its train state .* does not match"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"/1: written for another objective .*"
+                     r"loss.name: 'dpo' vs 'bco_pair'"):
     train.train_and_evaluate(other, str(tmp_path))
+  run = build.setup(other)
+  abstract = checkpoint.abstract_like(run.state, run.state_shardings)
+  with pytest.raises(checkpoint.CheckpointError, match=r"/1: its train state .* does not match"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path / "checkpoints")), 1, abstract["params"],
+                       {k: v for k, v in abstract.items() if k != "params"})
