@@ -217,6 +217,52 @@ def test_qwen2_window_follows_max_window_layers(max_window_layers, window):
     assert models.ModelConfig.from_hf_dict(hf.to_dict()).sliding_window == window
 
 
+def test_config_json_is_read_as_transformers_reads_it():
+  """Where config.json leaves a setting out or gives it twice, dpo_jax takes transformers'
+  value: rope_scaling over rope_parameters, llama3's original_max_position_embeddings from
+  max_position_embeddings, Mistral's 4096-token window when the key is absent."""
+  small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=300, max_position_embeddings=256)
+  llama3 = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+  cases = [
+      ("llama", dict(rope_scaling=llama3, rope_theta=5e5,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+      ("llama", dict(rope_scaling={k: v for k, v in llama3.items()
+                                   if k != "original_max_position_embeddings"})),
+      ("llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 2e4})),
+  ]
+  for family, keys in cases:
+    hf = transformers.AutoConfig.for_model(family, **small, **keys)
+    ours = models.ModelConfig.from_hf_dict({"model_type": family, **small, **keys})
+    want = dict(hf.rope_parameters)
+    assert ours.rope_theta == want.pop("rope_theta"), keys
+    assert dict(ours.rope_scaling or {"rope_type": "default"}) == want, keys
+  d = transformers.MistralConfig(**small).to_dict()
+  del d["sliding_window"]
+  assert (models.ModelConfig.from_hf_dict(d).sliding_window
+          == transformers.MistralConfig.from_dict(d).sliding_window == 4096)
+
+
+def test_settings_an_exported_config_could_not_say_are_refused(tmp_path):
+  """A Qwen2 always has q/k/v biases (a scratch one too), a Mistral none; a Llama has no
+  sliding window. Each would export a config.json that transformers reads as another model."""
+  assert models.ModelConfig(family="qwen2").attention_bias
+  assert not models.ModelConfig(family="mistral").attention_bias
+  for kw, msg in ((dict(family="qwen2", attention_bias=False), "Qwen2 always has"),
+                  (dict(family="mistral", attention_bias=True), "Mistral none"),
+                  (dict(family="llama", attention_bias=True), "also biases o_proj"),
+                  (dict(family="llama", sliding_window=8), "Llama has no sliding window")):
+    with pytest.raises(ValueError, match=msg):
+      models.ModelConfig(**kw)
+  hf = transformers.LlamaConfig(attention_bias=True, **{
+      k: v for k, v in models.TINY.to_hf_dict().items() if k != "attention_bias"})
+  tiny_dir = tmp_path / "biased"
+  tiny_dir.mkdir()
+  (tiny_dir / "config.json").write_text(hf.to_json_string())
+  with pytest.raises(ValueError, match=r"biased/config.json: model.attention_bias=True"):
+    models.ModelConfig.from_hf_dir(str(tiny_dir))
+
+
 def test_bf16_checkpoint_loads(tmp_path):
   # The f32 reference holds the bf16-rounded weights. (Not `.to(bf16).float()`: that would
   # also round the rotary inv_freq buffer.)
@@ -300,7 +346,24 @@ def test_unsupported_model_type(llama_dir):
 
 def test_missing_tensor_is_named(llama_dir):
   _edit_weights(llama_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-  with pytest.raises(ValueError, match=r"missing tensors \[model\.layers\.1\.mlp\.up_proj"):
+  with pytest.raises(ValueError, match=r"hf: the llama checkpoint does not match config.json: "
+                     r"missing tensors \[model\.layers\.1\.mlp\.up_proj"):
+    hf_io.load_hf(str(llama_dir))
+
+
+def test_unreadable_safetensors_are_named(llama_dir):
+  """A truncated download, or an index that sends a tensor to a file without it."""
+  path = llama_dir / hf_io.SINGLE_FILE
+  whole = path.read_bytes()
+  path.write_bytes(whole[:1000])
+  with pytest.raises(ValueError, match=r"hf/model.safetensors: cannot read the file: .*header"):
+    hf_io.load_hf(str(llama_dir))
+  path.write_bytes(whole)
+  names = list(safetensors.numpy.load_file(str(path)))
+  (llama_dir / hf_io.INDEX_FILE).write_text(json.dumps(
+      {"weight_map": {**{n: hf_io.SINGLE_FILE for n in names}, "model.norm.weight": "x.st"}}))
+  safetensors.numpy.save_file({"other": np.zeros(2, np.float32)}, str(llama_dir / "x.st"))
+  with pytest.raises(ValueError, match=r"hf/x.st: cannot read tensor 'model.norm.weight'"):
     hf_io.load_hf(str(llama_dir))
 
 

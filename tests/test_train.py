@@ -104,6 +104,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   assert len(writers.read_metrics(resumed)) == 6
 
 
+def test_a_scratch_qwen2_resumes_and_exports(tmp_path):
+  """model.family=qwen2 from scratch has Qwen2's q/k/v biases, so its checkpoint's config is
+  the model it trained (resume), and transformers reads the export as that model."""
+  from dpo_jax import export   # noqa: PLC0415
+  from dpo_jax.models import hf_io   # noqa: PLC0415
+  cfg = config(steps=1, log_every=1, eval_every=0, ckpt_every=1, model__family="qwen2")
+  cfg.unlock()
+  cfg.progress = False
+  train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  cfg.steps = 2
+  train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert [r["step"] for r in writers.read_metrics(tmp_path / "w")] == [1, 2]
+  export.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "hf")])
+  got, params = hf_io.load_hf(str(tmp_path / "hf"))
+  assert got.family == "qwen2" and "bias" in params["layers"]["self_attn"]["q_proj"]
+
+
 def test_first_step_reference_equals_policy():
   history, _, run = run_steps(config(), 2)
   first = history[0]

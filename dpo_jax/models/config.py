@@ -42,7 +42,8 @@ class ModelConfig:
   rope_scaling: Optional[tuple] = None     # sorted (key, value) pairs of HF's rope parameters
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
-  attention_bias: bool = False             # Qwen2: bias on q/k/v projections
+  attention_bias: Optional[bool] = None    # bias on q/k/v projections: Qwen2's (None: the
+                                           # family's)
   sliding_window: Optional[int] = None     # Mistral (and Qwen2 with use_sliding_window)
   max_position_embeddings: int = 4096
   bos_token_id: Optional[int] = None
@@ -85,6 +86,17 @@ class ModelConfig:
     if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
       raise ValueError(f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, "
                        f"got {self.dtype!r}")
+    if self.attention_bias is None:   # explicit, as head_dim below
+      object.__setattr__(self, "attention_bias", self.family == "qwen2")
+    if self.attention_bias != (self.family == "qwen2"):
+      raise ValueError(f"model.attention_bias={self.attention_bias} with family="
+                       f"{self.family!r}: transformers' Qwen2 always has q/k/v biases, Mistral "
+                       "none, and Llama's attention_bias also biases o_proj, which dpo_jax's "
+                       "decoder does not have")
+    if self.sliding_window is not None and self.family == "llama":
+      raise ValueError(f"model.sliding_window={self.sliding_window}: transformers' Llama has "
+                       "no sliding window (its config.json could not say it); use "
+                       "family='mistral' or 'qwen2'")
     if self.head_dim is None:   # explicit, so that configs from any source compare equal
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
@@ -127,16 +139,16 @@ class ModelConfig:
   def from_hf_dict(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
     family = hf.get("model_type")
     if family not in FAMILIES:
-      raise ValueError(f"unsupported model_type {family!r} in config.json; "
+      raise ValueError(f"unsupported model_type {family!r}; "
                        f"dpo_jax supports {FAMILIES}")
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' (SwiGLU)")
     if hf.get("mlp_bias"):
       raise ValueError("mlp_bias=True is not supported")
     # transformers v5 folds rope_theta and rope_scaling into rope_parameters; v4 files have both.
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    rope = {**legacy, **rope}
+    # As transformers reads them: a rope_scaling replaces rope_parameters, and a rope_theta
+    # inside the one used wins over the top-level one.
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -144,12 +156,15 @@ class ModelConfig:
                        "'default' and 'llama3'")
     scaling = None
     if rope_type == "llama3":
+      rope.setdefault("original_max_position_embeddings",   # transformers' default
+                      hf.get("max_position_embeddings", 4096))
       keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
       scaling = tuple(sorted([("rope_type", "llama3")] +
                              [(k, int(rope[k]) if k.startswith("original") else float(rope[k]))
                               for k in keys]))
     # transformers' Llama has no sliding window and ignores the key; Mistral and Qwen2 use it.
-    window = None if family == "llama" else hf.get("sliding_window")
+    window = None if family == "llama" else hf.get(   # MistralConfig's default is 4096
+        "sliding_window", 4096 if family == "mistral" else None)
     if family == "qwen2" and not hf.get("use_sliding_window", False):
       window = None
     if family == "qwen2" and window is not None:
@@ -176,7 +191,9 @@ class ModelConfig:
         rope_scaling=scaling,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+        # Qwen2 has q/k/v biases whatever the file says, Mistral none (transformers' classes).
+        attention_bias=(family == "qwen2" if family != "llama"
+                        else bool(hf.get("attention_bias", False))),
         sliding_window=window,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         bos_token_id=_first(hf.get("bos_token_id")),
@@ -236,6 +253,8 @@ class ModelConfig:
       return cls.from_hf_dict(hf, **overrides)
     except KeyError as e:
       raise ValueError(f"{file}: missing key {e.args[0]!r}") from e
+    except (ValueError, TypeError) as e:   # unsupported settings, or values of another type
+      raise ValueError(f"{file}: {e}") from e
 
 
 def _first(x):

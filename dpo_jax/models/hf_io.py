@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from dpo_jax import sharding
@@ -66,9 +66,8 @@ class Entry:
 
 
 def llama_table(cfg: ModelConfig) -> list[Entry]:
-  if cfg.attention_bias:
-    # HF Llama's attention_bias also puts a bias on o_proj, which the Decoder does not have.
-    raise ValueError(f"{cfg.family} with attention_bias=True is not supported")
+  """The tensors of every family (ModelConfig refuses a Llama's attention_bias: HF's also puts
+  a bias on o_proj, which the Decoder does not have)."""
   d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
   at, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
@@ -94,12 +93,10 @@ def llama_table(cfg: ModelConfig) -> list[Entry]:
 
 
 def qwen2_table(cfg: ModelConfig) -> list[Entry]:
-  """Llama's table plus biases on q/k/v (always present in Qwen2)."""
-  if not cfg.attention_bias:
-    raise ValueError("qwen2 requires attention_bias=True (q/k/v biases)")
+  """Llama's table plus biases on q/k/v (always present in Qwen2: ModelConfig sees to it)."""
   h, k, dh = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
   at, a = "model.layers.{i}.self_attn.", ("layers", "self_attn")
-  return llama_table(cfg.replace(attention_bias=False)) + [
+  return llama_table(cfg) + [
       Entry(at + "q_proj.bias", a + ("q_proj", "bias"), (h * dh,), "heads_bias"),
       Entry(at + "k_proj.bias", a + ("k_proj", "bias"), (k * dh,), "heads_bias"),
       Entry(at + "v_proj.bias", a + ("v_proj", "bias"), (k * dh,), "heads_bias"),
@@ -153,30 +150,45 @@ class _Reader:
         raise ValueError(f"{index}: no 'weight_map' object")
       self.weight_map = index_json["weight_map"]
     elif os.path.exists(os.path.join(path, SINGLE_FILE)):
-      with safe_open(os.path.join(path, SINGLE_FILE), framework="np") as f:
+      with self._reading(SINGLE_FILE, path), safe_open(os.path.join(path, SINGLE_FILE),
+                                                       framework="np") as f:
         self.weight_map = {name: SINGLE_FILE for name in f.keys()}
     else:
       raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
     self._path, self._stack, self._open = path, stack, {}
 
+  @staticmethod
+  @contextlib.contextmanager
+  def _reading(file: str, path: str, name: str = ""):
+    """Names the file (and tensor) in a safetensors error, e.g. a truncated download."""
+    try:
+      yield
+    except (OSError, SafetensorError) as e:
+      raise ValueError(f"{os.path.join(path, file)}: cannot read "
+                       f"{f'tensor {name!r}' if name else 'the file'}: {e}") from e
+
   def _handle(self, name: str, framework: str = "np"):
     key = (self.weight_map[name], framework)
     if key not in self._open:
-      self._open[key] = self._stack.enter_context(
-          safe_open(os.path.join(self._path, key[0]), framework=framework))
+      with self._reading(key[0], self._path):
+        self._open[key] = self._stack.enter_context(
+            safe_open(os.path.join(self._path, key[0]), framework=framework))
     return self._open[key]
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._handle(name).get_slice(name).get_shape())
+    handle = self._handle(name)
+    with self._reading(self.weight_map[name], self._path, name):
+      return tuple(handle.get_slice(name).get_shape())
 
   def read(self, name: str) -> np.ndarray:
     handle = self._handle(name)
-    if handle.get_slice(name).get_dtype() in ("BF16", "F8_E4M3", "F8_E5M2"):
-      # safetensors' NumPy backend cannot hold these; its JAX backend can (ml_dtypes). Read on
-      # the host CPU device so a large tensor never lands whole on one accelerator.
-      with jax.default_device(_host_device()):
-        return np.asarray(self._handle(name, "flax").get_tensor(name))
-    return handle.get_tensor(name)
+    with self._reading(self.weight_map[name], self._path, name):
+      if handle.get_slice(name).get_dtype() in ("BF16", "F8_E4M3", "F8_E5M2"):
+        # safetensors' NumPy backend cannot hold these; its JAX backend can (ml_dtypes). Read
+        # on the host CPU device so a large tensor never lands whole on one accelerator.
+        with jax.default_device(_host_device()):
+          return np.asarray(self._handle(name, "flax").get_tensor(name))
+      return handle.get_tensor(name)
 
 
 def _host_device():
@@ -195,7 +207,7 @@ def _check_names(reader: _Reader, table: list[Entry], cfg: ModelConfig):
   missing, unexpected = expected - present, present - expected - ignored
   if missing or unexpected:
     raise ValueError(
-        f"{cfg.family} checkpoint does not match config.json: "
+        f"{reader._path}: the {cfg.family} checkpoint does not match config.json: "
         + (f"missing tensors [{_brief(missing)}]" if missing else "")
         + ("; " if missing and unexpected else "")
         + (f"unexpected tensors [{_brief(unexpected)}]" if unexpected else ""))
@@ -206,7 +218,7 @@ def _check_names(reader: _Reader, table: list[Entry], cfg: ModelConfig):
       if got != e.hf_shape:
         bad.append(f"{name}: checkpoint shape {got}, expected {e.hf_shape} from config.json")
   if bad:
-    raise ValueError("tensor shape mismatch: " + "; ".join(bad))
+    raise ValueError(f"{reader._path}: tensor shape mismatch: " + "; ".join(bad))
 
 
 def load_hf(path: str, *, shardings=None, dtype=None, **cfg_overrides):
