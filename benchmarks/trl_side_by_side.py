@@ -290,10 +290,11 @@ def realistic_data(args, directory: str) -> dict:
   path = os.path.join(directory, "pairs.jsonl")
   with open(path, "w") as f:
     for i in range(n):
-      row = {"prompt": words(prompt[i]), "chosen": words(completion[i, 0] - 1),
-             "rejected": words(completion[i, 1] - 1)}
+      # prompt + completion is the text (both sides' rule): completions start with a space
+      row = {"prompt": words(prompt[i]), "chosen": " " + words(completion[i, 0] - 1),
+             "rejected": " " + words(completion[i, 1] - 1)}
       f.write(json.dumps(row) + "\n")
-      trl_rows["prompt"].append(row["prompt"] + " ")
+      trl_rows["prompt"].append(row["prompt"])
       for key in ("chosen", "rejected"):
         trl_rows[key].append(row[key] + " </s>")
   tokenizer = os.path.join(directory, "tokenizer")

@@ -59,7 +59,8 @@ class Model:
 def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
                      ) -> list[list[tuple[list[int], str]]]:
   """n responses per prompt: [(completion token ids incl. EOS if emitted, text)] per prompt.
-  Any of the model's stop ids (generate.stop_ids) ends a response."""
+  Any of the model's stop ids (generate.stop_ids) ends a response. After a string prompt the
+  text starts as it follows the prompt (preference.continuation: " word" after "... is")."""
   from dpo_jax import generate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
@@ -75,8 +76,9 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
                           top_k=sampling.top_k, eos_id=stops, pad_id=pad,
                           seed=sampling.seed * 1_000_003 + start)
     tokens += [list(t) for t in out["tokens"][:len(chunk)]]
-  texts = [tok.decode([t for t in ts if t not in stops], skip_special_tokens=True)
-           for ts in tokens]
+  texts = [preference.continuation(tok, prompts[i // sampling.n], ids[i],
+                                   [t for t in ts if t not in stops])
+           for i, ts in enumerate(tokens)]
   per = list(zip(tokens, texts))
   return [per[i * sampling.n:(i + 1) * sampling.n] for i in range(len(prompts))]
 
@@ -118,8 +120,8 @@ def reward_model_scorer(path: str) -> Callable:
     rm.config.pad_token_id = tok.pad_token_id
 
   def text_of(prompt, response):
-    if isinstance(prompt, str):
-      return prompt + " " + response
+    if isinstance(prompt, str):   # the response starts as it follows the prompt
+      return prompt + response
     return tok.apply_chat_template(list(prompt) + [{"role": "assistant", "content": response}],
                                    tokenize=False)
 

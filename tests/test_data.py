@@ -143,7 +143,7 @@ def test_add_bos_false_and_no_eos_tokenizer():
   ex = tok1(good(), opts=P.TokenizeOptions(64, 32, add_bos=False))
   assert ex.prompt == byte_ids("q0 ")
   tok = word_tokenizer(eos=False)
-  ex = tok1({"prompt": "what is 2", "chosen": "yes", "rejected": "no"}, tok)
+  ex = tok1({"prompt": "what is 2", "chosen": " yes", "rejected": " no"}, tok)
   assert ex.prompt == [tok.bos_token_id] + word_ids("what is 2")
   assert ex.chosen == word_ids("yes") and ex.rejected == word_ids("no")
 
@@ -184,22 +184,77 @@ def test_conversational_multi_turn_completion():
   assert ex.chosen == byte_ids("a<|eos|><|user|>b<|eos|><|assistant|>c<|eos|>")
 
 
+def metaspace_tokenizer(template):
+  """SentencePiece-like (Llama 2, Mistral): a text's first word gets "▁", so the completion's
+  first word encodes otherwise alone than after the prompt."""
+  specials = ["<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "<think>"]
+  vocab = {t: i for i, t in enumerate(specials + ["▁q", "q", "▁It", "It", "▁is", "▁4.", "▁5."])}
+  tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+  tok.add_special_tokens(specials)
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+      unk_token="<unk>", chat_template=template), vocab
+
+
+INST_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}{{ '[INST]' + m.content + "
+                 "'[/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_a_sequence_is_its_whole_text_encoded(think):
+  """Prompt and completion are encoded together, as a model reads them: with a SentencePiece-
+  like tokenizer the answer's first word is "It" after "[/INST]" but "▁It" alone. A template
+  whose generation prompt ends otherwise than a finished turn (think=True: "<think>", as
+  DeepSeek-R1's) splits where the two renderings part."""
+  template = INST_TEMPLATE + ("{% if add_generation_prompt %}<think>{% endif %}" if think
+                              else "")
+  tok, v = metaspace_tokenizer(template)
+  row = {"prompt": [{"role": "user", "content": "q"}],
+         "chosen": [{"role": "assistant", "content": "It is 4."}],
+         "rejected": [{"role": "assistant", "content": "It is 5."}]}
+  ex = tok1(row, tok)
+  assert ex.prompt == [v["[INST]"], v["q"], v["[/INST]"]]
+  assert ex.chosen == [v["It"], v["▁is"], v["▁4."], v["</s>"]]
+  assert ex.rejected == [v["It"], v["▁is"], v["▁5."], v["</s>"]]
+  assert tok("It is 4.", add_special_tokens=False)["input_ids"][0] == v["▁It"]   # alone
+  # strings: prompt + completion is the text (TRL's rule); BOS first, EOS once
+  ex = tok1({"prompt": "[INST]q[/INST]", "chosen": "It is 4.", "rejected": "It is 5.</s>"}, tok)
+  assert ex.prompt == [v["<s>"], v["[INST]"], v["q"], v["[/INST]"]]
+  assert ex.chosen == [v["It"], v["▁is"], v["▁4."], v["</s>"]]
+  assert ex.rejected == [v["It"], v["▁is"], v["▁5."], v["</s>"]]
+  ex = tok1({"prompt": "<s>[INST]q[/INST]", "chosen": "It is 4.", "rejected": "It is 5."}, tok)
+  assert ex.prompt.count(v["<s>"]) == 1
+  # a template that renders the prompt's messages otherwise once a completion follows
+  tok, _ = metaspace_tokenizer("{% if messages|length > 1 %}[INST]{% endif %}" + INST_TEMPLATE)
+  with pytest.raises(P.DataError, match=r"row 1: cannot tokenise: .*renders the prompt's "
+                     "messages differently"):
+    P.tokenize_rows([row], tok, OPTS, "src")
+  # a prompt that leaves no token before the completion is a row error
+  with pytest.raises(P.DataError, match=r"src: row 1: field 'prompt': no prompt token precedes"):
+    P.tokenize_rows([{"prompt": "hi", "chosen": "there", "rejected": " no"}], word_tokenizer(),
+                    P.TokenizeOptions(64, 32, add_bos=False), "src")   # "hithere": one word
+
+
 def test_implicit_prompt_strings():
+  # the space before the first differing word starts the completions (as TRL splits them)
   r = P.normalize({"chosen": "The answer is 4", "rejected": "The answer is 5"}, "w")
-  assert (r["prompt"], r["chosen"], r["rejected"]) == ("The answer is ", "4", "5")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("The answer is", " 4", " 5")
   # cut back to a whitespace boundary: no word is split
   r = P.normalize({"chosen": "I like apples", "rejected": "I like apricots"}, "w")
-  assert (r["prompt"], r["chosen"], r["rejected"]) == ("I like ", "apples", "apricots")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("I like", " apples", " apricots")
   r = P.normalize({"chosen": "Q: hi\nA: yes", "rejected": "Q: hi\nA: yes please"}, "w")
-  assert (r["prompt"], r["chosen"], r["rejected"]) == ("Q: hi\nA: ", "yes", "yes please")
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("Q: hi\nA:", " yes", " yes please")
+  r = P.normalize({"chosen": "Q: hi\nyes", "rejected": "Q: hi\nno"}, "w")   # a newline stays
+  assert (r["prompt"], r["chosen"], r["rejected"]) == ("Q: hi\n", "yes", "no")
   # prompt: null (a datasets column) is the implicit format too
   r = P.normalize({"prompt": None, "chosen": "a b", "rejected": "a c"}, "w")
-  assert r["prompt"] == "a "
+  assert r["prompt"] == "a"
   with pytest.raises(P.DataError, match=r"w: field 'prompt' is missing.*no common prefix"):
     P.normalize({"chosen": "abc", "rejected": "abd"}, "w")
   ex = tok1({"chosen": "The answer is 4", "rejected": "The answer is 5"})
-  assert ex.prompt == [BOS] + byte_ids("The answer is ")
-  assert ex.chosen == byte_ids("4") + [EOS]
+  assert ex.prompt == [BOS] + byte_ids("The answer is")
+  assert ex.chosen == byte_ids(" 4") + [EOS]
 
 
 def test_implicit_prompt_messages():
@@ -541,8 +596,8 @@ def test_truncate_function_and_no_completion_left():
     P.truncate([1, 2, 3, 4], [5], P.TokenizeOptions(4, 4), "w", "chosen")
   # a completion that tokenises to nothing (no EOS to append) is a row error naming the field
   tok = word_tokenizer(eos=False)
-  rows = [{"prompt": "hi", "chosen": "yes", "rejected": "no"},
-          {"prompt": "hi", "chosen": "yes", "rejected": "   "}]
+  rows = [{"prompt": "hi", "chosen": " yes", "rejected": " no"},
+          {"prompt": "hi", "chosen": " yes", "rejected": "   "}]
   with pytest.raises(P.DataError, match=r"src: row 2: field 'rejected': no completion token"):
     P.tokenize_rows(rows, tok, OPTS, "src")
 
@@ -1454,15 +1509,15 @@ def test_ids_past_uint16_in_a_later_round_widen_the_stored_ones(tmp_path, spill)
   tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                              eos_token="</s>", pad_token="<pad>",
                                              unk_token="<unk>")
-  rows = [{"prompt": f"w{i} w{2 * i}", "chosen": f"w{3 * i}", "rejected": f"w{i + 1}"}
-          for i in range(6)] + [{"prompt": "w1", "chosen": "w69999", "rejected": "w2"}]
+  rows = [{"prompt": f"w{i} w{2 * i}", "chosen": f" w{3 * i}", "rejected": f" w{i + 1}"}
+          for i in range(6)] + [{"prompt": "w1", "chosen": " w69999", "rejected": " w2"}]
   spill_dir = str(tmp_path) if spill else None
   first, _ = P.tokenize_rows(rows[:6], tok, OPTS, round_rows=2, spill_dir=spill_dir)
   assert first.tokens.dtype == np.uint16
   got, _ = P.tokenize_rows(rows, tok, OPTS, round_rows=2, spill_dir=spill_dir)
   want = [P.Tokenized([tok.bos_token_id] + [vocab[w] for w in r["prompt"].split()],
-                      [vocab[r["chosen"]], tok.eos_token_id],
-                      [vocab[r["rejected"]], tok.eos_token_id], 1.0) for r in rows]
+                      [vocab[r["chosen"].strip()], tok.eos_token_id],
+                      [vocab[r["rejected"].strip()], tok.eos_token_id], 1.0) for r in rows]
   assert got.tokens.dtype == np.int32 and list(got) == want and got[:6] == first
 
 

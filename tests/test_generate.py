@@ -364,7 +364,7 @@ def test_generate_text(hf_pair):
   prompts = ["w7 w8 w9", [{"role": "user", "content": "w10 w11"}], "w60"]
   out = generate.generate_text(cfg, params, tok, prompts, max_new_tokens=N, greedy=True)
   # The prompt ids are those the training data path makes for the same prompts.
-  reply = {str: lambda w: w, list: lambda w: [{"role": "assistant", "content": w}]}
+  reply = {str: lambda w: " " + w, list: lambda w: [{"role": "assistant", "content": w}]}
   rows = [{"prompt": p, "chosen": reply[type(p)]("w5"), "rejected": reply[type(p)]("w6")}
           for p in prompts]
   opts = preference.TokenizeOptions(max_length=64, max_prompt_length=32)

@@ -51,13 +51,16 @@ def test_export_bad_dtype_names_the_flag(tmp_path):
 
 
 @pytest.mark.parametrize("value,error", [("", r"config.data.train=''"),
-                                         ("notes.txt", "'.txt' is not a data format")])
+                                         ("notes.txt", "'.txt' is not a data format"),
+                                         ("missing", "missing: no such file or directory")])
 def test_a_data_source_that_is_not_data_is_named(tmp_path, value, error):
   """An empty data.train was an IndexError inside datasets; a file of another type a
-  FileNotFoundError saying no data file was found."""
+  FileNotFoundError saying no data file was found; a mistyped directory a failure to reach the
+  Hugging Face hub."""
   if value:
     value = str(tmp_path / value)
-    open(value, "w").write("hello\n")
+    if not value.endswith("missing"):
+      open(value, "w").write("hello\n")
   with pytest.raises(ValueError, match=error):
     build.setup(config(data__train=value))
 

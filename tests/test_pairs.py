@@ -50,6 +50,32 @@ def test_implicit_scores_are_those_of_the_written_text():
       np.testing.assert_allclose(s, want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_sampled_text_reads_back_as_the_sampled_ids():
+  """Training reads a string row as prompt + completion, so a sampled response is written as
+  it follows its prompt: with a word-level tokenizer " w1 w2", not "w1 w2" (which would glue
+  its first word to the prompt's last). Its ids then come back, EOS appended."""
+  from dpo_jax.data import synthetic   # noqa: PLC0415
+  tok = synthetic.tokenizer()
+  w = synthetic.words()
+  prompt = f"{w['topics'][1]} : " + " ".join(w["neutral"][:3])
+  model = pairs.Model(TINY.replace(vocab_size=len(tok)), None, tok)
+  ids = tok.convert_tokens_to_ids(w["good"][1][:3])
+  prompt_ids = preference.encode_prompt(tok, prompt)
+  text = preference.continuation(tok, prompt, prompt_ids, ids)
+  assert text == " " + " ".join(w["good"][1][:3])
+  (ex,), _ = preference.tokenize_rows([{"prompt": prompt, "completion": text, "label": True}],
+                                      tok, preference.TokenizeOptions(64, 32))
+  assert ex.prompt == prompt_ids and ex.chosen == ids + [tok.eos_token_id]
+  # sample_responses writes its texts so (any sampled ids: a model of random weights)
+  model = pairs.Model(model.cfg, core.init_params(model.cfg, 0), tok)
+  (rs,) = pairs.sample_responses(model, [prompt], pairs.Sampling(
+      n=2, max_new_tokens=4, batch_size=2, temperature=1.0, seed=0))
+  for sampled, text in rs:
+    kept = [t for t in sampled if t != tok.eos_token_id]
+    assert text == preference.continuation(tok, prompt, prompt_ids, kept)
+    assert not text or text.startswith(" ")
+
+
 def test_pairs_of_chat_prompts_are_rows_training_reads():
   """After chat messages, the completions are assistant messages (training refuses a string
   after messages)."""

@@ -321,6 +321,10 @@ def load_rows(source: Any, split: str = "train",
   if not isinstance(source, (str, os.PathLike)):   # a datasets.Dataset or similar
     return _dataset_name(source, "<dataset>"), _dataset_rows(source)
   source = os.fspath(source)
+  if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(
+      ("./", "../", "~")) or os.path.splitext(source)[1] in (".jsonl", ".json", ".parquet",
+                                                              ".csv", ".arrow")):
+    raise DataError(f"{source}: no such file or directory (a path, not a hub dataset name)")
   if source.endswith((".jsonl", ".json")) and not os.path.isdir(source):
     return source, _read_jsonl(source)
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
@@ -388,12 +392,16 @@ def _check_field(where: str, name: str, value, conversational: Optional[bool]):
 
 
 def _common_prefix(a, b):
+  """Length of the common prefix of two sequences. Of two strings, cut back to a
+  word boundary so that no word is split, and before the spaces there: the completion then
+  starts with " word", as a tokenizer that merges a space into the next word encodes it."""
   n = 0
   while n < min(len(a), len(b)) and a[n] == b[n]:
     n += 1
   if isinstance(a, str):
-    # Cut back to a whitespace boundary so that no word is split between prompt and completion.
     while n > 0 and not a[n - 1].isspace():
+      n -= 1
+    while n > 0 and a[n - 1] == " ":
       n -= 1
   return n
 
@@ -521,8 +529,21 @@ def encode_prompts(tokenizer, prompts: Sequence, add_bos: bool = True) -> list[l
   batched tokenizer call."""
   chats = [check_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
   texts = [_render(tokenizer, p, [], chat)[0] for p, chat in zip(prompts, chats)]
-  return [_with_specials(tokenizer, [ids], chat, add_bos)[0]
+  return [_split(tokenizer, [ids], chat, add_bos)[0]
           for ids, chat in zip(_encode_many(tokenizer, texts), chats)]
+
+
+def continuation(tokenizer, prompt, prompt_ids: list[int], ids: list[int]) -> str:
+  """The text of `ids` sampled after a prompt, as a training row holds it: after a string
+  prompt, what decoding prompt and ids together adds to the prompt's text (a word's leading
+  space, say), so that prompt + text reads as the model wrote it; after chat messages, the
+  assistant's content."""
+  text = tokenizer.decode(ids, skip_special_tokens=True)
+  if not isinstance(prompt, str):
+    return text
+  whole = tokenizer.decode(list(prompt_ids) + list(ids), skip_special_tokens=True)
+  head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+  return whole[len(head):] if whole.startswith(head) else text
 
 
 def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
@@ -531,20 +552,23 @@ def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
 
 
 def _render(tokenizer, prompt, completions: list, conversational: bool) -> list[str]:
-  """The texts one row encodes: [prompt, completion, ...] (conversations through the chat
-  template: the prompt with the generation prompt, each completion as the rest of the full
-  conversation's text)."""
+  """The texts one row encodes: [prompt, prompt + completion, ...]. A conversation's prompt is
+  rendered through the chat template with the generation prompt, each completion as the full
+  conversation; _split divides the ids where they part."""
   if not conversational:
-    return [prompt, *completions]
+    return [prompt, *(prompt + c for c in completions)]
   prompt = _messages(prompt)
   prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-  texts = [prompt_text]
+  texts, base = [prompt_text], None
   for completion in completions:
     full_text = tokenizer.apply_chat_template(prompt + _messages(completion), tokenize=False)
-    if not full_text.startswith(prompt_text):
-      raise ValueError("the chat template renders the prompt differently inside the full "
-                       "conversation; cannot split prompt and completion")
-    texts.append(full_text[len(prompt_text):])
+    if not full_text.startswith(prompt_text):   # e.g. a generation prompt that opens <think>
+      if base is None:
+        base = tokenizer.apply_chat_template(prompt, tokenize=False)
+      if not full_text.startswith(base):
+        raise ValueError("the chat template renders the prompt's messages differently once a "
+                         "completion follows them; cannot split prompt and completion")
+    texts.append(full_text)
   return texts
 
 
@@ -555,15 +579,21 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
   return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _with_specials(tokenizer, encoded: list[list[int]], conversational: bool, add_bos: bool):
-  """(prompt ids, [completion ids, ...]) from _render's texts encoded: string rows get BOS
-  before the prompt and EOS after each completion (chat templates write their own)."""
-  prompt_ids, *completions = encoded
+def _split(tokenizer, encoded: list[list[int]], conversational: bool, add_bos: bool):
+  """(prompt ids, [completion ids, ...]) from _render's texts encoded. Each sequence is its
+  whole text encoded at once (a completion's first token may merge with, or take a word prefix
+  after, the prompt's end): the prompt is the ids every sequence shares with the prompt's own,
+  the completions the rest. String rows get BOS before the prompt and EOS after each completion
+  unless already there (chat templates write their own)."""
+  prompt_ids, *fulls = encoded
+  k = min((_common_prefix(prompt_ids, f) for f in fulls), default=len(prompt_ids))
+  prompt_ids, completions = prompt_ids[:k], [f[k:] for f in fulls]
   if not conversational:
-    if add_bos and tokenizer.bos_token_id is not None:
-      prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    if tokenizer.eos_token_id is not None:
-      completions = [c + [tokenizer.eos_token_id] for c in completions]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if add_bos and bos is not None and prompt_ids[:1] != [bos]:
+      prompt_ids = [bos] + prompt_ids
+    if eos is not None:
+      completions = [c if c[-1:] == [eos] else c + [eos] for c in completions]
   return prompt_ids, completions
 
 
@@ -581,6 +611,10 @@ def _check_options(opts: TokenizeOptions):
 def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, field: str):
   """(prompt ids, completion ids) within the options' lengths (the module's truncation rule)."""
   prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
+  if not prompt_ids:   # the first completion token is predicted from the last prompt token
+    raise DataError(f"{where}: field 'prompt': no prompt token precedes the completion (the "
+                    "prompt encodes to none, or they merge with the completion's first; with "
+                    "config.data.add_bos=False nothing else starts the sequence)")
   if opts.truncation_mode not in TRUNCATION_MODES:
     raise ValueError(f"config.data.truncation_mode must be keep_end or keep_start, got "
                      f"{opts.truncation_mode!r}")
@@ -702,7 +736,7 @@ def _check_round(parts: Sequence[Part], r: int, per: int, source: str):
                     f"process must read the same data set in the same order)")
 
 
-CACHE_FORMAT = "dpo_jax examples 2"   # change when Examples or tokenising changes
+CACHE_FORMAT = "dpo_jax examples 3"   # change when Examples or tokenising changes
 
 
 def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOptions,
@@ -855,7 +889,7 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
                else _encode_many(tokenizer, texts))
   except Exception as e:   # noqa: BLE001 (a tokenizer failure on this row)
     return f"{where}: cannot tokenise: {type(e).__name__}: {e}"
-  prompt_ids, completions = _with_specials(tokenizer, encoded, r["conversational"], opts.add_bos)
+  prompt_ids, completions = _split(tokenizer, encoded, r["conversational"], opts.add_bos)
   paired = r["rejected"] is not None
   try:
     prompt, chosen = truncate(prompt_ids, completions[0], opts, where,

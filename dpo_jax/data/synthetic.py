@@ -137,7 +137,7 @@ def write_task(outdir: str, *, n_demos: int, n_eval: int, n_val: int = 128,
   rng = random.Random(seed)
   paths = {k: os.path.join(outdir, f"{k}.jsonl") for k in ("demos", "prompts_train",
                                                           "prompts_eval", "prompts_val")}
-  rows = {"demos": [{"prompt": p, "completion": demonstration(p, rng)}
+  rows = {"demos": [{"prompt": p, "completion": " " + demonstration(p, rng)}
                     for p in rng.choices(train_prompts, k=n_demos)],
           "prompts_train": [{"prompt": p} for p in train_prompts],
           "prompts_eval": [{"prompt": p} for p in eval_prompts],
