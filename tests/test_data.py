@@ -629,6 +629,14 @@ def test_truncation_is_recorded_per_example_and_reported(tmp_path, mode):
       f"src: truncation cut 3 of 6 examples (max_length=20, max_prompt_length=8, {mode}): "
       "the prompt of 1, the chosen completion of 2, the rejected completion of 2")
   assert P.truncation_note(exs.take([0, 1, 5]), opts, "src") is None
+  # completions that differ only past the cut leave a pair without a preference: counted
+  same = [{"prompt": "p", "chosen": "c" * 30 + "x", "rejected": "c" * 30 + "y"}, rows[0]]
+  exs = P.tokenize_rows(same, BYTE, opts)[0]
+  assert exs.cut.tolist() == [P.CUT_CHOSEN | P.CUT_REJECTED | P.CUT_SAME, 0]
+  assert exs[0].chosen == exs[0].rejected
+  assert P.truncation_note(exs, opts, "src").endswith(
+      "the chosen completion of 1, the rejected completion of 1, and left chosen and rejected "
+      "the same in 1")
   unpaired = [{"prompt": "p" * 3, "completion": "c" * n, "label": True} for n in (5, 30, 30)]
   assert P.truncation_note(P.tokenize_rows(unpaired, BYTE, opts)[0], opts, "u") == (
       f"u: truncation cut 2 of 3 examples (max_length=20, max_prompt_length=8, {mode}): "

@@ -32,8 +32,9 @@ Truncation rule (applied per sequence, before batching):
      (truncation_mode="keep_end", TRL's default) or its first ones ("keep_start").
   2. The completion is then cut at the end so that prompt + completion <= max_length.
   3. A row whose completion would keep no token is an error naming the row.
-Each example records what was cut (Examples.cut: CUT_PROMPT | CUT_CHOSEN | CUT_REJECTED), and
-truncation_note() says how many were, so that the trainer, score and rank report it.
+Each example records what was cut (Examples.cut: CUT_PROMPT | CUT_CHOSEN | CUT_REJECTED, and
+CUT_SAME when the cut completions are equal), and truncation_note() says how many were, so that
+the trainer, score and rank report it.
 Prompt tokens are never scored: the loss mask covers completion tokens only (for strings the
 completion ends with the tokenizer's EOS, which is scored).
 """
@@ -63,6 +64,7 @@ ROLES = ("system", "user", "assistant", "tool")
 ON_ERROR = ("fail", "skip")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 CUT_PROMPT, CUT_CHOSEN, CUT_REJECTED = 1, 2, 4   # Examples.cut: what truncate() cut
+CUT_SAME = 8   # ... and it left chosen and rejected the same ids (a pair with no preference)
 _KINDS = {True: "paired (prompt, chosen, rejected)",
           False: "unpaired (prompt, completion, label)"}
 
@@ -643,6 +645,8 @@ def truncation_note(examples: Examples, opts: TokenizeOptions, source: str) -> O
            ("rejected completion", CUT_REJECTED))
   what = [f"the {name} of {k}" for name, flag in parts
           if (k := int(np.count_nonzero(cut & flag)))]
+  if same := int(np.count_nonzero(cut & CUT_SAME)):   # the loss sees no preference in these
+    what.append(f"and left chosen and rejected the same in {same}")
   return (f"{source}: truncation cut {n} of {len(examples)} examples "
           f"(max_length={opts.max_length}, max_prompt_length={opts.max_prompt_length}, "
           f"{opts.truncation_mode}): {', '.join(what)}")
@@ -900,6 +904,7 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
   cut = ((len(prompt) < len(prompt_ids)) * CUT_PROMPT
          + (len(chosen) < len(completions[0])) * CUT_CHOSEN
          + (paired and len(rejected) < len(completions[1])) * CUT_REJECTED)
+  cut |= CUT_SAME * (paired and cut != 0 and chosen == rejected)
   return Tokenized(prompt, chosen, rejected, r["label"], int(cut))
 
 
