@@ -237,6 +237,10 @@ def test_config_json_is_read_as_transformers_reads_it():
     want = dict(hf.rope_parameters)
     assert ours.rope_theta == want.pop("rope_theta"), keys
     assert dict(ours.rope_scaling or {"rope_type": "default"}) == want, keys
+  x = torch.linspace(-6, 6, 101)   # transformers' swish is SiLU
+  torch.testing.assert_close(transformers.activations.ACT2FN["swish"](x),
+                             transformers.activations.ACT2FN["silu"](x))
+  assert models.ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "swish", **small})
   d = transformers.MistralConfig(**small).to_dict()
   del d["sliding_window"]
   assert (models.ModelConfig.from_hf_dict(d).sliding_window

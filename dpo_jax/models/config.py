@@ -141,7 +141,7 @@ class ModelConfig:
     if family not in FAMILIES:
       raise ValueError(f"unsupported model_type {family!r}; "
                        f"dpo_jax supports {FAMILIES}")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):   # transformers: the same
       raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' (SwiGLU)")
     if hf.get("mlp_bias"):
       raise ValueError("mlp_bias=True is not supported")
