@@ -58,7 +58,6 @@ def test_a_sampled_text_reads_back_as_the_sampled_ids():
   tok = synthetic.tokenizer()
   w = synthetic.words()
   prompt = f"{w['topics'][1]} : " + " ".join(w["neutral"][:3])
-  model = pairs.Model(TINY.replace(vocab_size=len(tok)), None, tok)
   ids = tok.convert_tokens_to_ids(w["good"][1][:3])
   prompt_ids = preference.encode_prompt(tok, prompt)
   text = preference.continuation(tok, prompt, prompt_ids, ids)
@@ -67,7 +66,8 @@ def test_a_sampled_text_reads_back_as_the_sampled_ids():
                                       tok, preference.TokenizeOptions(64, 32))
   assert ex.prompt == prompt_ids and ex.chosen == ids + [tok.eos_token_id]
   # sample_responses writes its texts so (any sampled ids: a model of random weights)
-  model = pairs.Model(model.cfg, core.init_params(model.cfg, 0), tok)
+  cfg = TINY.replace(vocab_size=len(tok))
+  model = pairs.Model(cfg, core.init_params(cfg, 0), tok)
   (rs,) = pairs.sample_responses(model, [prompt], pairs.Sampling(
       n=2, max_new_tokens=4, batch_size=2, temperature=1.0, seed=0))
   for sampled, text in rs:

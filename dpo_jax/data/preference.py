@@ -540,12 +540,12 @@ def continuation(tokenizer, prompt, prompt_ids: list[int], ids: list[int]) -> st
   prompt, what decoding prompt and ids together adds to the prompt's text (a word's leading
   space, say), so that prompt + text reads as the model wrote it; after chat messages, the
   assistant's content."""
-  text = tokenizer.decode(ids, skip_special_tokens=True)
-  if not isinstance(prompt, str):
-    return text
-  whole = tokenizer.decode(list(prompt_ids) + list(ids), skip_special_tokens=True)
-  head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-  return whole[len(head):] if whole.startswith(head) else text
+  if isinstance(prompt, str):
+    whole = tokenizer.decode(list(prompt_ids) + list(ids), skip_special_tokens=True)
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    if whole.startswith(head):
+      return whole[len(head):]
+  return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:

@@ -192,8 +192,8 @@ class ModelConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         # Qwen2 has q/k/v biases whatever the file says, Mistral none (transformers' classes).
-        attention_bias=(family == "qwen2" if family != "llama"
-                        else bool(hf.get("attention_bias", False))),
+        attention_bias=(bool(hf.get("attention_bias", False)) if family == "llama"
+                        else family == "qwen2"),
         sliding_window=window,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         bos_token_id=_first(hf.get("bos_token_id")),
