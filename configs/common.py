@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.streaming = False         # True: stream what datasets.load_dataset reads (a hub name,
                                    # data files), a round of rows at a time; not cached
   c.data.eval = config_dict.placeholder(str)
-  c.data.eval_split = "test"
+  c.data.eval_split = config_dict.placeholder(str)   # None: the eval source's "test" split,
+                                                     # or all its rows if it has no splits
   c.data.eval_fraction = 0.1       # held out from train when data.eval is None
   c.data.max_length = 128
   c.data.max_prompt_length = 64

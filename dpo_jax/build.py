@@ -93,7 +93,9 @@ def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
   examples, skipped = preference.tokenize_cached(cache, rows, tokenizer, opts, source,
                                                  config.data.on_error, **split, keep=keep)
   if config.data.eval:
-    esource, erows = preference.load_rows(config.data.eval, config.data.eval_split, streaming)
+    esplit = config.data.eval_split   # None: "test" of a source with splits
+    esource, erows = preference.load_rows(config.data.eval, esplit or "test", streaming,
+                                          strict=esplit is not None)
     eval_examples, eskipped = preference.tokenize_cached(cache, erows, tokenizer, opts, esource,
                                                          config.data.on_error, **split, keep=keep)
     skipped += eskipped

@@ -407,6 +407,11 @@ def test_a_json_array_is_indexed_not_held(tmp_path):
   assert list(got.numbers) == [1, 3] and got[1] == P._BadRow("expected a JSON object, got list")
   with pytest.raises(P.DataError, match=rf"^{arrays}: row 1: expected a JSON object, got list"):
     P.tokenize_rows(got, BYTE, OPTS, source)
+  nested = tmp_path / "nested.json"   # one object over several lines: named as such
+  nested.write_text(json.dumps({"version": 1, "data": [good(0), good(1)]}, indent=2))
+  with pytest.raises(P.DataError, match=rf"^{nested}: holds one JSON object \(keys \['version', "
+                     r"'data'\]\), not rows.*its 'data' list"):
+    P.load_rows(str(nested))
 
 
 _JSON = st.recursive(
@@ -505,6 +510,21 @@ def test_source_save_to_disk(tmp_path):
   assert _same(P.load_rows(str(tmp_path / "dd"))[1])
   with pytest.raises(P.DataError, match="no split 'nope'"):
     P.load_rows(str(tmp_path / "dd"), "nope")
+
+
+def test_a_split_asked_of_a_source_without_splits_is_refused(tmp_path):
+  """A file, a saved Dataset or a list holds one "train" split: asking it for "test" is an
+  error (it would read every row: an eval set that is the training set), unless strict=False
+  (a default split the source ignores)."""
+  path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in ROWS])
+  datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+  datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+  for src in (path, str(tmp_path / "ds"), str(tmp_path / "d.parquet"), ROWS,
+              datasets.Dataset.from_list(ROWS)):
+    assert _same(P.load_rows(src, "train")[1])
+    assert _same(P.load_rows(src, "test", strict=False)[1])
+    with pytest.raises(P.DataError, match=r"has no splits .*split 'test' was asked of it"):
+      P.load_rows(src, "test")
 
 
 def test_source_load_dataset_directory(tmp_path, monkeypatch):

@@ -284,6 +284,21 @@ def test_skipped_rows_are_reported(tmp_path, capsys):
   assert "config.data.on_error='skip': 1 rows of" in capsys.readouterr().err
 
 
+def test_a_separate_eval_source_and_its_split(tmp_path):
+  """config.data.eval is held out whole (its rows, none of train's); a split asked of an eval
+  file without splits is named rather than read as every row."""
+  from dpo_jax.data.tiny_tasks import ASSET
+  rows = open(ASSET).read().splitlines()
+  (tmp_path / "train.jsonl").write_text("\n".join(rows[:40]) + "\n")
+  (tmp_path / "eval.jsonl").write_text("\n".join(rows[40:52]) + "\n")
+  run = build.setup(config(data__train=str(tmp_path / "train.jsonl"),
+                           data__eval=str(tmp_path / "eval.jsonl")))
+  assert len(run.train_data.examples) == 40 and len(run.eval_examples) == 12
+  with pytest.raises(preference.DataError, match=r"eval.jsonl: has no splits .*'test'"):
+    build.setup(config(data__train=str(tmp_path / "train.jsonl"),
+                       data__eval=str(tmp_path / "eval.jsonl"), data__eval_split="test"))
+
+
 def _with_loss_key(key, value):
   cfg = config()
   cfg.unlock()

@@ -159,11 +159,28 @@ def _read_jsonl(path: str):
     rows = _json_array(f) if path.endswith(".json") else None
     if rows is None:
       rows = _json_lines(f)
+    if path.endswith(".json") and len(rows) and isinstance(rows[0], _BadRow):
+      _refuse_one_object(path, f)
   except BaseException:
     f.close()
     raise
   weakref.finalize(rows, f.close)
   return rows
+
+
+def _refuse_one_object(path: str, f):
+  """A .json file whose first line is no row and which holds one JSON object spanning lines
+  (e.g. {"data": [rows]}) is named as such, not as invalid JSON on its first line."""
+  try:
+    value = json.loads(os.pread(f.fileno(), os.fstat(f.fileno()).st_size, 0).decode("utf-8-sig"))
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return   # the first line's own error says what is wrong
+  if isinstance(value, dict):
+    lists = [k for k, v in value.items() if isinstance(v, list)]
+    raise DataError(f"{path}: holds one JSON object (keys {list(value)[:8]}), not rows; a .json "
+                    f"source holds JSON lines or one JSON array of row objects"
+                    + (f" (the rows may be its {lists[0]!r} list: save that list alone)"
+                       if lists else ""))
 
 
 def _json_lines(f):
@@ -307,28 +324,41 @@ def _pick_split(name: str, ds, split: str):
   return f"{name}[{split}]", ds[split]
 
 
-def load_rows(source: Any, split: str = "train",
-              streaming: bool = False) -> tuple[str, Iterable[dict]]:
+def _unsplit(name: str, split: str, strict: bool) -> str:
+  """The name of a source without splits, whose rows are all one "train" split (as
+  datasets.load_dataset names a file's rows); asking it for another split is an error when
+  `strict`, not a silent read of every row (an eval split that is the training rows)."""
+  if strict and split != "train":
+    raise DataError(f"{name}: has no splits (all its rows are one 'train' split), but split "
+                    f"{split!r} was asked of it (config.data.split, config.data.eval_split or "
+                    f"--split); give a source that has it, or leave the split at its default")
+  return name
+
+
+def load_rows(source: Any, split: str = "train", streaming: bool = False,
+              strict: bool = True) -> tuple[str, Iterable[dict]]:
   """Returns (a name for error messages, the rows). JSON lines and `datasets` rows are parsed or
   converted when indexed, so a process that tokenises a part of them reads only that part. An
   IterableDataset is streamed: its rows are read when tokenize_rows iterates them, a round at a
   time. streaming=True streams what datasets.load_dataset reads (a hub name, a directory of data
-  files, a .parquet/.csv/.arrow file) instead of converting it to a local Arrow table first."""
+  files, a .parquet/.csv/.arrow file) instead of converting it to a local Arrow table first.
+  A source without splits (a file, a list, a Dataset) is the "train" split; `split` another
+  name is an error unless strict=False (a default split, which such a source ignores)."""
   if isinstance(source, (list, tuple)):
-    return "<rows>", list(source)
+    return _unsplit("<rows>", split, strict), list(source)
   if isinstance(source, collections.abc.Mapping):   # a datasets.DatasetDict: one split of it
     name, ds = _pick_split(_dataset_name(next(iter(source.values()), None), "<dataset>"),
                            source, split)
     return name, _dataset_rows(ds)
   if not isinstance(source, (str, os.PathLike)):   # a datasets.Dataset or similar
-    return _dataset_name(source, "<dataset>"), _dataset_rows(source)
+    return _unsplit(_dataset_name(source, "<dataset>"), split, strict), _dataset_rows(source)
   source = os.fspath(source)
   if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(
       ("./", "../", "~")) or os.path.splitext(source)[1] in (".jsonl", ".json", ".parquet",
                                                               ".csv", ".arrow")):
     raise DataError(f"{source}: no such file or directory (a path, not a hub dataset name)")
   if source.endswith((".jsonl", ".json")) and not os.path.isdir(source):
-    return source, _read_jsonl(source)
+    return _unsplit(source, split, strict), _read_jsonl(source)
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
   builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
   ext = os.path.splitext(source)[1]
@@ -337,11 +367,13 @@ def load_rows(source: Any, split: str = "train",
                     ".jsonl, .json, .parquet, .csv or .arrow, a save_to_disk directory, a "
                     "directory of data files or a hub dataset name")
   if os.path.isfile(source):
-    ds = datasets.load_dataset(builders[ext], data_files=source, split="train",
-                               streaming=streaming)
+    ds = datasets.load_dataset(builders[ext], data_files=_unsplit(source, split, strict),
+                               split="train", streaming=streaming)
   elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in (
       "dataset_dict.json", "state.json")):   # written by save_to_disk
     ds = datasets.load_from_disk(source)
+    if not isinstance(ds, datasets.DatasetDict):
+      _unsplit(source, split, strict)
   else:   # a hub name, or a directory of data files
     ds = datasets.load_dataset(source, split=split, streaming=streaming)
   if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
