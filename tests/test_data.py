@@ -578,12 +578,12 @@ def test_prompt_truncation_boundaries(mode):
   ex = tok1({"prompt": "0123456", "chosen": "a", "rejected": "b"}, opts=opts)
   assert ex.prompt == full
   ex = tok1({"prompt": "01234567", "chosen": "a", "rejected": "b"}, opts=opts)   # one over
-  full = [BOS] + byte_ids("01234567")
-  assert ex.prompt == (full[-8:] if mode == "keep_end" else full[:8])
-  assert ex.prompt == (byte_ids("01234567") if mode == "keep_end" else full[:8])
+  full = [BOS] + byte_ids("01234567")   # keep_end keeps BOS and the last 7
+  assert ex.prompt == ([BOS] + full[-7:] if mode == "keep_end" else full[:8])
+  assert ex.prompt == ([BOS] + byte_ids("1234567") if mode == "keep_end" else full[:8])
   ex = tok1({"prompt": "0123456789" * 3, "chosen": "a", "rejected": "b"}, opts=opts)
   full = [BOS] + byte_ids("0123456789" * 3)
-  assert ex.prompt == (full[-8:] if mode == "keep_end" else full[:8])
+  assert ex.prompt == ([BOS] + full[-7:] if mode == "keep_end" else full[:8])
   assert ex.chosen == byte_ids("a") + [EOS]
 
 
@@ -610,6 +610,13 @@ def test_truncate_function_and_no_completion_left():
   assert P.truncate([1, 2, 3, 4], [5, 6, 7, 8], opts, "w", "chosen") == ([2, 3, 4], [5, 6, 7])
   keep_start = P.TokenizeOptions(6, 3, "keep_start")
   assert P.truncate([1, 2, 3, 4], [5], keep_start, "w", "chosen") == ([1, 2, 3], [5])
+  # keep_end keeps a BOS (head=1) and the last ids; keep_start has it anyway; a one-id prompt
+  # keeps the last id
+  assert P.truncate([1, 2, 3, 4], [5], opts, "w", "chosen", head=1) == ([1, 3, 4], [5])
+  assert P.truncate([1, 2, 3, 4], [5], keep_start, "w", "chosen", head=1) == ([1, 2, 3], [5])
+  one = P.TokenizeOptions(6, 1)
+  assert P.truncate([1, 2, 3], [5], one, "w", "chosen", head=1) == ([3], [5])
+  assert P.truncate([1, 2, 3], [5], opts, "w", "chosen", head=1) == ([1, 2, 3], [5])
   with pytest.raises(P.DataError, match=r"w: field 'rejected': no completion token fits"):
     P.truncate([1, 2], [], opts, "w", "rejected")
   with pytest.raises(P.DataError, match=r"w: field 'chosen': no completion token fits"):

@@ -642,8 +642,11 @@ def _check_options(opts: TokenizeOptions):
                      f"than config.data.max_length={opts.max_length}")
 
 
-def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, field: str):
-  """(prompt ids, completion ids) within the options' lengths (the module's truncation rule)."""
+def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, field: str,
+             head: int = 0):
+  """(prompt ids, completion ids) within the options' lengths (the module's truncation rule).
+  keep_end keeps the prompt's first `head` ids too (its BOS, which the model has always read
+  first) when the prompt is longer than one id."""
   prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
   if not prompt_ids:   # the first completion token is predicted from the last prompt token
     raise DataError(f"{where}: field 'prompt': no prompt token precedes the completion (the "
@@ -655,7 +658,8 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
   keep = max(opts.max_prompt_length, 0)
   if len(prompt_ids) > keep:
     if opts.truncation_mode == "keep_end":
-      prompt_ids = prompt_ids[len(prompt_ids) - keep:]   # not [-keep:]: keep may be 0
+      head = min(head, keep - 1)
+      prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - keep + head:]
     else:
       prompt_ids = prompt_ids[:keep]
   room = opts.max_length - len(prompt_ids)
@@ -772,7 +776,7 @@ def _check_round(parts: Sequence[Part], r: int, per: int, source: str):
                     f"process must read the same data set in the same order)")
 
 
-CACHE_FORMAT = "dpo_jax examples 3"   # change when Examples or tokenising changes
+CACHE_FORMAT = "dpo_jax examples 4"   # change when Examples or tokenising changes
 
 
 def tokenize_cached(cache_dir: Optional[str], rows, tokenizer, opts: TokenizeOptions,
@@ -927,10 +931,12 @@ def _finish_row(rendered, ids, tokenizer, opts, where: str):
     return f"{where}: cannot tokenise: {type(e).__name__}: {e}"
   prompt_ids, completions = _split(tokenizer, encoded, r["conversational"], opts.add_bos)
   paired = r["rejected"] is not None
+  head = int(tokenizer.bos_token_id is not None and prompt_ids[:1] == [tokenizer.bos_token_id])
   try:
     prompt, chosen = truncate(prompt_ids, completions[0], opts, where,
-                              "chosen" if paired else "completion")
-    rejected = truncate(prompt_ids, completions[1], opts, where, "rejected")[1] if paired else None
+                              "chosen" if paired else "completion", head)
+    rejected = (truncate(prompt_ids, completions[1], opts, where, "rejected", head)[1]
+                if paired else None)
   except DataError as e:
     return str(e)
   cut = ((len(prompt) < len(prompt_ids)) * CUT_PROMPT
