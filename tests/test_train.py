@@ -106,7 +106,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_a_scratch_qwen2_resumes_and_exports(tmp_path):
   """model.family=qwen2 from scratch has Qwen2's q/k/v biases, so its checkpoint's config is
-  the model it trained (resume), and transformers reads the export as that model."""
+  the model it trained (resume), and transformers reads the export as that model. An export
+  carries the generation config of the HF directory its run started from."""
   from dpo_jax import export   # noqa: PLC0415
   from dpo_jax.models import hf_io   # noqa: PLC0415
   cfg = config(steps=1, log_every=1, eval_every=0, ckpt_every=1, model__family="qwen2")
@@ -119,6 +120,18 @@ def test_a_scratch_qwen2_resumes_and_exports(tmp_path):
   export.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "hf")])
   got, params = hf_io.load_hf(str(tmp_path / "hf"))
   assert got.family == "qwen2" and "bias" in params["layers"]["self_attn"]["q_proj"]
+  # A run from an HF directory exports that directory's generation config (sampling defaults,
+  # every stop id), with config.json's ids where it has none.
+  source = {"eos_token_id": [got.eos_token_id, 7], "temperature": 0.6, "do_sample": True}
+  (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(source))
+  cfg.steps, cfg.model.init = 1, str(tmp_path / "hf")
+  train.train_and_evaluate(cfg, str(tmp_path / "w2"))
+  export.main(["--checkpoint", str(tmp_path / "w2"), "--out", str(tmp_path / "hf2")])
+  gen = json.loads((tmp_path / "hf2" / "generation_config.json").read_text())
+  ids = {k: getattr(got, k) for k in ("bos_token_id", "pad_token_id")}
+  assert gen == {**{k: v for k, v in ids.items() if v is not None}, **source}
+  export.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "hf2")])   # no ids
+  assert not (tmp_path / "hf2" / "generation_config.json").exists()   # none left from before
 
 
 def test_first_step_reference_equals_policy():

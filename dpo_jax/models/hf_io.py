@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -273,13 +273,16 @@ def load_hf(path: str, *, shardings=None, dtype=None, **cfg_overrides):
 
 
 def save_hf(path: str, cfg: ModelConfig, params, *, tokenizer=None,
-            max_shard_bytes: int = 5 * 2**30, dtype=None) -> str:
+            max_shard_bytes: int = 5 * 2**30, dtype=None,
+            generation_config: Optional[dict] = None) -> str:
   """Writes a HF model directory that transformers loads; returns `path`.
 
   params may be sharded (gathered to host one weight at a time). dtype: the saved dtype
   (default: the params'). Above max_shard_bytes the weights are split into
-  model-0000k-of-0000N.safetensors with model.safetensors.index.json. In multi-host runs every
-  process must call this; process 0 writes.
+  model-0000k-of-0000N.safetensors with model.safetensors.index.json. generation_config.json
+  holds `generation_config` (the source model's: sampling defaults, every stop id) over cfg's
+  BOS/EOS/pad ids; none is written (and an earlier one is removed) when both are empty. In
+  multi-host runs every process must call this; process 0 writes.
   """
   table = TABLES[cfg.family](cfg)
   abstract = core.abstract_params(cfg)
@@ -340,11 +343,14 @@ def save_hf(path: str, cfg: ModelConfig, params, *, tokenizer=None,
   hf["dtype"] = hf["torch_dtype"] = out_dtype.name   # v5 reads "dtype", v4 "torch_dtype"
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
-  if cfg.bos_token_id is not None or cfg.eos_token_id is not None:
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if getattr(cfg, k) is not None}
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-      json.dump(gen, f, indent=2)
+  gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
+  gen.update(generation_config or {})
+  gen_path = os.path.join(path, "generation_config.json")
+  if gen:
+    with open(gen_path, "w") as f:
+      json.dump(gen, f, indent=2, sort_keys=True)
+  elif os.path.exists(gen_path):   # an earlier export's ids, which this model does not have
+    os.remove(gen_path)
   if tokenizer is not None:
     tokenizer.save_pretrained(path)
   return path
