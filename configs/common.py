@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_length = 128
   c.data.max_prompt_length = 64
   c.data.truncation_mode = "keep_end"
+  c.data.add_bos = True            # string rows start with the tokenizer's BOS (False for a
+                                   # model that reads none, as GPT-2-style tokenizers add none)
   c.data.buckets = ()              # () = powers of two from 32 up to max_length
   c.data.on_error = "fail"         # fail | skip (bad rows are counted)
   c.data.cache = True              # keep the tokenised data in W/data_cache (a rerun reads it)

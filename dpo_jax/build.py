@@ -77,7 +77,7 @@ def scratch_model(model_cfg: ml_collections.ConfigDict) -> ModelConfig:
 
 def load_data(config, tokenizer, pad_id: int, workdir: str | None = None):
   opts = preference.TokenizeOptions(config.data.max_length, config.data.max_prompt_length,
-                                    config.data.truncation_mode)
+                                    config.data.truncation_mode, config.data.add_bos)
   # W/data_cache: a rerun of the same job (a resume) reads the examples instead of tokenising.
   cache = os.path.join(workdir, "data_cache") if workdir and config.data.cache else None
   keep = config.data.cache_keep

@@ -102,8 +102,8 @@ def ground_truth(policy, baseline, prompts, reward_fn, sampling, mesh, rules) ->
                                    dataclasses.replace(sampling, seed=sampling.seed + 7919))
   r = np.array([[reward_fn(p, text) for _, text in rs] for p, rs in zip(prompts, ys)])
   rb = np.array([[reward_fn(p, text) for _, text in rs] for p, rs in zip(prompts, ys_base)])
-  lp = np.array(pairs.sequence_logps(policy, prompts, ys, mesh, rules))
-  lb = np.array(pairs.sequence_logps(baseline, prompts, ys, mesh, rules))
+  lp = np.array(pairs.sequence_logps(policy, prompts, ys, mesh, rules, sampling.add_bos))
+  lb = np.array(pairs.sequence_logps(baseline, prompts, ys, mesh, rules, sampling.add_bos))
   stops = generate.stop_ids(policy.cfg, policy.tokenizer)
   lengths = np.array([[len([t for t in ids if t not in stops]) for ids, _ in rs] for rs in ys])
   return {"reward": float(r.mean()), "reward_sem": float(r.std() / np.sqrt(r.size)),

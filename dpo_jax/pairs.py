@@ -40,6 +40,7 @@ class Sampling:
   max_new_tokens: int = 64
   batch_size: int = 256
   seed: int = 0
+  add_bos: bool = True   # string prompts start with BOS, as training's data.add_bos
 
 
 @dataclasses.dataclass
@@ -64,7 +65,8 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
   from dpo_jax import generate   # noqa: PLC0415
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
-  ids = [ids for ids in preference.encode_prompts(tok, prompts) for _ in range(sampling.n)]
+  ids = [ids for ids in preference.encode_prompts(tok, prompts, sampling.add_bos)
+         for _ in range(sampling.n)]
   pad, stops = preference.pad_id(tok), generate.stop_ids(model.cfg, tok)
   tokens = []
   for start in range(0, len(ids), sampling.batch_size):
@@ -96,11 +98,12 @@ def function_scorer(spec: str) -> Callable:
                                      for p, rs in zip(prompts, responses)]
 
 
-def implicit_scorer(policy: Model, ref: Model, beta: float, mesh, rules) -> Callable:
+def implicit_scorer(policy: Model, ref: Model, beta: float, mesh, rules,
+                    add_bos: bool = True) -> Callable:
   """β·(log π(y|x) − log π_ref(y|x)) of each response as written (see written_examples): the
   implicit reward dpo_jax.score and the training step give the written pairs."""
   def score(prompts, responses):
-    examples = written_examples(policy.tokenizer, prompts, responses)   # once, for both
+    examples = written_examples(policy.tokenizer, prompts, responses, add_bos)   # once
     lp, lr = (iter(score_examples(m, examples, policy.tokenizer, mesh, rules))
               for m in (policy, ref))
     return [[beta * (next(lp) - next(lr)) if text.strip() else float("nan") for _, text in rs]
@@ -135,7 +138,7 @@ def reward_model_scorer(path: str) -> Callable:
   return score
 
 
-def written_examples(tok, prompts, responses) -> list:
+def written_examples(tok, prompts, responses, add_bos: bool = True) -> list:
   """Each non-empty response as the written rows hold it: its text, tokenised as training and
   dpo_jax.score tokenise a completion (EOS appended, special tokens as the text has them), not
   the sampled ids (which lack EOS when cut at max_new_tokens and may not be the text's
@@ -145,7 +148,7 @@ def written_examples(tok, prompts, responses) -> list:
           for p, rs in zip(prompts, responses) for _, text in rs if text.strip()]
   if not rows:
     return []
-  opts = preference.TokenizeOptions(max_length=1 << 30, max_prompt_length=(1 << 30) - 1)
+  opts = preference.TokenizeOptions(1 << 30, (1 << 30) - 1, add_bos=add_bos)
   tokenized, _ = preference.tokenize_rows(rows, tok, opts, "sampled responses", "fail")
   return [(e.prompt, e.chosen) for e in tokenized]
 
@@ -175,13 +178,15 @@ def score_examples(model: Model, examples, tok, mesh, rules) -> list[float]:
   return scores
 
 
-def sequence_logps(model: Model, prompts, responses, mesh, rules) -> list[list[float]]:
+def sequence_logps(model: Model, prompts, responses, mesh, rules,
+                   add_bos: bool = True) -> list[list[float]]:
   """log π(y|x) summed over each sampled completion's tokens (EOS included when emitted): the
   samples themselves, as a Monte Carlo KL estimate over them needs (evaluate.ground_truth)."""
   from dpo_jax.data import preference   # noqa: PLC0415
   tok = model.tokenizer
   examples = [(p, list(ids) or [tok.eos_token_id])
-              for p, rs in zip(preference.encode_prompts(tok, prompts), responses) for ids, _ in rs]
+              for p, rs in zip(preference.encode_prompts(tok, prompts, add_bos), responses)
+              for ids, _ in rs]
   it = iter(score_examples(model, examples, tok, mesh, rules))
   return [[next(it) for _ in rs] for rs in responses]
 
@@ -251,7 +256,8 @@ def read_prompts(path: str) -> list:
   return out
 
 
-def build_scorer(spec: str, model: Model, *, ref: str | None, beta: float, mesh, rules):
+def build_scorer(spec: str, model: Model, *, ref: str | None, beta: float, mesh, rules,
+                 add_bos: bool = True):
   if spec.startswith("fn:"):
     return function_scorer(spec[3:])
   if spec.startswith("rm:"):
@@ -259,7 +265,7 @@ def build_scorer(spec: str, model: Model, *, ref: str | None, beta: float, mesh,
   if spec == "implicit":
     if not ref:
       raise ValueError("--scorer implicit needs --ref (the DPO model's reference)")
-    return implicit_scorer(model, Model.load(ref, mesh, rules), beta, mesh, rules)
+    return implicit_scorer(model, Model.load(ref, mesh, rules), beta, mesh, rules, add_bos)
   raise ValueError(f"unknown scorer {spec!r}; use {SCORER_HELP}")
 
 
@@ -288,8 +294,8 @@ def generate_pairs(model_path: str, prompts_path: str, out_path: str, *, scorer:
     prompts = prompts[:max_prompts]
   responses = sample_responses(model, prompts, sampling)
   scoring_model = model if not scorer_model else Model.load(scorer_model, mesh, rules)
-  scores = build_scorer(scorer, scoring_model, ref=ref, beta=beta, mesh=mesh,
-                        rules=rules)(prompts, responses)
+  scores = build_scorer(scorer, scoring_model, ref=ref, beta=beta, mesh=mesh, rules=rules,
+                        add_bos=sampling.add_bos)(prompts, responses)
   rows = make_pairs(prompts, responses, scores, rule=rule, margin=margin,
                     label_noise=label_noise, seed=sampling.seed)
   if not rows:
@@ -353,7 +359,10 @@ def main(argv=None):
   p.add_argument("--label_noise", type=float, default=0.0)
   p.add_argument("--max_prompts", type=int, default=0)
   for f in dataclasses.fields(Sampling):
-    p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    if f.name != "add_bos":
+      p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+  p.add_argument("--no_bos", dest="add_bos", action="store_false",
+                 help="string prompts without the tokenizer's BOS first (data.add_bos=False)")
   a = p.parse_args(argv)
   sampling = Sampling(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Sampling)})
   stats = generate_pairs(a.model, a.prompts, a.out, scorer=a.scorer, sampling=sampling,

@@ -60,7 +60,7 @@ def bootstrap(correct: dict[str, np.ndarray], margins: dict[str, np.ndarray], n:
 
 def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=1024,
                  max_prompt_length=512, truncation_mode="keep_end", split="train",
-                 dtype="float32"):
+                 dtype="float32", add_bos=True):
   """{model: (correct [N] 0/1, margin [N])} from dpo_jax's scoring path; every model and the
   ref compute in `dtype` (a checkpoint's own training dtype would mix numerics with an HF
   directory's)."""
@@ -70,7 +70,7 @@ def score_models(models, data, *, ref=None, beta=0.1, batch_size=16, max_length=
   distributed.maybe_initialize()
   mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
   source, rows = preference.load_rows(data, split)
-  opts = preference.TokenizeOptions(max_length, max_prompt_length, truncation_mode)
+  opts = preference.TokenizeOptions(max_length, max_prompt_length, truncation_mode, add_bos)
   buckets = preference.default_buckets(max_length)
   cache, tokenised = {}, {}   # tokenised: by tokenizing_key, so models that share a tokenizer
                               # (checkpoints of one run) share one tokenising of the rows
@@ -115,10 +115,7 @@ def main(argv=None):
                  help="resamples for the 95%% intervals (0: point estimates only)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--max_length", type=int, default=1024)
-  p.add_argument("--max_prompt_length", type=int, default=512)
-  p.add_argument("--truncation_mode", default="keep_end")
-  p.add_argument("--split", default="train")
+  score.add_tokenizing_args(p)
   p.add_argument("--dtype", default="float32",
                  help="compute dtype of every model and the ref (float32 | bfloat16 | float16)")
   p.add_argument("--out", default=None, help="write the ranking as JSON")
@@ -134,7 +131,8 @@ def main(argv=None):
   import jax   # noqa: PLC0415  (after parsing: --help and flag errors stay fast)
   scored = score_models(a.models, a.data, ref=a.ref, beta=a.beta, batch_size=a.batch_size,
                         max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-                        truncation_mode=a.truncation_mode, split=a.split, dtype=a.dtype)
+                        truncation_mode=a.truncation_mode, split=a.split, dtype=a.dtype,
+                        add_bos=a.add_bos)
   result = bootstrap({m: c for m, (c, _) in scored.items()},
                      {m: g for m, (_, g) in scored.items()}, a.bootstrap, a.seed)
   result["score"] = "implicit reward" if a.ref else "log-prob"

@@ -28,16 +28,29 @@ def parse_args(argv=None):
   p.add_argument("--ref", default=None, help="reference model for implicit rewards")
   p.add_argument("--beta", type=float, default=0.1, help="β of the implicit reward")
   p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--max_length", type=int, default=1024)
-  p.add_argument("--max_prompt_length", type=int, default=512)
-  p.add_argument("--truncation_mode", default="keep_end")
-  p.add_argument("--split", default="train")
+  add_tokenizing_args(p)
   p.add_argument("--dtype", default="float32",
                  help="compute dtype (float32 | bfloat16 | float16)")
   args = p.parse_args(argv)
   check_lengths(p, args)
   check_numbers(p, args)
   return args
+
+
+def add_tokenizing_args(p: argparse.ArgumentParser):
+  """How rows are read and tokenised: training's config.data keys of the same names."""
+  p.add_argument("--max_length", type=int, default=1024)
+  p.add_argument("--max_prompt_length", type=int, default=512)
+  p.add_argument("--truncation_mode", default="keep_end")
+  p.add_argument("--split", default="train")
+  p.add_argument("--no_bos", dest="add_bos", action="store_false",
+                 help="string rows without the tokenizer's BOS first (data.add_bos=False)")
+
+
+def tokenize_options(args):
+  from dpo_jax.data import preference   # noqa: PLC0415
+  return preference.TokenizeOptions(args.max_length, args.max_prompt_length,
+                                    args.truncation_mode, args.add_bos)
 
 
 def check_lengths(p: argparse.ArgumentParser, args):
@@ -87,8 +100,7 @@ def main(argv=None):
   mesh = sharding.make_mesh()
   rules = sharding.DEFAULT_RULES
   tokenizer = load.load_tokenizer(args.model)
-  opts = preference.TokenizeOptions(args.max_length, args.max_prompt_length,
-                                    args.truncation_mode)
+  opts = tokenize_options(args)
   source, rows = preference.load_rows(args.data, args.split)
   # the ids go to an unlinked file in $TMPDIR a round of rows at a time, then are mapped from it
   examples, _ = preference.tokenize_cached(None, rows, tokenizer, opts, source, "fail",

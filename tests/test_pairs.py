@@ -37,9 +37,16 @@ def test_implicit_scores_are_those_of_the_written_text():
   responses = [[(tok.encode(t, add_special_tokens=False) + ([tok.eos_token_id] if i == 0 else []),
                  t) for i, t in enumerate(ts)] for ts in texts]
   mesh, rules = sharding.make_mesh(1, 1, 1, jax.devices()[:1]), sharding.DEFAULT_RULES
-  got = pairs.implicit_scorer(policy, ref, 0.5, mesh, rules)(prompts, responses)
+  for add_bos in (True, False):   # --no_bos: prompts without BOS, as training's data.add_bos
+    got = pairs.implicit_scorer(policy, ref, 0.5, mesh, rules, add_bos)(prompts, responses)
+    _check_implicit(policy, ref, prompts, texts, got, add_bos)
+
+
+def _check_implicit(policy, ref, prompts, texts, got, add_bos):
+  tok = policy.tokenizer
   for p, ts, scores in zip(prompts, texts, got):
-    prompt_ids = preference.encode_prompt(tok, p)
+    prompt_ids = preference.encode_prompt(tok, p, add_bos)
+    assert (prompt_ids[0] == tok.bos_token_id) == add_bos
     for t, s in zip(ts, scores):
       if not t:
         assert np.isnan(s)   # make_pairs leaves empty responses out
@@ -48,6 +55,18 @@ def test_implicit_scores_are_those_of_the_written_text():
       want = 0.5 * (full_forward_logp(policy, prompt_ids, ids)
                     - full_forward_logp(ref, prompt_ids, ids))
       np.testing.assert_allclose(s, want, rtol=1e-4, atol=1e-5)
+
+
+def test_no_bos_samples_from_the_prompt_text_alone(monkeypatch):
+  """pairs --no_bos (Sampling.add_bos=False) samples from prompts encoded without BOS."""
+  from dpo_jax import generate   # noqa: PLC0415
+  model, seen, sample = tiny_model(0), [], generate.sample
+  monkeypatch.setattr(generate, "sample", lambda cfg, params, ids, **kw: seen.append(ids) or
+                      sample(cfg, params, ids, **kw))
+  for add_bos in (True, False):
+    pairs.sample_responses(model, ["sort 3 1 2:"], pairs.Sampling(
+        n=1, max_new_tokens=2, batch_size=1, add_bos=add_bos))
+    assert seen.pop() == [preference.encode_prompt(model.tokenizer, "sort 3 1 2:", add_bos)]
 
 
 def test_a_sampled_text_reads_back_as_the_sampled_ids():
@@ -151,7 +170,9 @@ def test_the_kl_estimate_scores_the_sampled_ids():
   cut = tok.encode("1 2", add_special_tokens=False)
   ended = tok.encode("3", add_special_tokens=False) + [tok.eos_token_id]
   mesh, rules = sharding.make_mesh(1, 1, 1, jax.devices()[:1]), sharding.DEFAULT_RULES
-  got = pairs.sequence_logps(model, ["sort:"], [[(cut, "1 2"), (ended, "3")]], mesh, rules)
-  prompt_ids = preference.encode_prompt(tok, "sort:")
-  np.testing.assert_allclose(got[0], [full_forward_logp(model, prompt_ids, ids)
-                                      for ids in (cut, ended)], rtol=1e-4, atol=1e-5)
+  for add_bos in (True, False):
+    got = pairs.sequence_logps(model, ["sort:"], [[(cut, "1 2"), (ended, "3")]], mesh, rules,
+                               add_bos)
+    prompt_ids = preference.encode_prompt(tok, "sort:", add_bos)
+    np.testing.assert_allclose(got[0], [full_forward_logp(model, prompt_ids, ids)
+                                        for ids in (cut, ended)], rtol=1e-4, atol=1e-5)

@@ -19,10 +19,10 @@ ROWS = [
 ]
 
 
-def torch_logps(model, tokenizer, prompt, completion):
+def torch_logps(model, tokenizer, prompt, completion, bos=True):
   """Summed completion log-prob, with prompt/completion split written out independently."""
   if isinstance(prompt, str):
-    p = [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    p = [tokenizer.bos_token_id] * bos + tokenizer.encode(prompt, add_special_tokens=False)
     c = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
   else:
     p_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -124,3 +124,24 @@ def test_score_and_rank_report_truncation(tmp_path, capsys):
   assert first["chosen_len"] == 32 - 16 and first["rejected_len"] == 2
   rank.main(["--models", str(tmp_path / "m"), "--bootstrap", "0", *flags])
   assert note in capsys.readouterr().err
+
+
+def test_no_bos_scores_string_rows_without_it(tmp_path):
+  """--no_bos (training's data.add_bos=False): a string row's prompt is its text alone, as torch
+  scores it here; a chat row is what its template writes either way."""
+  from dpo_jax import score
+  tok = byte_tokenizer()
+  hf = tiny_hf_model("llama", seed=0, std=0.1, vocab_size=len(tok))
+  hf.save_pretrained(tmp_path / "m")
+  tok.save_pretrained(tmp_path / "m")
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+  out = tmp_path / "scores.jsonl"
+  score.main(["--model", str(tmp_path / "m"), "--data", str(data), "--out", str(out), "--no_bos"])
+  scores = [json.loads(line) for line in out.read_text().splitlines()]
+  for row, s in zip(ROWS, scores):
+    lp, n = torch_logps(hf, tok, row["prompt"], row["chosen"], bos=False)
+    assert s["chosen_len"] == n
+    np.testing.assert_allclose(s["chosen_logps"], lp, rtol=1e-5, atol=1e-4)
+  with_bos = torch_logps(hf, tok, ROWS[0]["prompt"], ROWS[0]["chosen"])[0]
+  assert abs(with_bos - scores[0]["chosen_logps"]) > 1e-3   # the flag changed the ids

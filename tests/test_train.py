@@ -312,6 +312,15 @@ def test_a_separate_eval_source_and_its_split(tmp_path):
                        data__eval=str(tmp_path / "eval.jsonl"), data__eval_split="test"))
 
 
+def test_data_add_bos_false_starts_string_rows_with_their_text():
+  from dpo_jax.data.tokenizer import byte_tokenizer
+  tok = byte_tokenizer()
+  for add in (True, False):
+    train_data, held_out, _ = build.load_data(config(data__add_bos=add), tok, tok.pad_token_id)
+    firsts = {e.prompt[0] for e in held_out} | {train_data.examples[0].prompt[0]}
+    assert (firsts == {tok.bos_token_id}) if add else (tok.bos_token_id not in firsts)
+
+
 def _with_loss_key(key, value):
   cfg = config()
   cfg.unlock()
