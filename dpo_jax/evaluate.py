@@ -96,7 +96,7 @@ def ground_truth(policy, baseline, prompts, reward_fn, sampling, mesh, rules) ->
   temperature 1), and the mean response length in tokens (EOS excluded).
   """
   import dataclasses   # noqa: PLC0415
-  from dpo_jax import generate, pairs   # noqa: PLC0415
+  from dpo_jax import pairs   # noqa: PLC0415
   ys = pairs.sample_responses(policy, prompts, sampling)
   ys_base = pairs.sample_responses(baseline, prompts,
                                    dataclasses.replace(sampling, seed=sampling.seed + 7919))
@@ -104,7 +104,7 @@ def ground_truth(policy, baseline, prompts, reward_fn, sampling, mesh, rules) ->
   rb = np.array([[reward_fn(p, text) for _, text in rs] for p, rs in zip(prompts, ys_base)])
   lp = np.array(pairs.sequence_logps(policy, prompts, ys, mesh, rules, sampling.add_bos))
   lb = np.array(pairs.sequence_logps(baseline, prompts, ys, mesh, rules, sampling.add_bos))
-  stops = generate.stop_ids(policy.cfg, policy.tokenizer)
+  stops = policy.stop_ids()
   lengths = np.array([[len([t for t in ids if t not in stops]) for ids, _ in rs] for rs in ys])
   return {"reward": float(r.mean()), "reward_sem": float(r.std() / np.sqrt(r.size)),
           "baseline_reward": float(rb.mean()),

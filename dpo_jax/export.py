@@ -7,25 +7,6 @@ DIR then loads with transformers' AutoModelForCausalLM.from_pretrained(DIR) and 
 import argparse
 
 
-def source_generation_config(path: str):
-  """The generation_config.json of the Hugging Face directory the checkpoint's run started from
-  (model.init), if it is still there: its sampling defaults and stop ids (Llama 3 Instruct
-  stops at <|eot_id|>, which config.json may not list) outlive training. None otherwise."""
-  import json, os   # noqa: E401, PLC0415
-  from dpo_jax import checkpoint   # noqa: PLC0415
-  from dpo_jax.models import hf_io   # noqa: PLC0415
-  meta = checkpoint.load_model_config(path)[1]
-  init = json.loads(meta.get("config", "{}")).get("model", {}).get("init")
-  gen = init and os.path.join(init, "generation_config.json")
-  if not (gen and hf_io.is_hf_dir(init) and os.path.isfile(gen)):
-    return None
-  try:
-    with open(gen) as f:
-      return dict(json.load(f))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{gen} (the generation config of model.init {init}): {e}") from None
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dpo_jax.export", description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True)
@@ -46,7 +27,7 @@ def main(argv=None):
   params = load.load_params(args.checkpoint, cfg, mesh, sharding.DEFAULT_RULES)
   hf_io.save_hf(args.out, cfg, params, tokenizer=load.load_tokenizer(args.checkpoint),
                 dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                generation_config=source_generation_config(args.checkpoint))
+                generation_config=load.generation_config(args.checkpoint))
   if jax.process_index() == 0:
     print(f"exported {args.checkpoint} -> {args.out}")
 

@@ -49,6 +49,7 @@ Design (shapes: B batch, P padded prompt length, N max_new_tokens, V vocab, S = 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Optional, Sequence
 
 import jax
@@ -104,7 +105,8 @@ def choose(logits_BxV: Array, key, *, greedy: bool, filtered: bool, temperature,
   if greedy:
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   else:
-    scaled = logits / temperature
+    # from the max: a tiny temperature sends the others to -inf, not every logit to +-inf
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     if filtered:
       scaled = filter_logits(scaled, top_k, top_p)
     tok = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
@@ -221,11 +223,14 @@ def stop_list(eos_id) -> list[int]:
   return ids or [-1]
 
 
-def stop_ids(cfg: ModelConfig, tokenizer) -> tuple[int, ...]:
-  """Every id that ends a response: the tokenizer's EOS and the model config's EOS id(s) (a
-  Llama 3 Instruct config lists <|end_of_text|> and <|eot_id|>, its tokenizer names one)."""
+def stop_ids(cfg: ModelConfig, tokenizer, generation_config: Optional[dict] = None
+             ) -> tuple[int, ...]:
+  """Every id that ends a response: the tokenizer's EOS, the model config's EOS id(s) (a Llama 3
+  Instruct config lists <|end_of_text|> and <|eot_id|>, its tokenizer names one) and those of
+  the model's generation_config.json (load.generation_config), as transformers' generate stops."""
   ids = [tokenizer.eos_token_id]
-  ids += list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else [cfg.eos_token_id]
+  for eos in (cfg.eos_token_id, (generation_config or {}).get("eos_token_id")):
+    ids += list(eos) if isinstance(eos, (tuple, list)) else [eos]
   return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
@@ -269,12 +274,17 @@ def sample(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_ne
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if not 0 <= pad_id < cfg.vocab_size:
     raise ValueError(f"pad_id={pad_id} must be a token id in [0, {cfg.vocab_size})")
-  if temperature < 0:
-    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  if not (temperature >= 0 and np.isfinite(temperature)):
+    raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f"top_p must be in (0, 1], got {top_p}")
   if top_k < 0:
     raise ValueError(f"top_k must be >= 0, got {top_k}")
+  longest = max(map(len, prompts)) + max_new_tokens
+  if longest > cfg.max_position_embeddings:   # rope computes them; the model never saw them
+    warnings.warn(f"sample: a prompt and its {max_new_tokens} new tokens reach position "
+                  f"{longest}, past the model's max_position_embeddings="
+                  f"{cfg.max_position_embeddings}", stacklevel=2)
   greedy = bool(greedy or temperature == 0)
   filtered = (not greedy) and (0 < top_k < cfg.vocab_size or top_p < 1.0)
 

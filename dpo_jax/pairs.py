@@ -42,19 +42,33 @@ class Sampling:
   seed: int = 0
   add_bos: bool = True   # string prompts start with BOS, as training's data.add_bos
 
+  def __post_init__(self):
+    for name in ("n", "max_new_tokens", "batch_size"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+        raise ValueError(f"sampling {name}={getattr(self, name)!r} must be an integer >= 1")
+
 
 @dataclasses.dataclass
 class Model:
-  """A loaded model: config, params (on the mesh) and tokenizer."""
+  """A loaded model: config, params (on `mesh`, which sampling then splits the batch over),
+  tokenizer, and its generation config (stop ids beyond config.json's)."""
   cfg: object
   params: object
   tokenizer: object
+  mesh: object = None
+  rules: object = None
+  generation_config: object = None
 
   @classmethod
   def load(cls, path: str, mesh, rules, dtype: str = "float32") -> "Model":
     from dpo_jax.models import TINY, load   # noqa: PLC0415
     cfg = load.model_config(path, TINY, dtype=dtype)
-    return cls(cfg, load.load_params(path, cfg, mesh, rules), load.load_tokenizer(path))
+    return cls(cfg, load.load_params(path, cfg, mesh, rules), load.load_tokenizer(path), mesh,
+               rules, load.generation_config(path))
+
+  def stop_ids(self) -> tuple[int, ...]:
+    from dpo_jax import generate   # noqa: PLC0415
+    return generate.stop_ids(self.cfg, self.tokenizer, self.generation_config)
 
 
 def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
@@ -67,7 +81,7 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
   tok = model.tokenizer
   ids = [ids for ids in preference.encode_prompts(tok, prompts, sampling.add_bos)
          for _ in range(sampling.n)]
-  pad, stops = preference.pad_id(tok), generate.stop_ids(model.cfg, tok)
+  pad, stops = preference.pad_id(tok), model.stop_ids()
   tokens = []
   for start in range(0, len(ids), sampling.batch_size):
     chunk = ids[start:start + sampling.batch_size]
@@ -76,7 +90,8 @@ def sample_responses(model: Model, prompts: Sequence, sampling: Sampling
                           max_new_tokens=sampling.max_new_tokens,
                           temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, eos_id=stops, pad_id=pad,
-                          seed=sampling.seed * 1_000_003 + start)
+                          seed=sampling.seed * 1_000_003 + start, mesh=model.mesh,
+                          rules=model.rules)
     tokens += [list(t) for t in out["tokens"][:len(chunk)]]
   texts = [preference.continuation(tok, prompts[i // sampling.n], ids[i],
                                    [t for t in ts if t not in stops])

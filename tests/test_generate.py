@@ -179,6 +179,10 @@ def test_any_of_several_eos_ids_ends_a_row_as_in_transformers(hf_pair):
   cut = next(i for i, t in enumerate(alone) if t in (tok.eos_token_id, *stops)) + 1
   assert cut < n and text["tokens"][0] == alone[:cut]
 
+  # generation_config.json's stop ids count too (Llama 3 Instruct lists <|eot_id|> there)
+  assert generate.stop_ids(cfg, tok, {"eos_token_id": stops}) == (tok.eos_token_id, *stops)
+  assert generate.stop_ids(cfg, tok, {"eos_token_id": stops[0]})[-1] == stops[0]
+
 
 # ---------------------------------------------------------------------------------------------
 # 4. Sampling: top-k / top-p / temperature.
@@ -195,6 +199,9 @@ def test_degenerate_sampling_equals_greedy(params):
                            seed=seed)["tokens"] == greedy
   assert generate.sample(CFG, params, PROMPTS, max_new_tokens=n,
                          temperature=0.0)["tokens"] == greedy
+  # a temperature so small that logits / T overflows float32 is still (nearly) greedy
+  assert generate.sample(CFG, params, PROMPTS, max_new_tokens=n, temperature=1e-38,
+                         seed=0)["tokens"] == greedy
 
 
 def test_sampling_is_deterministic_per_seed(params):
@@ -387,3 +394,10 @@ def test_bad_arguments(params):
     generate.sample(CFG, params, [[1]], max_new_tokens=1, top_p=0.0)
   with pytest.raises(ValueError, match="outside"):
     generate.sample(CFG, params, [[CFG.vocab_size]], max_new_tokens=1)
+  for t in (float("nan"), float("inf"), -1.0):
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+      generate.sample(CFG, params, [[1]], max_new_tokens=1, temperature=t)
+  short = CFG.replace(max_position_embeddings=8)   # 6 + 3 > 8: warned, still sampled
+  with pytest.warns(UserWarning, match="reach position 9, past the model's "
+                    "max_position_embeddings=8"):
+    generate.sample(short, params, [[1] * 6], max_new_tokens=3)

@@ -69,6 +69,37 @@ def test_no_bos_samples_from_the_prompt_text_alone(monkeypatch):
     assert seen.pop() == [preference.encode_prompt(model.tokenizer, "sort 3 1 2:", add_bos)]
 
 
+def test_a_loaded_model_samples_over_its_mesh_and_stops_as_its_generation_config(tmp_path):
+  """Model.load keeps the mesh, so sampling splits the batch over it (the same responses as on
+  one device), and the stop ids of the directory's generation_config.json end a response."""
+  from dpo_jax.models import hf_io   # noqa: PLC0415
+  one = tiny_model(0)
+  hf_io.save_hf(str(tmp_path / "m"), one.cfg, one.params, tokenizer=one.tokenizer)
+  mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
+  assert mesh.devices.size == 8
+  model = pairs.Model.load(str(tmp_path / "m"), mesh, rules)
+  assert model.mesh is mesh and model.stop_ids() == (one.tokenizer.eos_token_id,)
+  sampling = pairs.Sampling(n=3, max_new_tokens=6, batch_size=6, seed=1)
+  prompts = ["sort 3 1 2:", "add 2 5:"]
+  assert pairs.sample_responses(model, prompts, sampling) == pairs.sample_responses(
+      one, prompts, sampling)
+  free = pairs.sample_responses(model, prompts, sampling)
+  stop = next(t for rs in free for ids, _ in rs for t in ids[1:])   # a token some response emits
+  (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [stop]}))
+  model = pairs.Model.load(str(tmp_path / "m"), mesh, rules)
+  assert stop in model.stop_ids()
+  for rs, free_rs in zip(pairs.sample_responses(model, prompts, sampling), free):
+    for (ids, _), (free_ids, _) in zip(rs, free_rs):
+      cut = next((i + 1 for i, t in enumerate(free_ids) if t in model.stop_ids()), None)
+      assert ids == free_ids[:cut]
+
+
+def test_sampling_settings_are_checked():
+  for key in ("n", "max_new_tokens", "batch_size"):
+    with pytest.raises(ValueError, match=f"sampling {key}=0 must be an integer >= 1"):
+      pairs.Sampling(**{key: 0})
+
+
 def test_a_sampled_text_reads_back_as_the_sampled_ids():
   """Training reads a string row as prompt + completion, so a sampled response is written as
   it follows its prompt: with a word-level tokenizer " w1 w2", not "w1 w2" (which would glue

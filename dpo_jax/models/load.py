@@ -5,6 +5,7 @@ reference, scoring and ranking share one loader.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -85,3 +86,26 @@ def load_tokenizer(path: Optional[str]):
     if os.path.isdir(tok_dir):
       return hf_io.load_tokenizer(tok_dir)
   return byte_tokenizer()
+
+
+def generation_config(path: Optional[str], _depth: int = 0) -> Optional[dict]:
+  """The model's generation_config.json: sampling defaults and stop ids (Llama 3 Instruct's
+  lists <|eot_id|>, which its config.json may not). A Hugging Face directory's own; a dpo_jax
+  checkpoint's is that of the model its run started from (model.init), if it is still there.
+  None when there is none."""
+  kind = source_kind(path)
+  if kind == "checkpoint" and _depth < 4:
+    meta = checkpoint.load_model_config(path)[1]
+    init = json.loads(meta.get("config", "{}")).get("model", {}).get("init")
+    return generation_config(init, _depth + 1) if init and os.path.exists(init) else None
+  gen = os.path.join(path, "generation_config.json") if kind == "hf" else None
+  if not (gen and os.path.isfile(gen)):
+    return None
+  try:
+    with open(gen) as f:
+      value = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{gen}: {e}") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{gen}: holds a {type(value).__name__}, not a JSON object")
+  return value
