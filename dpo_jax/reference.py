@@ -130,6 +130,7 @@ def has_tokenizer(path: str) -> bool:
   """Whether a model source holds a tokenizer: a dpo_jax workdir always does (W/tokenizer), a
   Hugging Face directory when it has tokenizer files."""
   names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+  path = load.local(path)
   return not load.hf_io.is_hf_dir(path) or any(os.path.exists(os.path.join(path, n))
                                                for n in names)
 

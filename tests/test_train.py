@@ -321,6 +321,36 @@ def test_data_add_bos_false_starts_string_rows_with_their_text():
     assert (firsts == {tok.bos_token_id}) if add else (tok.bos_token_id not in firsts)
 
 
+def test_a_hub_model_id_is_fetched_once_and_loaded(tmp_path, monkeypatch):
+  """model.init="org/name" (no such local path) is fetched with huggingface_hub into its cache
+  (here a stand-in that returns a local directory: tests never download) and loads as that
+  directory; a failed fetch names the id."""
+  import huggingface_hub   # noqa: PLC0415
+  from dpo_jax.data.tokenizer import byte_tokenizer   # noqa: PLC0415
+  from dpo_jax.models import hf_io, load   # noqa: PLC0415
+  from helpers_hf import tiny_hf_model   # noqa: PLC0415
+  tiny_hf_model("llama", vocab_size=len(byte_tokenizer())).save_pretrained(tmp_path / "snap")
+  byte_tokenizer().save_pretrained(tmp_path / "snap")
+  calls = []
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: calls.append(
+      (repo_id, kw)) or str(tmp_path / "snap"))
+  load._fetch.cache_clear()
+  run = build.setup(config(model__init="some-org/tiny-llama"))
+  assert [c[0] for c in calls] == ["some-org/tiny-llama"]   # one fetch for config, weights
+  assert "*.safetensors" in calls[0][1]["allow_patterns"]   # and tokenizer
+  want = hf_io.load_hf(str(tmp_path / "snap"))[1]
+  for a, b in zip(jax.tree.leaves(jax.device_get(run.state["params"])), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+  def offline(repo_id, **kw):
+    raise OSError("offline")
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  with pytest.raises(FileNotFoundError, match=r"other-org/x: no such local path, and as a "
+                     r"Hugging Face hub model id it could not be fetched \(OSError: offline\)"):
+    build.setup(config(model__init="other-org/x"))
+  load._fetch.cache_clear()
+
+
 def _with_loss_key(key, value):
   cfg = config()
   cfg.unlock()

@@ -5,8 +5,10 @@ reference, scoring and ranking share one loader.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from typing import Optional
 
 import jax
@@ -25,7 +27,32 @@ def numerics(cfg: ModelConfig) -> dict:
   return {k: getattr(cfg, k) for k in NUMERICS}
 
 
+# A Hugging Face hub model id ("org/name"), as a path that does not exist reads.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def local(path: Optional[str]) -> Optional[str]:
+  """A model source as a local path: a path that exists as it is; a hub model id ("org/name")
+  that is no local path, fetched once into the Hugging Face cache (config, safetensors and
+  tokenizer files; HF_HUB_OFFLINE=1 reads only the cache). Every loader here takes either."""
+  if not path or os.path.exists(path) or not HUB_ID.fullmatch(str(path)):
+    return path
+  return _fetch(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _fetch(repo_id: str) -> str:
+  from huggingface_hub import snapshot_download   # noqa: PLC0415
+  try:
+    return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+  except Exception as e:   # noqa: BLE001 (offline, unknown, gated: all say the same to a user)
+    raise FileNotFoundError(f"{repo_id}: no such local path, and as a Hugging Face hub model id "
+                            f"it could not be fetched ({type(e).__name__}: {e})") from None
+
+
 def source_kind(path: Optional[str]) -> str:
+  path = local(path)
   if not path:
     return "scratch"
   if hf_io.is_hf_dir(path):
@@ -38,6 +65,7 @@ def source_kind(path: Optional[str]) -> str:
 
 def model_config(path: Optional[str], scratch: ModelConfig, **numerics) -> ModelConfig:
   """The architecture comes from the source; dtype / param_dtype / remat from the caller."""
+  path = local(path)
   kind = source_kind(path)
   if kind == "hf":
     cfg = ModelConfig.from_hf_dir(path, **numerics)
@@ -60,6 +88,7 @@ def param_shardings(cfg: ModelConfig, mesh, rules):
 
 def load_params(path: Optional[str], cfg: ModelConfig, mesh, rules, seed: int = 0):
   """Params of `cfg` from `path` (or a seeded random init), placed with the mesh rules."""
+  path = local(path)
   shardings = param_shardings(cfg, mesh, rules)
   kind = source_kind(path)
   if kind == "hf":
@@ -74,6 +103,7 @@ def load_params(path: Optional[str], cfg: ModelConfig, mesh, rules, seed: int = 
 def load_tokenizer(path: Optional[str]):
   """The source's tokenizer; a dpo_jax workdir keeps its tokenizer in W/tokenizer. `path` may
   also be a directory holding only tokenizer files."""
+  path = local(path)
   if path and not hf_io.is_hf_dir(path) and os.path.exists(
       os.path.join(path, "tokenizer_config.json")):
     return hf_io.load_tokenizer(path)
@@ -93,11 +123,15 @@ def generation_config(path: Optional[str], _depth: int = 0) -> Optional[dict]:
   lists <|eot_id|>, which its config.json may not). A Hugging Face directory's own; a dpo_jax
   checkpoint's is that of the model its run started from (model.init), if it is still there.
   None when there is none."""
+  path = local(path)
   kind = source_kind(path)
   if kind == "checkpoint" and _depth < 4:
     meta = checkpoint.load_model_config(path)[1]
     init = json.loads(meta.get("config", "{}")).get("model", {}).get("init")
-    return generation_config(init, _depth + 1) if init and os.path.exists(init) else None
+    try:
+      return generation_config(init, _depth + 1) if init else None
+    except FileNotFoundError:   # moved or deleted since the run
+      return None
   gen = os.path.join(path, "generation_config.json") if kind == "hf" else None
   if not (gen and os.path.isfile(gen)):
     return None
