@@ -151,9 +151,18 @@ def to_host(tree):
 
 
 def host_local_array(global_np: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from this host's block of `global_np` (every host holds the same batch
-  description; each contributes only the rows its devices own)."""
+  """A global array from this host's rows of `global_np` (every host holds the same batch
+  description; each contributes only the rows its devices own). Along each axis the host's
+  blocks are taken in order and joined, as make_array_from_process_local_data maps them: they
+  need not be contiguous (a TPU mesh orders devices by their place in the torus, so one host's
+  batch shards may lie between another's)."""
   index_map = sharding.addressable_devices_indices_map(global_np.shape)
+  local = global_np
+  for dim, size in enumerate(global_np.shape):
+    blocks = sorted({idx[dim].indices(size)[:2] for idx in index_map.values()})
+    if blocks != [(0, size)]:
+      local = np.take(local, np.concatenate([np.arange(a, b) for a, b in blocks]), axis=dim)
+  return jax.make_array_from_process_local_data(sharding, local, global_np.shape)
   block = []
   for dim in range(global_np.ndim):
     starts = [idx[dim].start or 0 for idx in index_map.values()]

@@ -115,6 +115,32 @@ def test_two_processes_train_like_one(tmp_path):
                final_params(single, mesh, rules), final_params(multi, mesh, rules))
 
 
+HOST_LOCAL = """
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dpo_jax import distributed, sharding
+distributed.maybe_initialize()
+by = {}
+for d in jax.devices():
+  by.setdefault(d.process_index, []).append(d)
+g = np.arange(8 * 2 * 4).reshape(8, 2, 4)
+for order in (jax.devices(), [d for ds in zip(*by.values()) for d in ds]):
+  for shape, spec in (((4, 1, 1), P(("data", "fsdp"))), ((2, 1, 2), P("data", None, "tensor"))):
+    x = sharding.host_local_array(g, NamedSharding(sharding.make_mesh(*shape, order), spec))
+    assert np.array_equal(multihost_utils.process_allgather(x, tiled=True), g), (order, spec)
+print("placed")
+"""
+
+
+def test_a_host_places_its_rows_wherever_the_mesh_puts_its_devices():
+  """A TPU mesh orders devices by their place in the torus, so one host's shards of the batch
+  may lie between another's (here p0d0, p1d0, p0d1, p1d1): each host still places exactly its
+  rows, on a 1-axis and a 2-axis sharding."""
+  outs = run_processes(["-c", HOST_LOCAL], lambda _: None, devices_each=2)
+  assert all(out.strip().endswith("placed") for out, _ in outs)
+
+
 PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "optim.lr": 1e-3,
            "optim.eps": 1e-6, "progress": False}
 
