@@ -3,8 +3,9 @@
 TPU VM pod: run the same command on every worker (`gcloud compute tpus tpu-vm ssh ... --worker=all
 --command=...`) with DPO_JAX_DISTRIBUTED=1; JAX discovers the coordinator from the TPU metadata.
 Multi-node GPU: set DPO_JAX_DISTRIBUTED=1 plus JAX_COORDINATOR_ADDRESS=host:port,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID on each node (SLURM's variables are detected
-automatically). Single host: nothing to do.
+JAX_NUM_PROCESSES and JAX_PROCESS_ID on each node; under SLURM or Open MPI JAX reads what is unset
+from their variables, and one process per node needs JAX_LOCAL_DEVICE_IDS=0,1,...
+(experiments/launch_gpu_node.sh sets it). Single host: nothing to do.
 
 Every entry point that runs a model calls maybe_initialize(): training (dpo_jax.main) and the
 score, rank and export tools, so each runs on a pod the same way (the same command on every
@@ -24,18 +25,34 @@ import jax
 import numpy as np
 
 
+ON, OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _int_env(name: str) -> int:
+  try:
+    return int(os.environ[name])
+  except ValueError:
+    raise ValueError(f"{name}={os.environ[name]!r} must be an integer") from None
+
+
 def maybe_initialize() -> bool:
-  if os.environ.get("DPO_JAX_DISTRIBUTED", "0") not in ("1", "true"):
+  """jax.distributed.initialize() when DPO_JAX_DISTRIBUTED says so (1/true/yes/on; 0/false/no/off
+  or unset: one process). JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed when set; JAX itself
+  reads JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS, and detects what is unset from TPU
+  metadata, SLURM or Open MPI (under SLURM it gives a process only GPU $SLURM_LOCALID unless
+  JAX_LOCAL_DEVICE_IDS lists the node's GPUs: experiments/launch_gpu_node.sh sets it)."""
+  flag = os.environ.get("DPO_JAX_DISTRIBUTED", "0")
+  if flag.strip().lower() not in ON + OFF:
+    raise ValueError(f"DPO_JAX_DISTRIBUTED={flag!r}: use 1 (initialise jax.distributed, "
+                     f"multi-host) or 0 (one process)")
+  if flag.strip().lower() in OFF:
     return False
   if jax.distributed.is_initialized():
     return True
-  kwargs = {}
-  if "JAX_COORDINATOR_ADDRESS" in os.environ:
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                  process_id=int(os.environ["JAX_PROCESS_ID"]))
-  if "DPO_JAX_HEARTBEAT_TIMEOUT_S" in os.environ:   # how soon a dead host ends the job (JAX: 100)
-    kwargs["heartbeat_timeout_seconds"] = int(os.environ["DPO_JAX_HEARTBEAT_TIMEOUT_S"])
+  kwargs = {key: _int_env(name) for name, key in (
+      ("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id"),
+      ("DPO_JAX_HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_seconds"))   # JAX's default: 100 s
+            if name in os.environ}
   jax.distributed.initialize(**kwargs)
   return True
 

@@ -12,8 +12,16 @@ set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,11p' "$0"; exit 2
 fi
-CONFIG="$1"; WORKDIR="$2"; shift 2
+CONFIG="$1"; WORKDIR="$(realpath -m "$2")"; shift 2
+# A config path given relative to where the command runs (its ":arg" suffix kept), else the repo.
+BASE="${CONFIG%%:*}"
+if [ -e "$BASE" ]; then CONFIG="$(realpath "$BASE")${CONFIG:${#BASE}}"; fi
 cd "$(dirname "$0")/.."
+# One process drives every GPU of the node: under SLURM, JAX would give it only $SLURM_LOCALID's.
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${JAX_LOCAL_DEVICE_IDS:-}" ]; then
+  JAX_LOCAL_DEVICE_IDS="$(nvidia-smi -L | awk '{printf "%s%d", (NR > 1 ? "," : ""), NR - 1}')"
+  export JAX_LOCAL_DEVICE_IDS
+fi
 python -c "import jax; assert jax.default_backend() == 'gpu'" 2>/dev/null \
   || pip install -q -e . 'jax[cuda12]==0.10.2'
 # Let XLA use most of the GPU memory up front (the step's peak is known after compilation).

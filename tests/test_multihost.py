@@ -141,6 +141,32 @@ def test_a_host_places_its_rows_wherever_the_mesh_puts_its_devices():
   assert all(out.strip().endswith("placed") for out, _ in outs)
 
 
+def test_distributed_start_reads_the_environment(monkeypatch):
+  """DPO_JAX_DISTRIBUTED is read as a yes/no word (anything else is named); JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID are passed when set, and what is unset is left to JAX's own detection."""
+  calls = []
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "DPO_JAX_HEARTBEAT_TIMEOUT_S"):
+    monkeypatch.delenv(name, raising=False)
+  for off in ("0", "false", "No", ""):
+    monkeypatch.setenv("DPO_JAX_DISTRIBUTED", off)
+    assert not distributed.maybe_initialize()
+  monkeypatch.setenv("DPO_JAX_DISTRIBUTED", "True")
+  assert distributed.maybe_initialize() and calls.pop() == {}
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "2")
+  assert distributed.maybe_initialize()
+  assert calls.pop() == {"num_processes": 4, "process_id": 2}
+  monkeypatch.setenv("JAX_PROCESS_ID", "two")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='two' must be an integer"):
+    distributed.maybe_initialize()
+  monkeypatch.setenv("DPO_JAX_DISTRIBUTED", "maybe")
+  with pytest.raises(ValueError, match="DPO_JAX_DISTRIBUTED='maybe': use 1"):
+    distributed.maybe_initialize()
+  assert not calls
+
+
 PREEMPT = {"steps": 12, "log_every": 1, "eval_every": 0, "ckpt_every": 100, "optim.lr": 1e-3,
            "optim.eps": 1e-6, "progress": False}
 
