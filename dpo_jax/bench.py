@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -68,7 +69,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from dpo_jax import hostmem
+from dpo_jax import configlib, hostmem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_KEYS = ("batch", "seq", "prompt_fraction", "share_prompt", "from_data", "warmup",
@@ -426,6 +427,8 @@ def run_bench(c: ml_collections.ConfigDict, devices=None, log=None) -> dict:
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if c.steps < 1:
     raise ValueError(f"config.steps={c.steps} (timed steps) must be >= 1")
+  if c.warmup < 0:
+    raise ValueError(f"config.warmup={c.warmup} (untimed steps) must be >= 0")
   dtype = peak_dtype(c)   # a bad config.peak.dtype fails before the step is built
   n = c.warmup + c.steps
   if c.from_data:   # each step's own batch, built and placed inside its timed interval
@@ -642,9 +645,23 @@ def format_row(row: dict) -> str:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "Benchmark config.",
-                                          lock_config=True)
+try:   # a config_dict flag with a default applies the --config.* overrides as it is defined
+  _CONFIG = config_flags.DEFINE_config_dict("config", get_config(), "Benchmark config.",
+                                            lock_config=True)
+except (KeyError, AttributeError) as e:
+  configlib.exit_unknown_key(e, sys.argv)
 _JSON = flags.DEFINE_bool("json", False, "Print exactly one JSON line to stdout.")
+
+
+def json_line(row: dict) -> str:
+  """The row as strict JSON: a non-finite number (a diverged loss) is null."""
+  def finite(v):
+    if isinstance(v, dict):
+      return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+  return json.dumps(finite(row), allow_nan=False)
 
 
 def main(argv):
@@ -655,11 +672,11 @@ def main(argv):
   with contextlib.redirect_stdout(sys.stderr):   # stray prints never corrupt the JSON line
     row = run_bench(config)
   if _JSON.value:
-    sys.stdout.write(json.dumps(row) + "\n")
+    sys.stdout.write(json_line(row) + "\n")
   else:
     print(format_row(row))
   sys.stdout.flush()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=configlib.parse_flags)

@@ -62,17 +62,27 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser for `app.run(main, flags_parser=configlib.parse_flags)`: an override of
   a key the config does not have (`--config.trainng.lr=1`) exits with a message naming the
   flag, instead of ml_collections' KeyError traceback."""
-  import sys   # noqa: PLC0415
   from absl import flags   # noqa: PLC0415
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:
-    while e.args and isinstance(e.args[0], Exception):   # AttributeError(KeyError(...))
-      e = e.args[0]
-    detail = str(e.args[0] if e.args else e).replace("\n", "; ")
-    name = detail.strip("'\"").split("'")[0]
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    culprit = [a for a in given if name and f".{name}." in a + "."] or given
-    print(f"FATAL Flags parsing error: unknown config key in {', '.join(culprit)} ({detail})",
-          file=sys.stderr)
-    sys.exit(1)
+    exit_unknown_key(e, argv)
+
+
+def exit_unknown_key(e: Exception, argv: list[str]):
+  """Exits naming the flag (or config file) that set a key the config lacks (parse_flags; a
+  config_dict flag with a default applies its overrides as it is defined)."""
+  import sys   # noqa: PLC0415
+  while e.args and isinstance(e.args[0], Exception):   # AttributeError(KeyError(...))
+    e = e.args[0]
+  detail = str(e.args[0] if e.args else e).replace("\n", "; ")
+  name = detail.strip("'\"").split("'")[0]
+  given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+  culprit = [a for a in given if name and f".{name}." in a + "."] or given
+  if not culprit:   # the config file itself sets a key its base config lacks
+    files = [a.split("=", 1)[1] if "=" in a else nxt for a, nxt in zip(argv, argv[1:] + [""])
+             if a == "--config" or a.startswith("--config=")]
+    culprit = [f"the config file {files[0]}" if files else "the config"]
+  print(f"FATAL Flags parsing error: unknown config key in {', '.join(culprit)} ({detail})",
+        file=sys.stderr)
+  sys.exit(1)

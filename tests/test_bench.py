@@ -105,6 +105,19 @@ def test_cli_prints_one_json_line(cli):
   assert row["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
 
 
+def test_bad_settings_are_named():
+  """A diverged loss prints null (strict JSON); a negative warmup and a misspelt key are named,
+  the key as the flag that gave it."""
+  line = bench.json_line({"loss_value": float("nan"), "x": {"y": [float("inf"), 1.5]}})
+  assert json.loads(line) == {"loss_value": None, "x": {"y": [None, 1.5]}}
+  with pytest.raises(ValueError, match=r"config.warmup=-1 \(untimed steps\) must be >= 0"):
+    bench.run_bench(bench_config(warmup=-1), devices=jax.devices()[:1], log=lambda _: None)
+  out = subprocess.run([sys.executable, "-m", "dpo_jax.bench", "--config.model.hiden_size=64"],
+                       cwd=REPO, env=xla_env(1), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "unknown config key in --config.model.hiden_size" in out.stderr
+
+
 def test_flops_formula_matches_issue_shape():
   """The issue's tiny Llama: 8 pairs x 256 tokens, d=256, 4 layers, 4 heads, F=1024, V=2048."""
   from dpo_jax.models.config import ModelConfig

@@ -314,6 +314,19 @@ def test_cli_config_errors_name_the_key(tmp_path, flag, pattern):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_config_file_setting_an_unknown_key_is_named(tmp_path):
+  (tmp_path / "mine.py").write_text(
+      f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom configs import dpo\n\n\n"
+      "def get_config(arg=None):\n  c = dpo.get_config('runlocal')\n"
+      "  c.optim.learnig_rate = 1e-4\n  return c\n")
+  out = subprocess.run(
+      [sys.executable, "-m", "dpo_jax.main", "--config", str(tmp_path / "mine.py"), "--workdir",
+       str(tmp_path / "w")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert (f"unknown config key in the config file {tmp_path / 'mine.py'} "
+          f"(Key \"learnig_rate\" does not exist") in out.stderr, out.stderr[-2000:]
+
+
 def test_resume_with_an_incompatible_train_state_is_named(tmp_path):
   """The workdir was written by DPO (no loss state); resuming it as BCO (a running δ in the
   train state) is refused naming the loss, and below that check, restoring BCO's train state
