@@ -165,16 +165,66 @@ def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir:
       target[key] = value
 
 
+# Keys that change how a stage reports, not what it computes: a rerun may change them.
+REPORTING = ("progress", "log_every", "ckpt_every", "keep_checkpoints")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_stage(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The stage config to record in `workdir` (stage_config.json, REPORTING keys left out),
+  after checking that a stage already there was written by the same one: a rerun under another
+  config (a changed learning rate, say) is refused, naming the keys, rather than answered with
+  what the old one wrote."""
+  now = {k: v for k, v in _flat(json.loads(config.to_json_best_effort())).items()
+         if k not in REPORTING}
+  record = os.path.join(workdir, "stage_config.json")
+  if os.path.exists(record):
+    with open(record) as f:
+      was = json.load(f)
+    changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+    if changed:
+      raise ValueError(
+          f"{workdir} was written by another config of this stage (there vs now): "
+          + "; ".join(f"{k}: {was.get(k)!r} vs {now.get(k)!r}" for k in changed[:8])
+          + ("; ..." if len(changed) > 8 else "") + ". Rerun with the config that wrote it, or "
+          "give a new workdir (or delete that directory to redo the stage)")
+  return now
+
+
+def run_stage(kind: str, config: ml_collections.ConfigDict, workdir: str):
+  """Runs one stage in `workdir` (it resumes or skips on its own), its config checked against
+  and recorded in the directory (check_stage)."""
+  now = check_stage(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  writers.write_atomic(os.path.join(workdir, "stage_config.json"),
+                       lambda f: json.dump(now, f, indent=1, sort_keys=True))
+  return STAGE_KINDS[kind](config, workdir)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the stages in order, each in W/<stage>. Every stage's config is resolved (its keys
+  checked) and checked against what its directory holds before the first one starts."""
+  from dpo_jax import build, losses   # noqa: PLC0415
   order = tuple(config.stage_order)
   if sorted(order) != sorted(config.stages):
     raise ValueError(f"config.stage_order={order} must name each of config.stages "
                      f"{sorted(config.stages)} once")
-  results = {}
-  for name in order:
-    kind, cfg = stage_config(config, name, workdir)
-    results[name] = STAGE_KINDS[kind](cfg, os.path.join(workdir, name))
-  return results
+  stages = [(name, *stage_config(config, name, workdir)) for name in order]
+  for name, kind, cfg in stages:
+    if kind == "train":
+      build.check_config(cfg)
+      build.loss_hparams(cfg.loss, losses.get(cfg.loss.name))
+    check_stage(cfg, os.path.join(workdir, name))
+  return {name: run_stage(kind, cfg, os.path.join(workdir, name)) for name, kind, cfg in stages}
 
 
 def print_summary(workdir: str, results: dict[str, Any]):

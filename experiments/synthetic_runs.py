@@ -60,7 +60,7 @@ class Seed:
     c.stage_order = tuple(self.order)
     for name in self.pending:
       kind, cfg = pipeline.stage_config(c, name, self.workdir)
-      pipeline.STAGE_KINDS[kind](cfg, os.path.join(self.workdir, name))
+      pipeline.run_stage(kind, cfg, os.path.join(self.workdir, name))
     self.pending = []
 
   def read_stats(self, stage: str, file: str) -> dict:

@@ -98,6 +98,13 @@ def test_runlocal_runs_two_steps(cell, tmp_path):
     # Stage 2 starts from the initial policy with the guide as reference: margins are not 0.
     start = np.load(tmp_path / "stage2" / "pairs_start.npz")
     assert np.abs(start["rewards_margins"]).max() > 0
+    # A rerun under another learning rate is refused, not answered with the old results.
+    other = config(f"configs/paper/{cell}.py:runlocal", optim__lr=1e-3)
+    before = {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in dirs}
+    with pytest.raises(ValueError, match=r"stage2 was written by another config of this stage "
+                       r"\(there vs now\): optim.lr: 1e-06 vs 0.001\. Rerun"):
+      pipeline.run(other, str(tmp_path))   # stage 1 keeps its own lr: only stage 2 changed,
+    assert before == {d: (d / "metrics.jsonl").stat().st_mtime_ns for d in dirs}   # none ran
   else:
     train.train_and_evaluate(c, str(tmp_path))
     dirs = [tmp_path]
@@ -105,3 +112,16 @@ def test_runlocal_runs_two_steps(cell, tmp_path):
     rows = writers.read_metrics(d)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_a_bad_key_of_a_later_stage_is_named_before_the_first_stage_runs(tmp_path):
+  c = config("configs/paper/llama32_3b_instruct__pre_dpo_dpo.py:runlocal")
+  c.unlock()
+  c.stages.stage2.reference.mdoe = "checkpoint"
+  with pytest.raises(KeyError, match="config.stages.stage2.reference.mdoe: not a key"):
+    pipeline.run(c, str(tmp_path))
+  c.stages.stage2.reference = {"mode": "checkpoint", "path": "{workdir}/stage1"}
+  c.stages.stage2.optim = {"lr": -1.0}
+  with pytest.raises(ValueError, match="config.optim.lr=-1.0 must be > 0"):
+    pipeline.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)   # stage 1 never started
