@@ -108,7 +108,7 @@ def markdown(rows, results, chosen, footer: str) -> str:
     cells = []
     for m in METRICS:
       v = np.array([r[m] for r in results[label]])
-      cells.append(f"{v.mean():.3f} ± {v.std():.3f}")   # population std (ddof=0): the footers say so
+      cells.append(f"{v.mean():.3f} ± {v.std():.3f}")   # ddof=0, as the footers say
     hp = ", ".join(f"{k}={v:g}" for k, v in chosen.get(key, {}).items()) or "–"
     out.append(f"| {label} | {hp} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n\n" + footer + "\n"
