@@ -120,7 +120,8 @@ def main():
   table = runs.markdown(
       ROWS, results, chosen,
       f"Held-out true reward; win rate and KL(π‖π_dSFT) against the dSFT student; length. "
-      f"Mean ± population std (ddof=0) over seeds {args.seeds}; student d=32×1 layer, teacher d=128×3 layers; "
+      f"Mean ± population std (ddof=0) over seeds {args.seeds}; student d=32×1 layer, "
+      f"teacher d=128×3 layers; "
       f"{args.epochs} epochs at lr {args.lr:g}, batch {args.batch_size}; wall time "
       f"{minutes:.1f} min.")
   print(table)

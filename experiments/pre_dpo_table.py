@@ -16,7 +16,8 @@ table), then fixed for every seed. Pre-DPO's guides are the selected DPO / SimPO
 
     python experiments/pre_dpo_table.py --workdir /tmp/pre_dpo_table [--seeds 0 1 2]
 
-Prints a markdown table (mean ± population std (ddof=0) over seeds of held-out true reward, win rate vs SFT,
+Prints a markdown table (mean ± population std (ddof=0) over seeds of held-out true reward,
+win rate vs SFT,
 KL(π‖π_SFT), length), writes it to W/table.md with W/results.json, and plots W/pre_dpo_table.png
 (the table as bars, and the per-pair DPO gradient weight λ at the start of DPO vs Pre-DPO).
 """
@@ -114,7 +115,8 @@ def main():
   minutes = (time.time() - t0) / 60
   table = runs.markdown(
       ROWS, results, chosen,
-      f"Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population std (ddof=0) over seeds "
+      f"Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population std "
+      f"(ddof=0) over seeds "
       f"{args.seeds}; lr {args.lr:g}, batch {args.batch_size}, label noise "
       f"{args.label_noise:g}; wall time {minutes:.1f} min.")
   print(table)
