@@ -17,8 +17,9 @@ table), then fixed for every seed. Pre-DPO's guides are the selected DPO / SimPO
     python experiments/pre_dpo_table.py --workdir /tmp/pre_dpo_table [--seeds 0 1 2]
 
 Prints a markdown table (mean ± population std (ddof=0) over seeds of held-out true reward,
-win rate vs SFT, KL(π‖π_SFT), length), writes it to W/table.md with W/results.json, and plots W/pre_dpo_table.png
-(the table as bars, and the per-pair DPO gradient weight λ at the start of DPO vs Pre-DPO).
+win rate vs SFT, KL(π‖π_SFT), length), writes it to W/table.md with W/results.json, and plots
+W/pre_dpo_table.png (the table as bars, and the per-pair DPO gradient weight λ at the start of
+DPO vs Pre-DPO).
 """
 from __future__ import annotations
 
