@@ -168,6 +168,7 @@ def test_peak_matmul_is_in_the_compute_dtype():
   peak = bench.measure_peak(devices, 64, 2, "bfloat16")
   assert peak["peak_dtype"] == "bfloat16" and peak["peak_flops"] > 0
   assert "bfloat16 [64,64]@[64,64]" in peak["peak_definition"]
+  assert "[2048,2048]" in bench.measure_peak(devices[:1], 0, 1)["peak_definition"]   # 0: CPU's
   with pytest.raises(ValueError, match=r"config\.peak\.dtype='int8'"):
     bench.run_bench(bench_config(**{"peak.dtype": "int8"}), devices=devices[:1],
                     log=lambda _: None)
