@@ -646,7 +646,7 @@ def truncate(prompt_ids, completion_ids, opts: TokenizeOptions, where: str, fiel
              head: int = 0):
   """(prompt ids, completion ids) within the options' lengths (the module's truncation rule).
   keep_end keeps the prompt's first `head` ids too (its BOS, which the model has always read
-  first) when the prompt is longer than one id."""
+  first) when max_prompt_length leaves room for more than them."""
   prompt_ids, completion_ids = list(prompt_ids), list(completion_ids)
   if not prompt_ids:   # the first completion token is predicted from the last prompt token
     raise DataError(f"{where}: field 'prompt': no prompt token precedes the completion (the "
