@@ -166,7 +166,8 @@ def _override(target: ml_collections.ConfigDict, overrides, where: str, workdir:
 
 
 # Keys that change how a stage reports, not what it computes: a rerun may change them.
-REPORTING = ("progress", "log_every", "ckpt_every", "keep_checkpoints")
+REPORTING = ("progress", "log_every", "eval_every", "log_pair_metrics", "ckpt_every",
+             "keep_checkpoints")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

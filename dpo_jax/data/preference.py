@@ -324,15 +324,14 @@ def _pick_split(name: str, ds, split: str):
   return f"{name}[{split}]", ds[split]
 
 
-def _unsplit(name: str, split: str, strict: bool) -> str:
-  """The name of a source without splits, whose rows are all one "train" split (as
-  datasets.load_dataset names a file's rows); asking it for another split is an error when
-  `strict`, not a silent read of every row (an eval split that is the training rows)."""
+def _check_unsplit(name: str, split: str, strict: bool):
+  """A source without splits has all its rows in one "train" split (as datasets.load_dataset
+  names a file's rows); asking it for another split is an error when `strict`, not a silent
+  read of every row (an eval split that is the training rows)."""
   if strict and split != "train":
     raise DataError(f"{name}: has no splits (all its rows are one 'train' split), but split "
                     f"{split!r} was asked of it (config.data.split, config.data.eval_split or "
                     f"--split); give a source that has it, or leave the split at its default")
-  return name
 
 
 def load_rows(source: Any, split: str = "train", streaming: bool = False,
@@ -345,20 +344,24 @@ def load_rows(source: Any, split: str = "train", streaming: bool = False,
   A source without splits (a file, a list, a Dataset) is the "train" split; `split` another
   name is an error unless strict=False (a default split, which such a source ignores)."""
   if isinstance(source, (list, tuple)):
-    return _unsplit("<rows>", split, strict), list(source)
+    _check_unsplit("<rows>", split, strict)
+    return "<rows>", list(source)
   if isinstance(source, collections.abc.Mapping):   # a datasets.DatasetDict: one split of it
     name, ds = _pick_split(_dataset_name(next(iter(source.values()), None), "<dataset>"),
                            source, split)
     return name, _dataset_rows(ds)
   if not isinstance(source, (str, os.PathLike)):   # a datasets.Dataset or similar
-    return _unsplit(_dataset_name(source, "<dataset>"), split, strict), _dataset_rows(source)
+    name = _dataset_name(source, "<dataset>")
+    _check_unsplit(name, split, strict)
+    return name, _dataset_rows(source)
   source = os.fspath(source)
   if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(
       ("./", "../", "~")) or os.path.splitext(source)[1] in (".jsonl", ".json", ".parquet",
                                                               ".csv", ".arrow")):
     raise DataError(f"{source}: no such file or directory (a path, not a hub dataset name)")
   if source.endswith((".jsonl", ".json")) and not os.path.isdir(source):
-    return _unsplit(source, split, strict), _read_jsonl(source)
+    _check_unsplit(source, split, strict)
+    return source, _read_jsonl(source)
   import datasets   # noqa: PLC0415 (heavy import, only when needed)
   builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
   ext = os.path.splitext(source)[1]
@@ -367,13 +370,14 @@ def load_rows(source: Any, split: str = "train", streaming: bool = False,
                     ".jsonl, .json, .parquet, .csv or .arrow, a save_to_disk directory, a "
                     "directory of data files or a hub dataset name")
   if os.path.isfile(source):
-    ds = datasets.load_dataset(builders[ext], data_files=_unsplit(source, split, strict),
-                               split="train", streaming=streaming)
+    _check_unsplit(source, split, strict)
+    ds = datasets.load_dataset(builders[ext], data_files=source, split="train",
+                               streaming=streaming)
   elif os.path.isdir(source) and any(os.path.exists(os.path.join(source, f)) for f in (
       "dataset_dict.json", "state.json")):   # written by save_to_disk
     ds = datasets.load_from_disk(source)
     if not isinstance(ds, datasets.DatasetDict):
-      _unsplit(source, split, strict)
+      _check_unsplit(source, split, strict)
   else:   # a hub name, or a directory of data files
     ds = datasets.load_dataset(source, split=split, streaming=streaming)
   if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):

@@ -52,7 +52,8 @@ def _fetch(repo_id: str) -> str:
 
 
 def source_kind(path: Optional[str]) -> str:
-  path = local(path)
+  """"scratch", "hf" or "checkpoint" for a local path (the loaders below resolve a hub id to
+  one first, with local())."""
   if not path:
     return "scratch"
   if hf_io.is_hf_dir(path):
