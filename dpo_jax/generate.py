@@ -333,14 +333,16 @@ def encode_prompt(tokenizer, prompt, add_bos: bool = True) -> list[int]:
 def generate_text(cfg: ModelConfig, params, tokenizer, prompts: Sequence, *,
                   max_new_tokens: int, add_bos: bool = True,
                   eos_id: int | Sequence[int] | None = -1,
+                  generation_config: Optional[dict] = None,
                   pad_id: Optional[int] = None, **kw) -> dict[str, Any]:
   """sample() on text prompts (strings or lists of chat messages); adds "text" (decoded with
   skip_special_tokens=True) and "prompt_tokens". eos_id defaults (-1) to stop_ids(cfg,
-  tokenizer); pass None to never stop early. pad_id defaults to the tokenizer's pad (else EOS,
+  tokenizer, generation_config), where generation_config is the model's
+  generation_config.json (load.generation_config); pass None to never stop early. pad_id defaults to the tokenizer's pad (else EOS,
   else 0). Other keyword arguments go to sample().
   """
   if eos_id == -1:
-    eos_id = stop_ids(cfg, tokenizer)
+    eos_id = stop_ids(cfg, tokenizer, generation_config)
   if pad_id is None:
     pad_id = preference.pad_id(tokenizer)
   ids = preference.encode_prompts(tokenizer, prompts, add_bos)

@@ -182,6 +182,9 @@ def test_any_of_several_eos_ids_ends_a_row_as_in_transformers(hf_pair):
   # generation_config.json's stop ids count too (Llama 3 Instruct lists <|eot_id|> there)
   assert generate.stop_ids(cfg, tok, {"eos_token_id": stops}) == (tok.eos_token_id, *stops)
   assert generate.stop_ids(cfg, tok, {"eos_token_id": stops[0]})[-1] == stops[0]
+  from_file = generate.generate_text(cfg, params, tok, ["w17 w33 w5"], max_new_tokens=n,
+                                     greedy=True, generation_config={"eos_token_id": stops})
+  assert from_file["tokens"][0] == alone[:cut]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -245,6 +246,12 @@ def test_config_json_is_read_as_transformers_reads_it():
   del d["sliding_window"]
   assert (models.ModelConfig.from_hf_dict(d).sliding_window
           == transformers.MistralConfig.from_dict(d).sliding_window == 4096)
+  # dpo_jax has no dropout: a config.json that asks for it is read with a warning, not silently
+  with pytest.warns(UserWarning, match=r"attention_dropout=0\.1 is not applied"):
+    models.ModelConfig.from_hf_dict({"model_type": "qwen2", "attention_dropout": 0.1, **small})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    models.ModelConfig.from_hf_dict({"model_type": "qwen2", "attention_dropout": 0.0, **small})
 
 
 def test_settings_an_exported_config_could_not_say_are_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any, Optional
 
 FAMILIES = ("llama", "qwen2", "mistral")
@@ -145,6 +146,10 @@ class ModelConfig:
       raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; only 'silu' (SwiGLU)")
     if hf.get("mlp_bias"):
       raise ValueError("mlp_bias=True is not supported")
+    if float(hf.get("attention_dropout") or 0.0) > 0.0:
+      # TRL's DPOTrainer turns dropout off too (DPOConfig.disable_dropout=True, its default).
+      warnings.warn(f"attention_dropout={hf['attention_dropout']} is not applied: dpo_jax "
+                    "trains and scores without dropout", stacklevel=2)
     # transformers v5 folds rope_theta and rope_scaling into rope_parameters; v4 files have both.
     # As transformers reads them: a rope_scaling replaces rope_parameters, and a rope_theta
     # inside the one used wins over the top-level one.
