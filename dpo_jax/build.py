@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpo_jax import distributed, losses, reference, sharding, teacher, train
+from dpo_jax import distributed, losses, optim, reference, sharding, teacher, train
 from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load
 from dpo_jax.models.config import ModelConfig
@@ -207,7 +207,7 @@ def setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None =
                   if eval_examples else {})
   ref.columns = te.columns = reference.no_columns   # release the weights they hold
   steps = total_steps(config, len(train_data.examples))
-  tx, schedule = train.make_optimizer(config.optim, steps)
+  tx, schedule = optim.make_optimizer(config.optim, steps)
   graphdef = core.split(model_cfg)[0]
   fns = train.make_train_step(graphdef, spec, hparams, tx, schedule, ref.logps_fn,
                               chunk=config.logprob_chunk, teacher_fn=te.fn)

@@ -337,9 +337,9 @@ def generate_text(cfg: ModelConfig, params, tokenizer, prompts: Sequence, *,
                   pad_id: Optional[int] = None, **kw) -> dict[str, Any]:
   """sample() on text prompts (strings or lists of chat messages); adds "text" (decoded with
   skip_special_tokens=True) and "prompt_tokens". eos_id defaults (-1) to stop_ids(cfg,
-  tokenizer, generation_config), where generation_config is the model's
-  generation_config.json (load.generation_config); pass None to never stop early. pad_id defaults to the tokenizer's pad (else EOS,
-  else 0). Other keyword arguments go to sample().
+  tokenizer, generation_config), where generation_config is the model's generation_config.json
+  (load.generation_config); pass None to never stop early. pad_id defaults to the tokenizer's
+  pad (else EOS, else 0). Other keyword arguments go to sample().
   """
   if eos_id == -1:
     eos_id = stop_ids(cfg, tokenizer, generation_config)

@@ -29,24 +29,6 @@ from dpo_jax.models import core, load, logprobs
 
 
 # =============================================================================================
-# Optimizer
-# =============================================================================================
-
-
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-  """AdamW with linear warmup + cosine decay and global-norm clipping (TRL/HF defaults)."""
-  warmup = int(round(optim.warmup_ratio * total_steps))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.final_lr_ratio)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim.clip) if optim.clip else optax.identity(),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay))
-  return tx, schedule
-
-
-# =============================================================================================
 # The step
 # =============================================================================================
 
@@ -127,18 +109,23 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
     return pol, loss_b, metrics
 
   def summarise(pol, loss_b, metrics, w):
-    """Σ over valid pairs of the per-example loss, and metric (numerator, denominator) pairs."""
-    b = w.shape[0]
-    n = jnp.sum(w)
-    sums = {k: ((jnp.sum(v * w), n) if jnp.ndim(v) == 1 else (v, jnp.ones(())))
-            for k, v in metrics.items()}
-    sums["logps/chosen"] = (jnp.sum(pol["logps"][:b] * w), n)
-    sums["logps/rejected"] = (jnp.sum(pol["logps"][b:] * w), n)
-    # TRL: mean logit over completion tokens (and vocab) of the whole batch.
-    sums["logits/chosen"] = (jnp.sum(pol["logit_sum"][:b] * w), jnp.sum(pol["lens"][:b] * w))
-    sums["logits/rejected"] = (jnp.sum(pol["logit_sum"][b:] * w), jnp.sum(pol["lens"][b:] * w))
-    sums = jax.tree.map(lambda x: jax.lax.stop_gradient(x).astype(jnp.float32), sums)
-    return jnp.sum(loss_b * w), sums
+    """Σ over valid pairs of the per-example loss, and (pair count, metric (numerator,
+    denominator) pairs). logps/* and logits/* (TRL's) are over the two halves of the rows, or
+    over the groups the loss averages unpaired rows' rewards over (losses.GroupMean)."""
+    def total(v, g=1.0):
+      v, g = v if isinstance(v, losses.GroupMean) else (v, g)
+      return (jnp.sum(v * g * w), jnp.sum(g * w)) if jnp.ndim(v) == 1 else (v, jnp.ones(()))
+    b, sums = w.shape[0], {k: total(v) for k, v in metrics.items()}
+    groups = [metrics.get(f"rewards/{h}") for h in ("chosen", "rejected")]
+    unpaired = all(isinstance(g, losses.GroupMean) for g in groups)
+    for i, half in enumerate(("chosen", "rejected")):
+      rows, g = (slice(0, b), groups[i].weights) if unpaired else (slice(i * b, i * b + b), 1.0)
+      sums[f"logps/{half}"] = total(pol["logps"][rows], g)
+      # TRL: mean logit over completion tokens (and vocab) of the whole batch.
+      sums[f"logits/{half}"] = (jnp.sum(pol["logit_sum"][rows] * g * w),
+                                jnp.sum(pol["lens"][rows] * g * w))
+    return jnp.sum(loss_b * w), jax.tree.map(
+        lambda x: jax.lax.stop_gradient(x).astype(jnp.float32), (jnp.sum(w), sums))
 
   def micro_loss(params, loss_state, frozen, batch):
     pol, loss_b, metrics = forward(params, loss_state, frozen, batch)
@@ -198,17 +185,12 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
     accumulate_grads = whole_batch if spec.batch_coupled and several else per_micro_batch
     return accumulate_grads(params, loss_state, frozen, batch)
 
-  def finish(loss_sum, sums, n_valid):
-    metrics = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in sums.items()}
-    metrics["loss"] = loss_sum / n_valid
-    return metrics
-
   def train_step(state, frozen, batch):
-    (loss_sum, sums), grads = gradients(state["params"], state["loss_state"], frozen, batch)
-    n_valid = sums["logps/chosen"][1]   # Σ valid, from the loop's output (see after_loop)
+    (loss_sum, (n_valid, sums)), grads = gradients(state["params"], state["loss_state"], frozen,
+                                                   batch)   # n_valid: see after_loop
     # Exact accumulation: every micro-batch contributed a SUM; divide once by the pair count.
     grads = jax.tree.map(lambda g: g / n_valid, grads)
-    metrics = finish(loss_sum, sums, n_valid)
+    metrics = {**mean_metrics(sums), "loss": loss_sum / n_valid}
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["learning_rate"] = schedule(state["step"] - state["skipped"])   # optax's count
@@ -238,9 +220,19 @@ def make_train_step(graphdef, spec: losses.LossSpec, hparams: dict, tx, schedule
   def example_metrics(params, loss_state, frozen, batch):
     """Per-example loss and metrics ([b] each) of one micro-batch, e.g. λ per pair."""
     _, loss_b, metrics = forward(params, spec.at_eval(loss_state), frozen, batch)
+    metrics = {k: v.values if isinstance(v, losses.GroupMean) else v for k, v in metrics.items()}
     return {"loss": loss_b, **{k: v for k, v in metrics.items() if jnp.ndim(v) == 1}}
 
   return StepFns(train_step, eval_step, example_metrics)
+
+
+def mean_metrics(sums: dict) -> dict:
+  """{name: numerator / denominator}, and rewards/margins = chosen − rejected where a loss gives
+  the two as group means (losses.GroupMean: unpaired rows), as TRL's KTOTrainer logs it."""
+  out = {k: num / jnp.maximum(den, 1e-9) for k, (num, den) in sums.items()}
+  if "rewards/margins" not in out and {"rewards/chosen", "rewards/rejected"} <= set(out):
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+  return out
 
 
 def after_loop(tree, loop_output):
@@ -320,11 +312,9 @@ def evaluate(run: build.Run, eval_jit, state) -> dict:
     out = eval_jit(state["params"], state["loss_state"], run.frozen,
                    build.to_device(microbatches(batch, 1), run))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  loss_sum, sums = jax.device_get(totals)
-  n = len(run.eval_examples)
-  metrics = {k: float(num) / max(float(den), 1e-9) for k, (num, den) in sums.items()}
-  metrics["loss"] = float(loss_sum) / n
-  return {f"eval/{k}": v for k, v in metrics.items()}
+  loss_sum, (_, sums) = jax.device_get(totals)
+  metrics = {**mean_metrics(sums), "loss": loss_sum / len(run.eval_examples)}
+  return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
 # =============================================================================================
@@ -425,7 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         run.ref_params = run.reference.update(run.ref_params, state["params"])
       is_last = done == run.steps
       stop = preempt.is_set(done)
-      logs = every(done, config.log_every) or is_last
+      evals = bool(config.eval_every) and (every(done, config.eval_every) or is_last)
+      logs = every(done, config.log_every) or evals or is_last
       if logs or stop or every(done, config.ckpt_every):
         check_finite(metrics, done, config.nonfinite, mgr)
         pending = None
@@ -436,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         if clean:
           step_times.append((time.perf_counter() - t_mark) / n_since)
         metrics["epoch"] = run.train_data.epoch(done)
-        if config.eval_every and (done % config.eval_every == 0 or is_last):
+        if evals:
           metrics.update(evaluate(run, eval_jit, state))
         timing = {"perf/step_s": float(np.median(step_times))} if step_times else {}
         writer.write(done, metrics, timing)
@@ -449,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         raise distributed.Preempted(f"stopped by {preempt.signal_name} after step {done}; "
                                     f"checkpoint saved in {mgr.directory}; re-run the same "
                                     f"command to resume")
-      if every(done, config.log_every):
+      if logs:   # the next interval starts after this row's evaluation and writing
         jax.block_until_ready(state["step"])
         t_mark, n_since, clean = time.perf_counter(), 0, True
     preempt.raise_if_late(run.steps, mgr.directory)
@@ -479,7 +470,7 @@ def check_finite(metrics: dict, step: int, policy: str, mgr):
 
 def print_summary(workdir: str, last: dict):
   rows = writers.read_metrics(workdir)
-  evals = [r for r in rows if "eval/rewards/accuracies" in r]
+  evals = [r for r in rows if "eval/loss" in r]
   print(f"\nmetrics:      {os.path.join(workdir, 'metrics.jsonl')} ({len(rows)} rows)")
   print(f"tensorboard:  {os.path.join(workdir, 'tensorboard')}")
   print(f"checkpoints:  {os.path.join(workdir, 'checkpoints')}")
@@ -491,9 +482,10 @@ def print_summary(workdir: str, last: dict):
              if "perf/step_s" in last else "")
           + (f", {int(last['skipped_steps'])} steps skipped as non-finite (config.nonfinite)"
              if last.get("skipped_steps") else ""))
-  if evals:
+  if evals:   # accuracy and margin where the loss has them (not SFT; unpaired: no accuracy)
     first, final = evals[0], evals[-1]
-    print(f"held-out:     preference accuracy {first['eval/rewards/accuracies']:.3f} (step "
-          f"{first['step']}) -> {final['eval/rewards/accuracies']:.3f} (step {final['step']}), "
-          f"margin {final['eval/rewards/margins']:.3f}, loss {final['eval/loss']:.4f} "
-          f"(ln 2 = 0.6931 at the start)")
+    print(f"held-out:     loss {first['eval/loss']:.4f} (step {first['step']}) -> "
+          f"{final['eval/loss']:.4f} (step {final['step']})" + "".join(
+              f", {name} {first[k]:.3f} -> {final[k]:.3f}" for name, k in (
+                  ("preference accuracy", "eval/rewards/accuracies"),
+                  ("margin", "eval/rewards/margins")) if k in final))

@@ -587,8 +587,12 @@ def test_special_metrics():
   _, m = losses.get("kto")(to_logps(b))
   record("kto", "kl (z0)", m["kl"], kto_z0(b64))
   u, y = 0.1 * (b64["pc"] - b64["rc"]), b64["label"]
-  record("kto", "rewards/chosen (group mean)", m["rewards/chosen"], u[y == 1].mean())
-  record("kto", "rewards/rejected (group mean)", m["rewards/rejected"], u[y == 0].mean())
+  record("kto", "rewards/chosen (group mean)", m["rewards/chosen"].mean(), u[y == 1].mean())
+  record("kto", "rewards/rejected (group mean)", m["rewards/rejected"].mean(), u[y == 0].mean())
+  np.testing.assert_array_equal(m["rewards/chosen"].weights, y == 1)   # summed per group
+  _, m = losses.get("npo")(to_logps(b))   # NPO's rows are all undesirable, whatever the label
+  record("npo", "rewards/rejected (all rows)", m["rewards/rejected"].mean(), u.mean())
+  assert not np.asarray(m["rewards/chosen"].weights).any()
   _, m = losses.get("bco")(to_logps(b), delta=0.3, delta_count=10.0)
   record("bco", "delta metric", m["delta"], bco_delta(u, 0.3, 10.0))
   assert float(m["delta_count"]) == 10.0 + B

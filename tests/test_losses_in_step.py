@@ -60,11 +60,13 @@ def test_loss_trains_in_step(name, unpaired_jsonl):
     assert any(not np.allclose(state0[k], now[k]) for k in state0), (state0, now)
     # evaluation reads the state and leaves it: a state metric (BCO's δ) is the stored value
     batch = build.to_device(train.microbatches(run.train_data(2), 1), run)
-    _, sums = jax.jit(run.fns.eval_step)(after["params"], now, run.frozen, batch)
+    _, (_, sums) = jax.jit(run.fns.eval_step)(after["params"], now, run.frozen, batch)
     shown = {k: float(num / den) for k, (num, den) in jax.device_get(sums).items() if k in now}
     assert shown == {k: float(now[k]) for k in shown}, (shown, now)
     assert shown or name.startswith("lcpo")   # LCPO reports its next η, not the state
-  if spec.batch_coupled:   # two micro-batches take the whole-batch path: the same two steps
+  # Two micro-batches give the same two steps: batch-coupled losses take the whole-batch path;
+  # unpaired rows' group means (NPO's too) are summed over micro-batches before dividing.
+  if spec.batch_coupled or spec.unpaired:
     _, _, accumulated, history2 = train_two_steps(config(spec_name, **overrides, grad_accum=2))
     for a, b in zip(history, history2):
       for k in a:

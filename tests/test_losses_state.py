@@ -17,8 +17,10 @@ from test_losses import (B, DEVIATIONS, bco_delta, f64, kto_z0, lcpo_parts,  # n
 
 
 def step_average(metrics: dict) -> dict:
-  """What the train step hands update_state: per-example metrics averaged, scalars as they are."""
-  return {k: jnp.mean(v) if jnp.ndim(v) else v for k, v in metrics.items()}
+  """What the train step hands update_state: per-example metrics averaged, group means over
+  their rows, scalars as they are."""
+  return {k: v.mean() if isinstance(v, losses.GroupMean) else jnp.mean(v) if jnp.ndim(v) else v
+          for k, v in metrics.items()}
 
 
 def run_sequence(spec, batches, **hp):
@@ -276,7 +278,9 @@ def test_step_style_call(name):
   state = spec.init_state()
   loss, metrics = spec(logps, **spec.hparams, **state)
   assert loss.shape == (B,) and np.all(np.isfinite(loss)), name
-  assert {"rewards/chosen", "rewards/margins", "lambda"} <= set(metrics), name
+  assert {"rewards/chosen", "rewards/rejected", "lambda"} <= set(metrics), name
+  # unpaired rows' margins are the step's: the difference of the two group means
+  assert ("rewards/margins" in metrics) != spec.unpaired, name
   new = spec.update_state(state, step_average(metrics))
   assert set(new) == set(state), name
   assert not set(state) & set(spec.hparams), name  # state is not a hyperparameter

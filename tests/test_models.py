@@ -432,3 +432,22 @@ def test_print_deviations():
   """Summary of the logits deviations measured above (run with -s to see it)."""
   for k, v in sorted(DEVIATIONS.items()):
     print(f"{k:28s} {v:.3g}")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_weight_decay_skips_what_transformers_trainer_skips(family):
+  """AdamW decays the weights transformers' Trainer decays (get_decay_parameter_names): not the
+  biases (Qwen2's q/k/v) and norm scales. Checked name by name through the import table."""
+  from dpo_jax import optim   # noqa: PLC0415
+  model = tiny_hf_model(family)
+  cfg = models.ModelConfig.from_hf_dict(model.config.to_dict())
+  theirs = set(transformers.Trainer.get_decay_parameter_names(None, model))
+  ours = optim.decayed(models.abstract_params(cfg))
+  table = hf_io.TABLES[family](cfg)
+  names = {n for n, _ in model.named_parameters()}
+  assert {n for e in table for n in hf_io._names(e, cfg)} == names
+  for entry in table:
+    for name in hf_io._names(entry, cfg):
+      assert hf_io._get(ours, entry.path) == (name in theirs), name
+  assert any(not hf_io._get(ours, e.path) for e in table if e.path[-1] == "bias") == (
+      family == "qwen2")

@@ -1,5 +1,6 @@
 """Interruption, checkpoints and numerics: SIGTERM / SIGKILL resume exactly, atomic and verified
 checkpoints, NaN/Inf stop or skip, determinism, and CLI config errors naming the key."""
+import json
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from dpo_jax import build, checkpoint, distributed, train, writers
+from dpo_jax import build, checkpoint, distributed, optim, train, writers
 from helpers import REPO, config, xla_env
 
 ENV = xla_env()
@@ -278,20 +279,25 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, capsys):
   # learning rate is the one the next update would apply.
   opt_state = train.restore_state(mgr, run, 5)["opt_state"]
   assert {int(x) for x in jax.tree.leaves(opt_state) if np.ndim(x) == 0} == {1}
-  _, schedule = train.make_optimizer(cfg.optim, run.steps)
+  _, schedule = optim.make_optimizer(cfg.optim, run.steps)
   np.testing.assert_allclose([r["learning_rate"] for r in rows],
                              [float(schedule(0))] + [float(schedule(1))] * 4, rtol=1e-6)
   assert float(schedule(1)) != float(schedule(2))
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
-  cfg = config(steps=4, log_every=1, eval_every=2)
+  """...and rows come every log_every steps, evaluations every eval_every (a row of their own
+  where log_every does not fall) and at the last step."""
+  cfg = config(steps=5, log_every=2, eval_every=3)
   cfg.unlock()
   cfg.progress = False
   train.train_and_evaluate(cfg, str(tmp_path / "a"))
   train.train_and_evaluate(cfg, str(tmp_path / "b"))
   a, b = (tmp_path / "a" / "metrics.jsonl").read_text(), (tmp_path / "b" / "metrics.jsonl")
-  assert a == b.read_text() and len(a.splitlines()) == 4
+  assert a == b.read_text()
+  rows = [json.loads(line) for line in a.splitlines()]
+  assert [r["step"] for r in rows] == [2, 3, 4, 5]
+  assert [r["step"] for r in rows if "eval/loss" in r] == [3, 5]
 
 
 @pytest.mark.parametrize("flag,pattern", [

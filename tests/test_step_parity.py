@@ -1,15 +1,16 @@
 """The whole DPO step against an independent PyTorch implementation of the same 3 steps.
 
-A tiny random transformers LlamaForCausalLM (vocab 264 = byte tokenizer, d 32, 2 layers, 4 heads,
-2 kv heads, MLP 64) is saved as a Hugging Face directory with dpo_jax's byte tokenizer. dpo_jax
-trains it for 3 steps through build.setup / run.fns.train_step (jitted as train_and_evaluate
-does); the test repeats the same 3 steps in plain PyTorch on the same numpy batches: summed
-completion log-probs (token t predicted from position t-1, masked by loss_mask), the DPO loss
--log σ(β((π_c − ref_c) − (π_r − ref_r))) against a frozen copy, clip_grad_norm_,
-torch.optim.AdamW (weight decay on every tensor, as dpo_jax) and a LambdaLR written here for
-linear warmup from 0 + cosine decay to 0, evaluated at the update count before the update (as
-optax). Compared at every step: loss, rewards/{chosen,rejected,margins}, logps/{chosen,rejected},
-grad_norm, the learning rate, and every updated weight (HF name -> dpo_jax param tree).
+A tiny random transformers LlamaForCausalLM (vocab 264 = byte tokenizer, d 32, 2 layers, 4 heads, 2
+kv heads, MLP 64) is saved as a Hugging Face directory with dpo_jax's byte tokenizer. dpo_jax
+trains it for 3 steps through build.setup / run.fns.train_step (jitted as train_and_evaluate does);
+the test repeats the same 3 steps in plain PyTorch on the same numpy batches: summed completion
+log-probs (token t predicted from position t-1, masked by loss_mask), the DPO loss -log σ(β((π_c −
+ref_c) − (π_r − ref_r))) against a frozen copy, clip_grad_norm_, torch.optim.AdamW (weight decay on
+the tensors transformers' Trainer decays: all but biases and norm weights, as dpo_jax) and a
+LambdaLR written here for linear warmup from 0 + cosine decay to 0, evaluated at the update count
+before the update (as optax). Compared at every step: loss, rewards/{chosen,rejected,margins},
+logps/{chosen,rejected}, grad_norm, the learning rate, and every updated weight (HF name -> dpo_jax
+param tree).
 
 Cases (beta 0.1, lr 1e-2, clip 0.5, weight decay 0.01, Adam 0.9/0.999/1e-8, batch 8 pairs):
   accum1_warmup  grad_accum 1, mesh data=8, warmup 1 of 3: lr 0, 1e-2, 5e-3
@@ -190,8 +191,11 @@ def torch_run(path: str, batches: list[dict], warmup: int) -> list[dict]:
   ref = copy.deepcopy(policy).eval()
   for p in ref.parameters():
     p.requires_grad_(False)
-  opt = torch.optim.AdamW(policy.parameters(), lr=LR, betas=(B1, B2), eps=EPS,
-                          weight_decay=WEIGHT_DECAY)
+  decay = set(transformers.Trainer.get_decay_parameter_names(None, policy))
+  groups = [{"params": [p for n, p in policy.named_parameters() if (n in decay) == d],
+             "weight_decay": WEIGHT_DECAY if d else 0.0} for d in (True, False)]
+  assert all(g["params"] for g in groups)   # the norms are not decayed, the rest is
+  opt = torch.optim.AdamW(groups, lr=LR, betas=(B1, B2), eps=EPS)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, warmup, STEPS))
   out = []
   for batch in batches:

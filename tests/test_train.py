@@ -430,3 +430,48 @@ def test_streamed_data_give_the_same_batches(tmp_path, monkeypatch, capsys):
   assert not (tmp_path / "wTrue" / "data_cache").exists()
   assert "not kept in" in capsys.readouterr().err
   assert len(os.listdir(tmp_path / "wFalse" / "data_cache")) == 1
+
+
+def test_unpaired_metrics_are_group_means_whatever_the_batching(tmp_path):
+  """KTO's rewards/* and logps/* are TRL's KTOTrainer's: means over the desirable ("chosen") and
+  undesirable ("rejected") rows of all the rows evaluated, whatever the eval batch size (a
+  short last batch, a batch without one of the groups); margins = chosen − rejected."""
+  from dpo_jax.models import core   # noqa: PLC0415
+  rows = unpaired_rows(tmp_path / "rows.jsonl", 48)
+  cfg = config("configs/dpo.py:runlocal,loss=kto", data__train=rows, data__eval_fraction=0.25,
+               batch_size=8, optim__lr=1e-2, optim__warmup_ratio=0.0)
+  run = build.setup(cfg)
+  step, state = run.jit_train_step(), run.state
+  for i in range(2):   # a policy that differs from the reference
+    state, _ = step(state, run.frozen, build.to_device(train.microbatches(run.train_data(i), 1),
+                                                       run))
+  eval_jit = jax.jit(run.fns.eval_step)
+  labels = np.array([e.label for e in run.eval_examples])
+  assert len(labels) % 5 and 0 < labels.sum() < len(labels)
+  got = []
+  for bs in (1, 5, len(labels)):   # one group per batch; a short last batch; all at once
+    run.config.unlock()
+    run.config.eval_batch_size = bs
+    got.append(train.evaluate(run, eval_jit, state))
+  per_row = [k for k in got[0] if k.split("/")[1] in ("rewards", "logps", "logits")]
+  assert len(per_row) == 7   # not the batch statistics: z0 (kl), and the loss and λ through it
+  for other in got[1:]:
+    assert other.keys() == got[0].keys()
+    for k in per_row:
+      np.testing.assert_allclose(other[k], got[0][k], rtol=2e-5, atol=2e-5, err_msg=k)
+  # logps/*: the completions' summed log-probs, restated here in NumPy from the logits
+  batch = next(preference.eval_batches(run.eval_examples, len(labels), run.train_data.buckets,
+                                       run.train_data.pad_id))
+  model = core.merge(core.split(run.model_cfg)[0], state["params"])
+  hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  logits = np.asarray(hidden @ model.unembedding(), np.float64)[:len(labels), :-1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                         ) - logits.max(-1, keepdims=True)
+  picked = np.take_along_axis(logp, batch["tokens"][:len(labels), 1:, None], -1)[..., 0]
+  seq = (picked * batch["loss_mask"][:len(labels), 1:]).sum(-1)
+  m = got[0]
+  np.testing.assert_allclose(m["eval/logps/chosen"], seq[labels == 1].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["eval/logps/rejected"], seq[labels == 0].mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["eval/rewards/margins"],
+                             m["eval/rewards/chosen"] - m["eval/rewards/rejected"], atol=1e-6)
+  assert abs(m["eval/rewards/margins"]) > 1e-4

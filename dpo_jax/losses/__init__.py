@@ -9,8 +9,8 @@ Modules: dpo (margin losses), pointwise (per-completion reward losses, bco_pair)
 batch_level (AOT), reference_free (sft, simpo, cpo, orpo), unpaired (kto, bco, npo),
 token_level (ld), wrappers (wpo, lcpo), distill (dadpo), dpo_shift (the README's example).
 """
-from dpo_jax.losses.core import (LossSpec, PairLogps, get, log_sigmoid, names, register,
-                                 reward_metrics, rewards, swap_pair, with_base)
+from dpo_jax.losses.core import (GroupMean, LossSpec, PairLogps, get, log_sigmoid, names,
+                                 register, reward_metrics, rewards, swap_pair, with_base)
 from dpo_jax.losses.combine import combine
 
 # Importing a loss module registers its losses; every module in this package is imported, so a

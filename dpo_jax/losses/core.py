@@ -4,8 +4,9 @@
     loss_B, metrics = fn(logps, **hparams)
 
 A loss is a pure function of summed log-probabilities (never of a model). It returns a per-example
-loss [B] and a dict of metrics; each metric is either per-example [B] or a scalar. The train step
-is the one place that averages. Registration records what the step must provide:
+loss [B] and a dict of metrics; each metric is per-example [B], a scalar, or a `GroupMean` (a
+per-example metric averaged over some of the rows). The train step is the one place that
+averages. Registration records what the step must provide:
 
   needs_ref:   the loss reads ref_chosen / ref_rejected (False lets reference='none' skip the
                reference forward entirely).
@@ -219,18 +220,30 @@ def reward_metrics(chosen_rewards: Array, rejected_rewards: Array, grad_weight: 
   }
 
 
+class GroupMean(NamedTuple):
+  """A metric over some of the rows: Σ values·weights / Σ weights ([B] each).
+
+  The train step sums numerator and denominator over micro-batches and eval batches before it
+  divides, so the mean is that of all the rows in the group whatever the batching (a per-batch
+  mean, as a scalar, would weigh a batch with one such row as much as one with many)."""
+  values: Array
+  weights: Array
+
+  def mean(self) -> Array:
+    return weighted_mean(self.values, self.weights)
+
+
 def unpaired_reward_metrics(rewards: Array, label: Array, grad_weight: Array,
                             weights: Optional[Array] = None) -> dict:
-  """Reward metrics for unpaired rows: group means over desirable / undesirable rows (scalars)."""
+  """Reward metrics for unpaired rows: means over the desirable ("chosen") and undesirable
+  ("rejected") rows, as GroupMeans. The step also groups logps/* and logits/* by them, and logs
+  rewards/margins = chosen − rejected of the means (TRL KTOTrainer's metrics)."""
   rewards = jax.lax.stop_gradient(rewards)
   label = label.astype(rewards.dtype)
   weights = jnp.ones_like(rewards) if weights is None else weights
-  chosen = weighted_mean(rewards, label * weights)
-  rejected = weighted_mean(rewards, (1.0 - label) * weights)
   return {
-      "rewards/chosen": chosen,
-      "rewards/rejected": rejected,
-      "rewards/margins": chosen - rejected,
+      "rewards/chosen": GroupMean(rewards, label * weights),
+      "rewards/rejected": GroupMean(rewards, (1.0 - label) * weights),
       "lambda": jax.lax.stop_gradient(grad_weight),
   }
 

@@ -3,7 +3,7 @@
 logps.policy_chosen / ref_chosen hold the completion's summed log-probs, logps.label [B] is 1.0
 for desirable and 0.0 for undesirable rows. KTO also reads policy_rejected / ref_rejected: the
 log-probs of the mismatched completion y_{i+1} under prompt x_i (its KL reference point).
-Reward metrics are group means (scalars); λ = |∂L/∂S_θ(y)|/β per example.
+Reward metrics are group means (core.GroupMean); λ = |∂L/∂S_θ(y)|/β per example.
 """
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,8 @@ def udm_weight(prob_desirable, min_ratio: float = 0.5, max_ratio: float = 10.0):
 def npo(logps: PairLogps, *, beta: float = 0.1):
   """NPO (Zhang et al., 2024, arXiv 2404.05868): −(2/β)·log σ(−β r(y)) on forget data.
 
-  Every row is a forget example (label is ignored). Not in TRL. λ = |∂L/∂S_θ(y)|/β = 2σ(βr)/β
-  (the paper's adaptive weight 2σ(βr), divided by β).
+  Every row is a forget example (label is ignored; its metrics are "rejected"). Not in TRL.
+  λ = |∂L/∂S_θ(y)|/β = 2σ(βr)/β (the paper's adaptive weight 2σ(βr), divided by β).
   """
-  return _unpaired(logps, beta, lambda u, label: -(2.0 / beta) * log_sigmoid(-u))
+  return _unpaired(logps._replace(label=None), beta,
+                   lambda u, label: -(2.0 / beta) * log_sigmoid(-u))
