@@ -67,6 +67,10 @@ def loss_hparams(loss_cfg: ml_collections.ConfigDict, spec: losses.LossSpec) -> 
   if unknown:
     raise ValueError(f"config.loss.{unknown[0]} is not a hyperparameter of loss "
                      f"{spec.name!r}; it takes {sorted(known)}")
+  if given.get("base", known.get("base")) != known.get("base"):   # the flags are the base's
+    raise ValueError(f"config.loss.base={given['base']!r}: name the wrapper bound to it, "
+                     f"config.loss.name='{spec.name}({given['base']})' (what the step computes "
+                     f"and the base's hyperparameters come from the base)")
   return {**known, **given}
 
 

@@ -26,14 +26,23 @@ def teacher_dir(tmp_path_factory):
   return str(path), cfg
 
 
-def first_step(cfg):
+def first_step(cfg, params=None):
+  """(run, first batch, per-example metrics of it) with the initial policy, or with `params`
+  against the same reference and teacher."""
   run = build.setup(cfg)
   batch_np = run.train_data(0)
   batch = build.to_device(train.microbatches(batch_np, 1), run)
   per_example = jax.jit(run.fns.example_metrics)(
-      run.state["params"], run.state["loss_state"], run.frozen,
-      jax.tree.map(lambda x: x[0], batch))
+      run.state["params"] if params is None else params(run.state["params"]),
+      run.state["loss_state"], run.frozen, jax.tree.map(lambda x: x[0], batch))
   return run, batch_np, jax.device_get(per_example)
+
+
+def perturbed(params, scale=0.05):
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype)
+                                   for x, k in zip(leaves, keys)])
 
 
 def test_dadpo_token_loss_matches_numpy():
@@ -52,20 +61,37 @@ def test_dadpo_token_loss_matches_numpy():
 
 
 def check_sequence_dadpo(path, te_cfg):
-  """Sequence-level daDPO's first step against each model's scores from the scoring path."""
-  cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta=0.1,
+  """Sequence-level daDPO with a policy moved away from its reference (so that β1's term is
+  live) against each model's scores from the scoring path:
+  z = (β1 + β2) Δ_θ − β1 Δ_ref − β2 Δ_te, Δ = chosen − rejected log-probs."""
+  cfg = config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, loss__beta=0.3,
                loss__beta2=0.5, teacher__mode="step", teacher__path=path)
-  run, batch_np, ex = first_step(cfg)
+  run, batch_np, ex = first_step(cfg, perturbed)
   examples = [run.train_data.examples[i] for i in run.train_data.indices(0)]
   kw = dict(mesh=run.mesh, rules=run.rules, batch_size=8, buckets=run.train_data.buckets,
             pad_id=run.train_data.pad_id)
-  pol = evaluate.score_pairs(run.model_cfg, run.state["params"], examples, **kw)
-  te = evaluate.score_pairs(te_cfg, run.teacher.params, examples, **kw)
-  # ref = initial policy, so the DPO part of z is 0 at the first step: z = −β2 Δ_te + β2 Δ_θ.
-  z = 0.5 * ((pol["chosen_logps"] - te["chosen_logps"]) -
-             (pol["rejected_logps"] - te["rejected_logps"]))
+  delta = lambda s: s["chosen_logps"] - s["rejected_logps"]
+  pol, ref, te = (delta(evaluate.score_pairs(c, p, examples, **kw)) for c, p in (
+      (run.model_cfg, perturbed(run.state["params"])), (run.model_cfg, run.ref_params),
+      (te_cfg, run.teacher.params)))
+  z = 0.8 * pol - 0.3 * ref - 0.5 * te
   np.testing.assert_allclose(ex["loss"], np.logaddexp(0, -z), rtol=1e-4, atol=1e-5)
-  assert np.abs(z).max() > 0.1   # the teacher really differs from the student
+  assert np.abs(0.3 * (pol - ref)).max() > 0.05   # β1's term: the policy moved
+  assert np.abs(0.5 * (pol - te)).max() > 0.1   # β2's: the teacher differs from the student
+
+
+def test_a_bfloat16_teacher_is_held_in_bfloat16(teacher_dir):
+  path, _ = teacher_dir
+  runs = [build.setup(config("configs/dpo.py:runlocal,loss=dadpo", **SMALL, teacher__mode="step",
+                             teacher__path=path, teacher__dtype=d))
+          for d in ("float32", "bfloat16")]
+  f32, bf16 = (jax.tree.leaves(r.teacher.params) for r in runs)
+  assert {x.dtype for x in f32} == {np.dtype("float32")}
+  assert {x.dtype for x in bf16} == {np.dtype("bfloat16")}
+  for a, b in zip(f32, bf16):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16), np.float32),
+                                  np.asarray(b, np.float32))
 
 
 def test_sequence_dadpo_in_step_matches_independent_scores(teacher_dir):

@@ -61,6 +61,26 @@ def test_chunked_gradient_matches_full_logits():
     np.testing.assert_allclose(a, b_, atol=1e-5, rtol=1e-5)
 
 
+def test_chunks_bound_the_logits_in_memory():
+  """Full [B, L, V] f32 logits never exist: the compiled forward+backward of chunked log-probs
+  needs a fraction of them in temporaries, where one chunk of all L positions needs them whole
+  (XLA's memory analysis; the shape makes the logits dominate)."""
+  b, length, d, v = 4, 256, 64, 8192
+  logits_bytes = b * length * v * 4   # 32 MiB
+  hidden = jax.ShapeDtypeStruct((b, length, d), jnp.float32)
+  w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((b, length), jnp.int32)
+
+  def temp_bytes(chunk):
+    def f(h, w, t):
+      return jnp.sum(logprobs.token_stats(h, w, t, chunk=chunk)["logp"])
+    grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+    return grad.lower(hidden, w, tokens).compile().memory_analysis().temp_size_in_bytes
+  whole, chunked = temp_bytes(length), temp_bytes(16)
+  assert whole >= logits_bytes, (whole, logits_bytes)
+  assert chunked < logits_bytes / 4, (chunked, logits_bytes)
+
+
 def test_left_align_and_reduce_packed_layout():
   # Two rows; row 0 packs sequences 0 and 2, row 1 holds sequence 1 and 3 packed.
   tokens = jnp.zeros((2, 8), jnp.int32)

@@ -6,6 +6,7 @@ import os
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -451,3 +452,33 @@ def test_weight_decay_skips_what_transformers_trainer_skips(family):
       assert hf_io._get(ours, entry.path) == (name in theirs), name
   assert any(not hf_io._get(ours, e.path) for e in table if e.path[-1] == "bias") == (
       family == "qwen2")
+
+
+def test_bf16_compute_sums_weight_gradients_in_f32():
+  """With f32 master weights and bf16 compute, the gradients that sum over every token (the
+  embedding row of a frequent token, the norm scales) are summed in f32: within 1% of the f32
+  computation's (summed in bf16 they were 6.5% and 1.6% off here)."""
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(0, models.TINY.vocab_size, (8, 512))
+  tokens[rng.rand(8, 512) < 0.5] = 7   # half of all positions: ~2k occurrences
+  tokens = jnp.asarray(tokens, jnp.int32)
+  direction = jnp.asarray(rng.randn(8, 512, models.TINY.hidden_size), jnp.float32)
+  params = models.init_params(models.TINY, 0)
+
+  def grads(cfg):
+    graphdef = models.split(cfg)[0]
+
+    def f(p):
+      pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+      hidden, _ = models.merge(graphdef, p)(tokens, pos, jnp.ones_like(tokens))
+      return jnp.sum(hidden.astype(jnp.float32) * direction)
+    return jax.jit(jax.grad(f))(params)
+  g32, g16 = grads(models.TINY), grads(models.TINY.replace(dtype="bfloat16"))
+  assert g16["embed_tokens"]["embedding"].dtype == jnp.float32
+
+  def rel(get):
+    a, b = (np.asarray(get(g), np.float64) for g in (g16, g32))
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+  assert rel(lambda g: g["embed_tokens"]["embedding"][7]) < 0.01
+  assert rel(lambda g: g["norm"]["scale"]) < 0.01
+  assert rel(lambda g: g["layers"]["input_layernorm"]["scale"]) < 0.012

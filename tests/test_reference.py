@@ -170,6 +170,21 @@ def test_sync_reference_moves_towards_policy():
   assert history[0]["rewards/margins"] == 0.0 and history[2]["rewards/margins"] != 0.0
 
 
+def test_a_bfloat16_reference_is_stored_in_bfloat16():
+  """reference.dtype=bfloat16 halves the reference's weights and moves its log-probs by bf16
+  rounding only. A moving (sync) reference is refused in bf16: its updates would round away."""
+  (h32,), _, run32 = run_steps(config(**SMALL), 1)
+  (h16,), _, run16 = run_steps(config(**SMALL, reference__dtype="bfloat16"), 1)
+  assert {x.dtype for x in jax.tree.leaves(run16.ref_params)} == {np.dtype("bfloat16")}
+  nbytes = lambda run: sum(x.nbytes for x in jax.tree.leaves(run.ref_params))
+  assert 2 * nbytes(run16) == nbytes(run32)
+  assert h32["rewards/chosen"] == 0.0 and h32["logps/chosen"] == h16["logps/chosen"]
+  assert 0.0 < abs(h16["rewards/chosen"]) < 5e-3   # β · (bf16 rounding of ~50-nat log-probs)
+  with pytest.raises(ValueError, match="reference.dtype='bfloat16' with config.reference.mode="
+                                       "'sync'.*rounded away"):
+    build.setup(config(**SMALL, reference__mode="sync", reference__dtype="bfloat16"))
+
+
 @pytest.mark.parametrize("variant", [
     dict(loss="bco_pair"),                                       # loss state δ
     dict(loss="dpo", reference__mode="sync", reference__sync_every=1),   # moving reference

@@ -262,6 +262,12 @@ def test_bad_config_keys_are_named():
     build.setup(config(mesh__data=3))
   with pytest.raises(ValueError, match="divisible"):
     build.setup(config(batch_size=4))
+  # A wrapper's flags come from its base: another base is named as the bound loss, whose
+  # flags (daDPO's teacher) and hyperparameters the step then reads.
+  with pytest.raises(ValueError, match=r"config.loss.base='dadpo'.*name='lcpo\(dadpo\)'"):
+    build.setup(config("configs/dpo.py:runlocal,loss=lcpo", loss__base="dadpo"))
+  assert build.loss_hparams(config("configs/dpo.py:runlocal,loss=lcpo(simpo)").loss,
+                            losses.get("lcpo(simpo)"))["base"] == "simpo"
 
 
 @pytest.mark.parametrize("key,value", [

@@ -45,10 +45,12 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: Array) -> Array:
-    # Statistics in f32, as transformers does; the scale multiplies in the input dtype.
+    # Statistics in f32, and the scale multiplies the normalised input in the wider of the two
+    # dtypes, as transformers does (f32 master weights: the scale's gradient sums over every
+    # token in f32).
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+    return (self.scale[...] * y.astype(x.dtype)).astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ class Decoder(nnx.Module):
     tokens are written at slots [index, index + L).
     """
     cfg = self.cfg
-    x = self.embed_tokens.embedding[...].astype(cfg.dtype)[tokens_BxL]
+    # Gather, then cast: the gradient of a frequent token sums over its positions in the
+    # table's dtype (f32 master weights), not in the compute dtype.
+    x = self.embed_tokens.embedding[...][tokens_BxL].astype(cfg.dtype)
     x = sharding.constrain(x, ("batch", "length", "act_embed"))
     inv_freq = layers.rope_inv_freq(cfg)
 
