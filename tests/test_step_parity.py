@@ -20,11 +20,11 @@ Cases (beta 0.1, lr 1e-2, clip 0.5, weight decay 0.01, Adam 0.9/0.999/1e-8, batc
                  zero-lr one and loss/margins differ from ln 2 / 0 at steps 1 and 2
 Clipping triggers at steps 0-1 (grad norms 0.59, 0.80, 0.38; nowarm 0.59, 0.40, 0.67).
 
-Observed on CPU (f32, 8 fake devices), worst over the 3 steps:
+Observed on CPU (f32, 8 fake devices), worst over the 3 steps (`pytest -s` prints them):
                  |Δloss|  |Δmargins| |Δrew/chosen| |Δlogps| |Δgrad_norm|  weights: max|Δ|  99th pct  ‖Δ‖/‖upd‖
-  accum1_warmup  5.4e-7   1.4e-6     3.2e-6        5.3e-5   9.8e-7        5.7e-6          2.8e-7    3.0e-5
-  accum2_warmup  2.4e-7   7.5e-7     3.5e-6        5.3e-5   9.2e-7        6.9e-6          2.8e-7    3.1e-5
-  accum1_nowarm  8.9e-7   2.9e-6     1.3e-6        3.1e-5   6.0e-7        1.7e-4          4.5e-7    6.4e-4
+  accum1_warmup  1.8e-7   4.8e-7     3.2e-6        5.3e-5   8.6e-7        3.2e-6          2.4e-7    3.0e-5
+  accum2_warmup  1.2e-7   3.9e-7     3.3e-6        4.6e-5   6.9e-7        6.9e-6          2.6e-7    3.1e-5
+  accum1_nowarm  6.6e-7   2.3e-6     2.4e-6        3.1e-5   5.4e-7        2.8e-4          6.4e-7    1.1e-3
 (logps are sums of ~20 token log-probs, |logps| ~ 50-100.) Where the deviations come from:
   * optax computes Adam's bias correction 1 − b2^t in f32 (1 − 0.999f = 9.99987e-4, a 1.3e-5
     relative error at t=1); torch uses Python floats. So dpo_jax's updates are ~6e-6 relative
