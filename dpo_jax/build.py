@@ -21,7 +21,7 @@ import numpy as np
 from dpo_jax import distributed, losses, optim, reference, sharding, teacher, train
 from dpo_jax.data import packing, preference
 from dpo_jax.models import core, load
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.config import ModelConfig, check_dtype
 
 Array = jax.Array
 
@@ -145,6 +145,17 @@ def check_config(config: ml_collections.ConfigDict):
        "must be in [0, 1]")
   need(config.get("epochs", 0) >= 0, "epochs", config.get("epochs", 0),
        "must be >= 0 (0: train config.steps steps)")
+  ref = config.reference
+  if ref.mode == "sync":   # TR-DPO
+    need(0.0 < ref.sync_alpha <= 1.0, "reference.sync_alpha", ref.sync_alpha,
+         "must be in (0, 1]")
+    need(is_int(ref.sync_every) and ref.sync_every >= 1, "reference.sync_every",
+         ref.sync_every, "must be an integer >= 1")
+    check_dtype(ref.dtype, "config.reference.dtype")
+    need(ref.dtype == "float32", "reference.dtype", ref.dtype,
+         f"with config.reference.mode='sync': a TR-DPO update that moves a weight by less than "
+         f"half a {ref.dtype} ulp is rounded away (at sync_alpha=0.01 the reference never "
+         f"moves); keep the moving reference in float32")
   loss = config.loss
   if isinstance(loss.get("beta"), (int, float)):
     need(loss.beta > 0, "loss.beta", loss.beta, "must be > 0 (β <= 0 prefers the rejected "

@@ -180,9 +180,10 @@ def test_a_bfloat16_reference_is_stored_in_bfloat16():
   assert 2 * nbytes(run16) == nbytes(run32)
   assert h32["rewards/chosen"] == 0.0 and h32["logps/chosen"] == h16["logps/chosen"]
   assert 0.0 < abs(h16["rewards/chosen"]) < 5e-3   # β · (bf16 rounding of ~50-nat log-probs)
+  # a config check, so that a pipeline refuses it before its first stage runs
   with pytest.raises(ValueError, match="reference.dtype='bfloat16' with config.reference.mode="
                                        "'sync'.*rounded away"):
-    build.setup(config(**SMALL, reference__mode="sync", reference__dtype="bfloat16"))
+    build.check_config(config(**SMALL, reference__mode="sync", reference__dtype="bfloat16"))
 
 
 @pytest.mark.parametrize("variant", [
