@@ -21,7 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 16            # preference pairs per step (global)
   c.eval_batch_size = 0        # 0: same as batch_size
   c.grad_accum = 1             # micro-batches per step; exact (tests/test_train.py)
-  c.log_every = 10             # a metrics row every this many steps (0: the last step only)
+  c.log_every = 10             # a metrics row every this many steps (0: the last step only),
+                               # holding the means over the steps since the row before
   c.eval_every = 50            # held-out metrics (eval/...) every this many steps, in a row of
                                # their own if log_every does not fall there; 0: never
   c.ckpt_every = 100

@@ -349,9 +349,10 @@ def log_pair_metrics(run: build.Run, state: dict, path: str, n: int):
   return out
 
 
-def save_state(mgr, run: build.Run, state: dict, step: int):
+def save_state(mgr, run: build.Run, state: dict, step: int, window=None):
+  meta = {**checkpoint_meta(run, step), "log_window": window.saved() if window else None}
   checkpoint.save(mgr, step, state["params"], {k: v for k, v in state.items() if k != "params"},
-                  checkpoint_meta(run, step), ref=run.ref_params if run.reference.saved else None)
+                  meta, ref=run.ref_params if run.reference.saved else None)
 
 
 def restore_state(mgr, run: build.Run, step: int) -> dict:
@@ -383,13 +384,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
   mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.keep_checkpoints)
   state = run.state
   start = mgr.latest_step() or 0
+  saved_window = None
   if start:   # initialisation precedence: resume workdir > init_from > scratch
     state = restore_state(mgr, run, start)
+    saved_window = checkpoint.read_meta(mgr, start).get("log_window")
   elif config.log_pair_metrics:
     log_pair_metrics(run, state, os.path.join(workdir, "pairs_start.npz"),
                      config.log_pair_metrics)
 
   step_jit = run.jit_train_step()
+  # A row's training metrics are means over the steps since the row before, as TRL logs them.
+  window = writers.MetricsWindow(saved_window, at_step=tuple(state["loss_state"]))
   eval_jit = jax.jit(run.fns.eval_step)
   writer = writers.MetricsWriter(workdir, start, enabled=jax.process_index() == 0)
   last = {}
@@ -406,6 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         compiled_for.add(sig)
         clean = False
       state, metrics = step_jit(state, run.frozen, build.to_device(batch_np, run))
+      window.add(metrics)
       done, n_since = step + 1, n_since + 1
       # The NaN/Inf check reads the PREVIOUS step's flag while this one runs (no stall), and
       # this step's before anything is logged or saved.
@@ -423,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       else:
         pending = metrics
       if logs:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = window.row(metrics)
         if clean:
           step_times.append((time.perf_counter() - t_mark) / n_since)
         metrics["epoch"] = run.train_data.epoch(done)
@@ -435,7 +441,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         bar.set_postfix(loss=f"{metrics['loss']:.4f}",
                         acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
       if every(done, config.ckpt_every) or is_last or stop:
-        save_state(mgr, run, state, done)
+        save_state(mgr, run, state, done, window)
       if stop:
         raise distributed.Preempted(f"stopped by {preempt.signal_name} after step {done}; "
                                     f"checkpoint saved in {mgr.directory}; re-run the same "
@@ -475,9 +481,9 @@ def print_summary(workdir: str, last: dict):
   print(f"tensorboard:  {os.path.join(workdir, 'tensorboard')}")
   print(f"checkpoints:  {os.path.join(workdir, 'checkpoints')}")
   if last:
-    print(f"last step:    loss {last['loss']:.4f}, train accuracy "
+    print(f"last row:     loss {last['loss']:.4f}, train accuracy "
           f"{last.get('rewards/accuracies', float('nan')):.3f}, margin "
-          f"{last.get('rewards/margins', float('nan')):.3f}"
+          f"{last.get('rewards/margins', float('nan')):.3f} (means since the row before)"
           + (f", {last['perf/step_s'] * 1e3:.1f} ms/step (median, steady state)"
              if "perf/step_s" in last else "")
           + (f", {int(last['skipped_steps'])} steps skipped as non-finite (config.nonfinite)"

@@ -169,6 +169,61 @@ class MetricsWriter:
       self._tb.close()
 
 
+class MetricsWindow:
+  """A metrics row holds the means over the steps since the previous row, as TRL's trainers log
+  them (the mean of each step's value): steps whose loss or gradient is non-finite (skipped
+  under config.nonfinite='skip') are left out. AT_STEP keys, and the loss state's (BCO's δ and
+  its count), are the row's own step's values. The sums stay on the devices between rows (no
+  host sync per step). `saved()` goes into each checkpoint's metadata, so a run resumed between
+  two rows writes an uninterrupted run's rows."""
+  AT_STEP = ("learning_rate", "nonfinite", "skipped_steps")
+
+  def __init__(self, saved: dict | None = None, at_step: tuple[str, ...] = ()):
+    import jax   # noqa: PLC0415
+    self.at_step = self.AT_STEP + tuple(at_step)
+    self._add = jax.jit(_add_step)
+    self._start = saved if saved and saved.get("steps") else None
+    self._sums = None
+
+  def add(self, metrics: dict):
+    """Adds one step's metrics (device scalars, as the train step returns them)."""
+    if self._sums is None:
+      import jax   # noqa: PLC0415
+      start = self._start or {"steps": 0.0, "sums": {}}
+      put = lambda v, like: jax.device_put(np.float32(v), like.sharding)
+      self._sums = {"steps": put(start["steps"], metrics["loss"]),
+                    "sums": {k: put(start["sums"].get(k, 0.0), v) for k, v in metrics.items()
+                             if k not in self.at_step}}
+      self._start = None
+    self._sums = self._add(self._sums, metrics)
+
+  def saved(self) -> dict:
+    """The open window as JSON floats (exact: f32 values written as f64)."""
+    if self._sums is None:
+      return self._start or {"steps": 0.0, "sums": {}}
+    import jax   # noqa: PLC0415
+    sums = jax.device_get(self._sums)
+    return {"steps": float(sums["steps"]), "sums": {k: float(v) for k, v in sums["sums"].items()}}
+
+  def row(self, metrics: dict) -> dict:
+    """The row for the step whose metrics these are (host floats); the next window starts."""
+    import jax   # noqa: PLC0415
+    window, metrics = jax.device_get((self._sums, metrics))
+    self._sums = None
+    row = {k: float(v) for k, v in metrics.items()}
+    if window is not None and window["steps"] > 0:   # else every step was non-finite: as is
+      n = np.float32(window["steps"])
+      row.update({k: float(np.float32(s) / n) for k, s in window["sums"].items()})
+    return row
+
+
+def _add_step(window: dict, metrics: dict) -> dict:
+  import jax.numpy as jnp   # noqa: PLC0415
+  ok = metrics["nonfinite"] == 0
+  return {"steps": window["steps"] + ok.astype(jnp.float32),
+          "sums": {k: s + jnp.where(ok, metrics[k], 0.0) for k, s in window["sums"].items()}}
+
+
 class EventFile:
   """A TensorBoard event file of scalars: Event protocol buffers in TFRecord framing, encoded
   here (tensorboardX, used before, imports torch when it is installed: 1.6-2 s at every start).

@@ -95,8 +95,8 @@ def test_a_signal_during_the_final_save_still_stops(tmp_path, monkeypatch):
   still ends in Preempted, so that a pipeline does not start its next stage."""
   save = train.save_state
 
-  def save_then_signal(mgr, run, state, step):
-    out = save(mgr, run, state, step)
+  def save_then_signal(mgr, run, state, step, *window):
+    out = save(mgr, run, state, step, *window)
     if step == run.steps:
       os.kill(os.getpid(), signal.SIGTERM)
     return out
@@ -283,6 +283,12 @@ def test_nonfinite_steps_can_be_skipped_and_counted(tmp_path, capsys):
   np.testing.assert_allclose([r["learning_rate"] for r in rows],
                              [float(schedule(0))] + [float(schedule(1))] * 4, rtol=1e-6)
   assert float(schedule(1)) != float(schedule(2))
+  # One row for the five steps: its means leave out the skipped steps (here: step 1's values).
+  train.train_and_evaluate(_nan_config("skip", tmp_path, every=5), str(tmp_path / "one_row"))
+  [row] = writers.read_metrics(tmp_path / "one_row")
+  assert row["step"] == 5 and row["nonfinite"] == 1.0 and row["skipped_steps"] == 4.0
+  for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+    assert np.isfinite(rows[0][k]) and row[k] == rows[0][k], k
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):

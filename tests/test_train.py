@@ -90,8 +90,12 @@ def test_tensorboard_drops_the_steps_a_resumed_run_logs_again(tmp_path):
   assert writers.crc32c(b"123456789") == 0xE3069283
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-  cfg = config(steps=6, log_every=1, eval_every=3, ckpt_every=3, keep_checkpoints=5)
+@pytest.mark.parametrize("log_every,eval_every,rows", [(1, 3, [1, 2, 3, 4, 5, 6]), (4, 0, [4, 6])])
+def test_resume_reproduces_uninterrupted_run(tmp_path, log_every, eval_every, rows):
+  """With log_every=4 the step-3 checkpoint falls inside a row's window: the means of steps 1-3
+  so far come back from its metadata, so the row at step 4 still averages steps 1-4."""
+  cfg = config(steps=6, log_every=log_every, eval_every=eval_every, ckpt_every=3,
+               keep_checkpoints=5)
   cfg.unlock()
   cfg.progress = False
   full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -101,7 +105,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
   shutil.rmtree(resumed / "checkpoints" / "6")
   train.train_and_evaluate(cfg, str(resumed))
   assert (full / "metrics.jsonl").read_text() == (resumed / "metrics.jsonl").read_text()
-  assert len(writers.read_metrics(resumed)) == 6
+  assert [r["step"] for r in writers.read_metrics(resumed)] == rows
+
+
+def test_a_row_holds_the_means_of_the_steps_since_the_row_before(tmp_path):
+  """log_every=3 against the same run logging every step: each row's training metrics are the
+  means over its three steps (as TRL logs them); learning_rate, nonfinite, skipped_steps and
+  the loss state (BCO's running δ and its count) are the row's own step's."""
+  rows = {}
+  for every in (1, 3):
+    cfg = config(steps=6, log_every=every, eval_every=0, ckpt_every=0, loss__name="bco")
+    cfg.unlock()
+    cfg.progress = False
+    train.train_and_evaluate(cfg, str(tmp_path / str(every)))
+    rows[every] = writers.read_metrics(tmp_path / str(every))
+  each, averaged = rows[1], rows[3]
+  assert [r["step"] for r in averaged] == [3, 6]
+  for row, steps in zip(averaged, (each[:3], each[3:])):
+    assert row.keys() == steps[-1].keys()
+    for k in row.keys() - {"step", "epoch"}:
+      at_step = k in writers.MetricsWindow.AT_STEP + ("delta", "delta_count")
+      want = steps[-1][k] if at_step else np.mean([s[k] for s in steps])
+      np.testing.assert_allclose(row[k], want, rtol=1e-6, atol=1e-9, err_msg=k)
+    assert row["loss"] != steps[-1]["loss"]
+    assert steps[0]["delta_count"] < steps[-1]["delta_count"]
 
 
 def test_a_scratch_qwen2_resumes_and_exports(tmp_path):
