@@ -92,7 +92,7 @@ def select(seed0: DistillSeed):
           seed0.train(method, hp), "val", baseline="dsft")["reward"])
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -102,7 +102,21 @@ def main():
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--quick", action="store_true", help="tiny sizes, one grid point: checks the "
                  "script runs, numbers mean nothing")
-  args = p.parse_args()
+  return p
+
+
+def table(saved: dict, args) -> str:
+  """The markdown table of a results.json (`saved`) written with these arguments."""
+  return runs.markdown(
+      ROWS, saved["results"], saved["chosen"],
+      f"Held-out true reward; win rate and KL(π‖π_dSFT) against the dSFT student; length. "
+      f"Mean ± population std (ddof=0) over seeds {args.seeds}; student d=32×1 layer, "
+      f"teacher d=128×3 layers; {args.epochs} epochs at lr {args.lr:g}, batch "
+      f"{args.batch_size}; wall time {saved['minutes']:.1f} min.")
+
+
+def main():
+  args = parser().parse_args()
   if args.quick:
     for k in GRIDS:
       GRIDS[k] = GRIDS[k][:1]
@@ -116,20 +130,13 @@ def main():
     for label, key in ROWS:
       name = key if key in ("teacher", "sft", "dsft") else seed.train(key, chosen[key])
       results[label].append(seed.evaluate(name, "eval", baseline="dsft"))
-  minutes = (time.time() - t0) / 60
-  table = runs.markdown(
-      ROWS, results, chosen,
-      f"Held-out true reward; win rate and KL(π‖π_dSFT) against the dSFT student; length. "
-      f"Mean ± population std (ddof=0) over seeds {args.seeds}; student d=32×1 layer, "
-      f"teacher d=128×3 layers; "
-      f"{args.epochs} epochs at lr {args.lr:g}, batch {args.batch_size}; wall time "
-      f"{minutes:.1f} min.")
-  print(table)
+  saved = {"results": results, "chosen": chosen, "grid": grid_log,
+           "minutes": (time.time() - t0) / 60}
+  print(table(saved, args))
   with open(os.path.join(args.workdir, "table.md"), "w") as f:
-    f.write(table)
+    f.write(table(saved, args))
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump({"results": results, "chosen": chosen, "grid": grid_log, "minutes": minutes},
-              f, indent=1)
+    json.dump(saved, f, indent=1)
   plt = runs.pyplot()
   if plt is not None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

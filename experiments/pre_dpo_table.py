@@ -83,7 +83,7 @@ def select(seed0: PreDPOSeed):
           seed0.train(method, hp, guide_of(method, chosen)), "val")["reward"])
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -93,7 +93,20 @@ def main():
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--quick", action="store_true", help="tiny sizes and one grid point per "
                  "method: checks the script runs, numbers mean nothing")
-  args = p.parse_args()
+  return p
+
+
+def table(saved: dict, args) -> str:
+  """The markdown table of a results.json (`saved`) written with these arguments."""
+  return runs.markdown(
+      ROWS, saved["results"], saved["chosen"],
+      f"Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population std "
+      f"(ddof=0) over seeds {args.seeds}; lr {args.lr:g}, batch {args.batch_size}, label noise "
+      f"{args.label_noise:g}; wall time {saved['minutes']:.1f} min.")
+
+
+def main():
+  args = parser().parse_args()
   if args.quick:
     args.sft_steps = 20
     for k in GRIDS:
@@ -112,19 +125,13 @@ def main():
       results[label].append(seed.evaluate(name, "eval"))
       if s == args.seeds[0] and method in ("dpo", "pre_dpo_dpo", "pre_dpo_simpo"):
         lambdas[label] = np.load(os.path.join(seed.workdir, name, "pairs_start.npz"))["lambda"]
-  minutes = (time.time() - t0) / 60
-  table = runs.markdown(
-      ROWS, results, chosen,
-      f"Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population std "
-      f"(ddof=0) over seeds "
-      f"{args.seeds}; lr {args.lr:g}, batch {args.batch_size}, label noise "
-      f"{args.label_noise:g}; wall time {minutes:.1f} min.")
-  print(table)
+  saved = {"results": results, "chosen": chosen, "grid": grid_log,
+           "minutes": (time.time() - t0) / 60}
+  print(table(saved, args))
   with open(os.path.join(args.workdir, "table.md"), "w") as f:
-    f.write(table)
+    f.write(table(saved, args))
   with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump({"results": results, "chosen": chosen, "grid": grid_log,
-               "minutes": minutes}, f, indent=1)
+    json.dump(saved, f, indent=1)
   plot(results, lambdas, os.path.join(args.workdir, "pre_dpo_table.png"))
 
 
