@@ -59,7 +59,7 @@ def rows(args):
   ]
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--hidden", type=int, default=256)
   p.add_argument("--layers", type=int, default=4)
@@ -68,7 +68,11 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=512)
   p.add_argument("--json", help="also write the rows here")
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
 
   import jax   # noqa: PLC0415
   from dpo_jax import bench, configlib   # noqa: PLC0415

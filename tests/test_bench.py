@@ -199,3 +199,18 @@ def test_from_data_times_the_trainers_own_batches():
   with pytest.raises(ValueError, match=r"config\.share_prompt.*config\.data\.share_prompt"):
     bench.run_bench(bench_config(from_data=True, share_prompt=True),
                     devices=jax.devices()[:1], log=lambda _: None)
+
+
+
+def test_memory_report_runs_every_option(tmp_path):
+  """benchmarks/memory_report.py (README's memory table) at a tiny shape: one row per option,
+  each compiled and run. (That chunks bound the logits' memory is test_logprobs'.)"""
+  sys.path.insert(0, f"{REPO}/benchmarks")
+  import memory_report   # noqa: PLC0415
+  argv = ["--hidden", "64", "--layers", "1", "--heads", "2", "--vocab", "512", "--batch", "2",
+          "--seq", "64", "--json", str(tmp_path / "rows.json")]
+  memory_report.main(argv)
+  got = json.loads((tmp_path / "rows.json").read_text())["rows"]
+  want = memory_report.rows(memory_report.parser().parse_args(argv))
+  assert [(r["option"], r["overrides"]) for r in got] == want
+  assert all(r["peak_bytes"] > r["memory"]["temp_size"] > 0 and r["step_s"] > 0 for r in got)
