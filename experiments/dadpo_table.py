@@ -20,7 +20,6 @@ prompts of seed 0 (disjoint from the held-out prompts of the table), as in pre_d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -105,14 +104,15 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+CAPTION = ("Held-out true reward; win rate and KL(π‖π_dSFT) against the dSFT student; length. "
+           "Mean ± population std (ddof=0) over seeds {seeds}; student d=32×1 layer, teacher "
+           "d=128×3 layers; {epochs} epochs at lr {lr:g}, batch {batch_size}; wall time "
+           "{minutes:.1f} min.")
+
+
 def table(saved: dict, args) -> str:
   """The markdown table of a results.json (`saved`) written with these arguments."""
-  return runs.markdown(
-      ROWS, saved["results"], saved["chosen"],
-      f"Held-out true reward; win rate and KL(π‖π_dSFT) against the dSFT student; length. "
-      f"Mean ± population std (ddof=0) over seeds {args.seeds}; student d=32×1 layer, "
-      f"teacher d=128×3 layers; {args.epochs} epochs at lr {args.lr:g}, batch "
-      f"{args.batch_size}; wall time {saved['minutes']:.1f} min.")
+  return runs.markdown(ROWS, saved, CAPTION.format(**vars(args), minutes=saved["minutes"]))
 
 
 def main():
@@ -132,11 +132,7 @@ def main():
       results[label].append(seed.evaluate(name, "eval", baseline="dsft"))
   saved = {"results": results, "chosen": chosen, "grid": grid_log,
            "minutes": (time.time() - t0) / 60}
-  print(table(saved, args))
-  with open(os.path.join(args.workdir, "table.md"), "w") as f:
-    f.write(table(saved, args))
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump(saved, f, indent=1)
+  runs.write_results(args.workdir, saved, table(saved, args))
   plt = runs.pyplot()
   if plt is not None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -24,7 +24,6 @@ DPO vs Pre-DPO).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -96,13 +95,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+CAPTION = ("Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population "
+           "std (ddof=0) over seeds {seeds}; lr {lr:g}, batch {batch_size}, label noise "
+           "{label_noise:g}; wall time {minutes:.1f} min.")
+
+
 def table(saved: dict, args) -> str:
   """The markdown table of a results.json (`saved`) written with these arguments."""
-  return runs.markdown(
-      ROWS, saved["results"], saved["chosen"],
-      f"Held-out true reward, win rate vs SFT, KL(π‖π_SFT) and length: mean ± population std "
-      f"(ddof=0) over seeds {args.seeds}; lr {args.lr:g}, batch {args.batch_size}, label noise "
-      f"{args.label_noise:g}; wall time {saved['minutes']:.1f} min.")
+  return runs.markdown(ROWS, saved, CAPTION.format(**vars(args), minutes=saved["minutes"]))
 
 
 def main():
@@ -127,11 +127,7 @@ def main():
         lambdas[label] = np.load(os.path.join(seed.workdir, name, "pairs_start.npz"))["lambda"]
   saved = {"results": results, "chosen": chosen, "grid": grid_log,
            "minutes": (time.time() - t0) / 60}
-  print(table(saved, args))
-  with open(os.path.join(args.workdir, "table.md"), "w") as f:
-    f.write(table(saved, args))
-  with open(os.path.join(args.workdir, "results.json"), "w") as f:
-    json.dump(saved, f, indent=1)
+  runs.write_results(args.workdir, saved, table(saved, args))
   plot(results, lambdas, os.path.join(args.workdir, "pre_dpo_table.png"))
 
 

@@ -100,8 +100,10 @@ def hp_name(method: str, hp: dict) -> str:
   return method + "".join(f"_{k[0]}{v:g}".replace(".", "p") for k, v in sorted(hp.items()))
 
 
-def markdown(rows, results, chosen, footer: str) -> str:
-  """rows: [(label, key)], results: {label: [metric dicts over seeds]}, chosen: {key: hp}."""
+def markdown(rows, saved: dict, footer: str) -> str:
+  """rows: [(label, key)]; saved: a results.json, with "results" {label: [metric dicts over
+  seeds]} and "chosen" {key: hp}."""
+  results, chosen = saved["results"], saved["chosen"]
   out = ["| method | hyperparameters | true reward | win rate | KL | length |",
          "|---|---|---|---|---|---|"]
   for label, key in rows:
@@ -112,6 +114,16 @@ def markdown(rows, results, chosen, footer: str) -> str:
     hp = ", ".join(f"{k}={v:g}" for k, v in chosen.get(key, {}).items()) or "–"
     out.append(f"| {label} | {hp} | " + " | ".join(cells) + " |")
   return "\n".join(out) + "\n\n" + footer + "\n"
+
+
+def write_results(workdir: str, saved: dict, table: str):
+  """Prints the table and writes it to W/table.md, and `saved` (every seed's numbers, the
+  chosen hyperparameters, the grid, the wall time) to W/results.json."""
+  print(table)
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(saved, f, indent=1)
 
 
 def bar_plots(axes, labels, results, titles):
