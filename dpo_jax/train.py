@@ -488,7 +488,7 @@ def print_summary(workdir: str, last: dict):
              if "perf/step_s" in last else "")
           + (f", {int(last['skipped_steps'])} steps skipped as non-finite (config.nonfinite)"
              if last.get("skipped_steps") else ""))
-  if evals:   # accuracy and margin where the loss has them (not SFT; unpaired: no accuracy)
+  if evals:   # accuracy and margin where the loss logs them (KTO, BCO, NPO: no accuracy)
     first, final = evals[0], evals[-1]
     print(f"held-out:     loss {first['eval/loss']:.4f} (step {first['step']}) -> "
           f"{final['eval/loss']:.4f} (step {final['step']})" + "".join(
