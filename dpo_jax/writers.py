@@ -182,20 +182,27 @@ class MetricsWindow:
     import jax   # noqa: PLC0415
     self.at_step = self.AT_STEP + tuple(at_step)
     self._add = jax.jit(_add_step)
+    self._open = jax.jit(lambda m: _add_step(self._zeros(m), m))   # a window's first step
     self._start = saved if saved and saved.get("steps") else None
     self._sums = None
 
+  def _zeros(self, metrics: dict) -> dict:
+    return {"steps": 0.0, "sums": {k: 0.0 for k in metrics if k not in self.at_step}}
+
   def add(self, metrics: dict):
     """Adds one step's metrics (device scalars, as the train step returns them)."""
-    if self._sums is None:
+    if self._sums is not None:
+      self._sums = self._add(self._sums, metrics)
+    elif self._start is None:
+      self._sums = self._open(metrics)
+    else:   # resumed between two rows: the sums saved with the checkpoint, on the metrics' devices
       import jax   # noqa: PLC0415
-      start = self._start or {"steps": 0.0, "sums": {}}
       put = lambda v, like: jax.device_put(np.float32(v), like.sharding)
-      self._sums = {"steps": put(start["steps"], metrics["loss"]),
-                    "sums": {k: put(start["sums"].get(k, 0.0), v) for k, v in metrics.items()
-                             if k not in self.at_step}}
+      start = {"steps": put(self._start["steps"], metrics["loss"]),
+               "sums": {k: put(self._start["sums"].get(k, 0.0), metrics[k])
+                        for k in self._zeros(metrics)["sums"]}}
       self._start = None
-    self._sums = self._add(self._sums, metrics)
+      self._sums = self._add(start, metrics)
 
   def saved(self) -> dict:
     """The open window as JSON floats (exact: f32 values written as f64)."""
